@@ -1,0 +1,261 @@
+// Row kernel of distill_loss on the CPU. This file is compiled once per instruction set with
+// CPU_CAPABILITY set (CMakeLists.txt); csrc/cpu/distill_loss.cpp picks one at run time.
+//
+// Per row, in chunks of kChunk columns that stay in L1: sweep 1 gathers the streaming log-sum-exp
+// statistics (and the KL cross term) for every softmax the loss needs; jsd alone needs sweep 2 for
+// sum p log(p/m) and sum q log(q/m); the last sweep writes each requested gradient exactly once.
+// Half and bfloat16 chunks are widened to float once per sweep; float32 rows are read in place.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <atomic>
+#include <limits>
+#include <type_traits>
+
+#include "cpu/distill_loss_kernel.h"
+
+namespace pykd {
+inline namespace PYKD_ISA_NAMESPACE {
+// Lane-group math for the shared formulas: exp_u20 is ATen's fast float exp (about 1e-6 relative
+// error, a third of Sleef's cost); it is plain exp for double.
+template <typename A>
+struct VMath<at::vec::Vectorized<A>> {
+  using Vec = at::vec::Vectorized<A>;
+  static Vec exp(Vec x) { return x.exp_u20(); }
+  static Vec log(Vec x) { return x.log(); }
+  static Vec keep(Vec c, Vec v) { return Vec::blendv(Vec(A(0)), v, c > Vec(A(0))); }
+};
+}  // namespace PYKD_ISA_NAMESPACE
+}  // namespace pykd
+
+namespace pykd::cpu::CPU_CAPABILITY {
+namespace {
+
+using at::vec::Vectorized;
+
+// Columns per chunk: two float inputs and two gradients of this size fit a 48 KB L1.
+constexpr int64_t kChunk = 2048;
+
+template <typename S, typename A>
+const A* widen(const S* src, int64_t n, A* buf) {
+  if constexpr (std::is_same_v<S, A>) {
+    return src;
+  } else {
+    at::vec::convert(src, buf, n);
+    return buf;
+  }
+}
+
+template <typename A>
+A lane_sum(Vectorized<A> v) {
+  return at::vec::vec_reduce_all<A>([](Vectorized<A> x, Vectorized<A> y) { return x + y; }, v);
+}
+
+template <typename A>
+A chunk_max(const A* x, int64_t n) {
+  return at::vec::reduce_all<A>(
+      [](Vectorized<A> a, Vectorized<A> b) { return at::vec::maximum(a, b); }, x, n);
+}
+
+// Moves a streaming log-sum-exp onto a max that includes the next chunk; returns the factor that
+// the sums kept at its scale must be multiplied by. NaN survives as the max.
+template <typename A>
+A advance(Lse<A>& l, A next_max) {
+  const A m = (next_max != next_max || l.max != l.max) ? next_max + l.max : std::max(l.max, next_max);
+  const A f = rescale(l.max, m);
+  l.sum *= f;
+  l.max = m;
+  return f;
+}
+
+template <Divergence D, bool kHard, typename A>
+void stats_chunk(const A* s, const A* t, int64_t n, const Options<A>& o, RowStats<A>& st) {
+  using Vec = Vectorized<A>;
+  if constexpr (uses_softmax(D)) {
+    // max(t / T) = max(t) / T: scaling by a positive number is monotone, rounding included.
+    const A ft = advance(st.t, chunk_max(t, n) * o.inv_temperature);
+    const A fs = advance(st.s, chunk_max(s, n) * o.inv_temperature);
+    if constexpr (D == Divergence::KL) st.cross *= ft;
+    if constexpr (D == Divergence::ReverseKL) st.cross *= fs;
+  }
+  if constexpr (kHard) advance(st.s1, chunk_max(s, n));
+  const A sh_t = st.t.shift(), sh_s = st.s.shift(), sh_1 = st.s1.shift();
+  auto lanes = StatLanes<D, kHard, Vec>::zero();
+  auto tail = StatLanes<D, kHard, A>::zero();
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) {
+    lanes.add(Vec::loadu(s + j), Vec::loadu(t + j), o.inv_temperature, sh_t, sh_s, sh_1);
+  }
+  for (; j < n; ++j) tail.add(s[j], t[j], o.inv_temperature, sh_t, sh_s, sh_1);
+  st.t.sum += lane_sum(lanes.sum_t) + tail.sum_t;
+  st.s.sum += lane_sum(lanes.sum_s) + tail.sum_s;
+  st.s1.sum += lane_sum(lanes.sum_1) + tail.sum_1;
+  st.cross += lane_sum(lanes.cross) + tail.cross;
+  st.nss += lane_sum(lanes.nss) + tail.nss;
+  st.ntt += lane_sum(lanes.ntt) + tail.ntt;
+}
+
+template <typename A>
+void jsd_chunk(const A* s, const A* t, int64_t n, const Options<A>& o, const RowConsts<A>& k,
+               RowStats<A>& st) {
+  using Vec = Vectorized<A>;
+  Vec acc_p(A(0)), acc_q(A(0));
+  A tail_p = 0, tail_q = 0;
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) {
+    jsd_lanes(Vec::loadu(s + j), Vec::loadu(t + j), o, k, acc_p, acc_q);
+  }
+  for (; j < n; ++j) jsd_lanes(s[j], t[j], o, k, tail_p, tail_q);
+  st.jsd_p += lane_sum(acc_p) + tail_p;
+  st.jsd_q += lane_sum(acc_q) + tail_q;
+}
+
+template <Divergence D, bool kHard, typename A>
+void grad_chunk(const A* s, const A* t, int64_t n, const Options<A>& o, const RowConsts<A>& k,
+                A* gs, A* gt) {
+  using Vec = Vectorized<A>;
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) {
+    Vec g_s, g_t;
+    grad_lanes<D, kHard>(Vec::loadu(s + j), Vec::loadu(t + j), o, k, g_s, g_t);
+    if (gs) g_s.store(gs + j);
+    if (gt) g_t.store(gt + j);
+  }
+  for (; j < n; ++j) {
+    A g_s, g_t;
+    grad_lanes<D, kHard>(s[j], t[j], o, k, g_s, g_t);
+    if (gs) gs[j] = g_s;
+    if (gt) gt[j] = g_t;
+  }
+}
+
+template <typename S, typename A, Divergence D, bool kHard>
+void run_rows(const KernelArgs& a, int64_t begin, int64_t end) {
+  alignas(64) A buf[4 * kChunk];
+  A* const s_buf = buf;
+  A* const t_buf = buf + kChunk;
+  A* const gs_buf = buf + 2 * kChunk;
+  A* const gt_buf = buf + 3 * kChunk;
+  constexpr bool kInPlace = std::is_same_v<S, A>;  // float32/float64 gradients are written directly
+
+  const Options<A> o{D, A(a.temperature), A(1.0 / a.temperature), A(a.alpha), A(a.beta), kHard};
+  const int64_t V = a.classes;
+  const A norm = *static_cast<const A*>(a.norm);
+  const A* w = static_cast<const A*>(a.weight);
+  A* u = static_cast<A*>(a.row_loss);
+
+  for (int64_t i = begin; i < end; ++i) {
+    const S* srow = static_cast<const S*>(a.student) + i * a.student_stride;
+    const S* trow = static_cast<const S*>(a.teacher) + i * a.teacher_stride;
+    S* gs_row = a.grad_student ? static_cast<S*>(a.grad_student) + i * V : nullptr;
+    S* gt_row = a.grad_teacher ? static_cast<S*>(a.grad_teacher) + i * V : nullptr;
+    auto fill_row = [&](A u_value, S g_value) {
+      u[i] = u_value;
+      if (gs_row) std::fill_n(gs_row, V, g_value);
+      if (gt_row) std::fill_n(gt_row, V, g_value);
+    };
+
+    int64_t y = 0;
+    if constexpr (kHard) {
+      y = a.target[i];
+      if (y == a.ignore_index) {
+        fill_row(A(0), S(0));
+        continue;
+      }
+      if (y < 0 || y >= V) {  // the host raises (CPU) or reports NaN (CUDA); never read out of bounds
+        fill_row(std::numeric_limits<A>::quiet_NaN(), S(NAN));
+        continue;
+      }
+    }
+
+    RowStats<A> st;
+    for (int64_t off = 0; off < V; off += kChunk) {
+      const int64_t n = std::min(kChunk, V - off);
+      stats_chunk<D, kHard>(widen(srow + off, n, s_buf), widen(trow + off, n, t_buf), n, o, st);
+    }
+    if (row_has_empty_softmax(o, st)) {
+      std::atomic_ref<int64_t>(*a.bad_row).store(i, std::memory_order_relaxed);
+      fill_row(std::numeric_limits<A>::quiet_NaN(), S(NAN));
+      continue;
+    }
+    if constexpr (kHard) st.target_logit = static_cast<A>(srow[y]);
+
+    RowConsts<A> k;
+    A soft, hard;
+    finish_row(o, st, k, soft, hard);
+    if constexpr (D == Divergence::JSD) {
+      for (int64_t off = 0; off < V; off += kChunk) {
+        const int64_t n = std::min(kChunk, V - off);
+        jsd_chunk(widen(srow + off, n, s_buf), widen(trow + off, n, t_buf), n, o, k, st);
+      }
+      finish_row(o, st, k, soft, hard);
+    }
+    u[i] = kHard ? o.alpha * soft + (A(1) - o.alpha) * hard : soft;
+
+    if (!gs_row && !gt_row) continue;
+    set_grad_scales(o, row_scale(w[i], norm), k);
+    for (int64_t off = 0; off < V; off += kChunk) {
+      const int64_t n = std::min(kChunk, V - off);
+      A* gs = nullptr;
+      A* gt = nullptr;
+      if constexpr (kInPlace) {
+        gs = gs_row ? gs_row + off : nullptr;
+        gt = gt_row ? gt_row + off : nullptr;
+      } else {
+        gs = gs_row ? gs_buf : nullptr;
+        gt = gt_row ? gt_buf : nullptr;
+      }
+      grad_chunk<D, kHard>(widen(srow + off, n, s_buf), widen(trow + off, n, t_buf), n, o, k, gs,
+                           gt);
+      // The hard term's -1 at the target class, applied in the accumulation type before rounding.
+      if (kHard && gs && y >= off && y < off + n) gs[y - off] -= k.gs_hard;
+      if constexpr (!kInPlace) {
+        if (gs) at::vec::convert(gs, gs_row + off, n);
+        if (gt) at::vec::convert(gt, gt_row + off, n);
+      }
+    }
+  }
+}
+
+template <typename S, typename A, Divergence D>
+void run_divergence(const KernelArgs& a) {
+  // Enough columns per task that scheduling costs little next to the exps.
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(a.classes, 1));
+  at::parallel_for(0, a.rows, grain, [&](int64_t begin, int64_t end) {
+    if (a.target) {
+      run_rows<S, A, D, true>(a, begin, end);
+    } else {
+      run_rows<S, A, D, false>(a, begin, end);
+    }
+  });
+}
+
+template <typename S, typename A>
+void run_typed(const KernelArgs& a) {
+  switch (a.divergence) {
+    case Divergence::KL:
+      return run_divergence<S, A, Divergence::KL>(a);
+    case Divergence::ReverseKL:
+      return run_divergence<S, A, Divergence::ReverseKL>(a);
+    case Divergence::JSD:
+      return run_divergence<S, A, Divergence::JSD>(a);
+    case Divergence::MSE:
+      return run_divergence<S, A, Divergence::MSE>(a);
+    case Divergence::Cosine:
+      return run_divergence<S, A, Divergence::Cosine>(a);
+  }
+}
+
+}  // namespace
+
+void distill_loss_rows(const KernelArgs& args) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.dtype, "distill_loss_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    run_typed<scalar_t, acc_t>(args);
+  });
+}
+
+}  // namespace pykd::cpu::CPU_CAPABILITY

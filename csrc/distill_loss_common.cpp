@@ -1,0 +1,255 @@
+#include "distill_loss_common.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/GradMode.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdlib>
+
+namespace pykd {
+
+std::string shape_str(c10::IntArrayRef sizes) {
+  std::string out = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    if (i) out += ", ";
+    out += std::to_string(sizes[i]);
+  }
+  return out + "]";
+}
+
+namespace {
+
+Divergence parse_divergence(c10::string_view d) {
+  if (d == "kl") return Divergence::KL;
+  if (d == "reverse_kl") return Divergence::ReverseKL;
+  if (d == "jsd") return Divergence::JSD;
+  if (d == "mse") return Divergence::MSE;
+  if (d == "cosine") return Divergence::Cosine;
+  TORCH_CHECK(false, "distill_loss: divergence must be one of kl, reverse_kl, jsd, mse, cosine; got '" +
+                         std::string(d) + "'");
+}
+
+Reduction parse_reduction(c10::string_view r) {
+  if (r == "mean") return Reduction::Mean;
+  if (r == "sum") return Reduction::Sum;
+  if (r == "batchmean") return Reduction::BatchMean;
+  if (r == "none") return Reduction::None;
+  TORCH_CHECK(false, "distill_loss: reduction must be one of mean, sum, batchmean, none; got '" +
+                         std::string(r) + "'");
+}
+
+bool is_logits_dtype(c10::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+std::string dtype_str(c10::ScalarType t) { return c10::toString(t); }
+
+}  // namespace
+
+LossConfig check_distill_args(const at::Tensor& student, const at::Tensor& teacher,
+                              const std::optional<at::Tensor>& weight,
+                              const std::optional<at::Tensor>& target,
+                              c10::string_view divergence, double temperature, double alpha,
+                              double beta, int64_t ignore_index, c10::string_view reduction) {
+  LossConfig cfg;
+  cfg.divergence = parse_divergence(divergence);
+  cfg.reduction = parse_reduction(reduction);
+  TORCH_CHECK(std::isfinite(temperature) && temperature > 0,
+              "distill_loss: temperature must be finite and > 0, got " + std::to_string(temperature));
+  TORCH_CHECK(alpha >= 0 && alpha <= 1,
+              "distill_loss: alpha must be in [0, 1], got " + std::to_string(alpha));
+  TORCH_CHECK(beta > 0 && beta < 1,
+              "distill_loss: beta must be in the open interval (0, 1), got " + std::to_string(beta));
+  TORCH_CHECK(target.has_value() || alpha == 1.0,
+              "distill_loss: alpha must be 1 when no target is given (there is no hard term to mix), "
+              "got " + std::to_string(alpha));
+  TORCH_CHECK(is_logits_dtype(student.scalar_type()),
+              "distill_loss: student must be float32, float64, float16 or bfloat16, got " +
+                  dtype_str(student.scalar_type()));
+  TORCH_CHECK(teacher.scalar_type() == student.scalar_type(),
+              "distill_loss: teacher dtype " + dtype_str(teacher.scalar_type()) +
+                  " must match student dtype " + dtype_str(student.scalar_type()));
+  TORCH_CHECK(student.dim() >= 1, "distill_loss: student must have at least one dim (*, V)");
+  TORCH_CHECK(teacher.sizes() == student.sizes(), "distill_loss: teacher shape " +
+                                                      shape_str(teacher.sizes()) +
+                                                      " must equal student shape " +
+                                                      shape_str(student.sizes()));
+  TORCH_CHECK(teacher.device() == student.device(),
+              "distill_loss: teacher is on " + teacher.device().str() + " but student is on " +
+                  student.device().str());
+  cfg.classes = student.size(-1);
+  TORCH_CHECK(cfg.classes >= 1, "distill_loss: student's last dim (V) must be at least 1");
+  const auto lead = student.sizes().slice(0, student.dim() - 1);
+  cfg.rows = c10::multiply_integers(lead);
+  if (weight.has_value()) {
+    const auto& w = *weight;
+    TORCH_CHECK(w.sizes() == lead, "distill_loss: weight shape " + shape_str(w.sizes()) +
+                                       " must be the leading shape " + shape_str(lead));
+    TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == student.scalar_type(),
+                "distill_loss: weight must be float32 or the logits dtype " +
+                    dtype_str(student.scalar_type()) + ", got " + dtype_str(w.scalar_type()));
+    TORCH_CHECK(w.device() == student.device(), "distill_loss: weight is on " + w.device().str() +
+                                                    " but student is on " +
+                                                    student.device().str());
+  }
+  if (target.has_value()) {
+    const auto& y = *target;
+    TORCH_CHECK(y.sizes() == lead, "distill_loss: target shape " + shape_str(y.sizes()) +
+                                       " must be the leading shape " + shape_str(lead));
+    TORCH_CHECK(y.scalar_type() == at::kLong,
+                "distill_loss: target must be int64, got " + dtype_str(y.scalar_type()));
+    TORCH_CHECK(y.device() == student.device(), "distill_loss: target is on " + y.device().str() +
+                                                    " but student is on " +
+                                                    student.device().str());
+  }
+  cfg.temperature = temperature;
+  cfg.alpha = alpha;
+  cfg.beta = beta;
+  cfg.ignore_index = ignore_index;
+  return cfg;
+}
+
+c10::ScalarType accumulate_type(c10::ScalarType logits) {
+  return logits == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+at::Tensor as_rows(const at::Tensor& x, int64_t rows, int64_t classes) {
+  auto r = x.reshape({rows, classes});
+  return (r.stride(1) == 1 || classes == 1) ? r : r.contiguous();
+}
+
+RowWeights prepare_rows(const LossConfig& cfg, const at::Tensor& student,
+                        const std::optional<at::Tensor>& weight,
+                        const std::optional<at::Tensor>& target) {
+  const auto opts = student.options().dtype(accumulate_type(student.scalar_type()));
+  at::Tensor w = weight.has_value() ? weight->detach().reshape({cfg.rows}).to(opts)
+                                    : at::ones({cfg.rows}, opts);
+  w = at::where(w < 0, at::full({}, NAN, opts), w);
+  at::Tensor valid_rows, valid;
+  if (target.has_value()) {
+    const auto y = target->reshape({cfg.rows});
+    valid = y != cfg.ignore_index;
+    const auto out_of_range = valid & ((y < 0) | (y >= cfg.classes));
+    w = at::where(out_of_range, at::full({}, NAN, opts), at::where(valid, w, at::zeros({}, opts)));
+    valid_rows = valid.sum().to(opts.dtype());
+  } else {
+    valid_rows = at::full({}, static_cast<double>(cfg.rows), opts);
+  }
+  at::Tensor norm;
+  switch (cfg.reduction) {
+    case Reduction::Mean:
+      norm = w.sum();
+      break;
+    case Reduction::BatchMean:
+      norm = valid_rows;
+      break;
+    default:
+      norm = at::ones({}, opts);
+  }
+  return {w.contiguous(), norm, valid};
+}
+
+void check_row_values(const LossConfig& cfg, const std::optional<at::Tensor>& weight,
+                      const std::optional<at::Tensor>& target) {
+  if (target.has_value()) {
+    const auto y = target->reshape({cfg.rows});
+    const auto bad = (y != cfg.ignore_index) & ((y < 0) | (y >= cfg.classes));
+    if (bad.any().item<bool>()) {
+      const int64_t row = bad.nonzero()[0][0].item<int64_t>();
+      TORCH_CHECK(false, "distill_loss: target[" + std::to_string(row) + "] = " +
+                             std::to_string(y[row].item<int64_t>()) + " is outside [0, " +
+                             std::to_string(cfg.classes) + ") and is not ignore_index (" +
+                             std::to_string(cfg.ignore_index) + ")");
+    }
+  }
+  if (weight.has_value()) {
+    const auto w = weight->detach().reshape({cfg.rows});
+    const auto bad = w < 0;
+    if (bad.any().item<bool>()) {
+      const int64_t row = bad.nonzero()[0][0].item<int64_t>();
+      TORCH_CHECK(false, "distill_loss: weight[" + std::to_string(row) + "] = " +
+                             std::to_string(w[row].item<double>()) + " is negative");
+    }
+  }
+}
+
+void raise_bad_row(int64_t row) {
+  TORCH_CHECK(row < 0, "distill_loss: row " + std::to_string(row) +
+                           " has no finite logit (all -inf) where a softmax needs one");
+}
+
+bool debug_checks_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("PYKD_DEBUG");
+    return v != nullptr && std::string(v) != "0" && std::string(v) != "";
+  }();
+  return on;
+}
+
+std::tuple<at::Tensor, at::Tensor> reduce_rows(const LossConfig& cfg, const at::Tensor& u,
+                                               const RowWeights& rw, c10::IntArrayRef lead,
+                                               const std::optional<at::Tensor>& weight,
+                                               bool weight_grad) {
+  // Ignored rows have w = 0 and u = 0 (the kernel never computes them), so they add nothing.
+  const auto zero = at::zeros({}, u.options());
+  const auto weighted = rw.weight * u;
+  at::Tensor loss;
+  if (cfg.reduction == Reduction::None) {
+    loss = weighted.reshape(lead);
+  } else {
+    // A batch whose normaliser is 0 (no valid row, or all weights 0) has loss 0, not NaN.
+    loss = at::where(rw.norm == 0, zero, weighted.sum() / rw.norm);
+  }
+  at::Tensor grad_w;
+  if (weight_grad) {
+    at::Tensor g;
+    switch (cfg.reduction) {
+      case Reduction::Mean:
+        g = (u - loss) / rw.norm;
+        break;
+      case Reduction::BatchMean:
+        g = u / rw.norm;
+        break;
+      default:
+        g = u;
+    }
+    if (rw.valid.defined()) g = at::where(rw.valid, g, zero);
+    grad_w = at::where(rw.norm == 0, zero, g).reshape(lead).to(weight->scalar_type());
+  }
+  return {loss, grad_w};
+}
+
+at::Tensor no_grad_output(const at::Tensor& like) { return at::empty({0}, like.options()); }
+
+namespace {
+
+// The public op. It is CompositeImplicitAutograd so that it can see which inputs need a gradient
+// and ask the fused kernel for exactly those, computed in the same pass as the loss.
+at::Tensor distill_loss(const at::Tensor& student, const at::Tensor& teacher,
+                        const std::optional<at::Tensor>& weight,
+                        const std::optional<at::Tensor>& target, c10::string_view divergence,
+                        double temperature, double alpha, double beta, int64_t ignore_index,
+                        c10::string_view reduction) {
+  check_distill_args(student, teacher, weight, target, divergence, temperature, alpha, beta,
+                     ignore_index, reduction);
+  const bool grad_mode = c10::GradMode::is_enabled();
+  const std::array<bool, 3> mask{grad_mode && student.requires_grad(),
+                                 grad_mode && teacher.requires_grad(),
+                                 grad_mode && weight.has_value() && weight->requires_grad()};
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("pykd::_distill_loss_fused", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                           const std::optional<at::Tensor>&, c10::string_view, double, double,
+                           double, int64_t, c10::string_view, std::array<bool, 3>)>();
+  return std::get<0>(op.call(student, teacher, weight, target, divergence, temperature, alpha,
+                             beta, ignore_index, reduction, mask));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pykd, CompositeImplicitAutograd, m) { m.impl("distill_loss", &distill_loss); }
+
+}  // namespace pykd

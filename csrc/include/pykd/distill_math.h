@@ -1,0 +1,302 @@
+// Torch-free math of the fused distillation loss (shared/LOSS_SPEC.md), shared by the CPU and CUDA
+// kernels. Everything here is a template over the value type V so the same formula serves a float,
+// a double (CUDA, CPU tails) and an at::vec::Vectorized lane group (CPU bodies): the loss and its
+// gradient are written down exactly once.
+//
+// Notation per row: t' = teacher / T, s' = student / T, p = softmax(t'), q = softmax(s'),
+// q1 = softmax(student) (temperature 1, hard term). Every log-probability is formed as
+// (x - max) - log(sum exp(x - max)) so that logits of magnitude 1e4 lose no more than their own ulp.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#if defined(__CUDACC__)
+#define PYKD_HD __host__ __device__ __forceinline__
+#else
+#define PYKD_HD inline
+#endif
+
+// The CPU kernel file is compiled once per instruction set (CPU_CAPABILITY = DEFAULT, AVX2, AVX512).
+// Everything compiled from this header lives in an inline namespace named after that set, so the
+// linker can never merge an AVX512 instantiation into the DEFAULT kernel (ATen does the same).
+#if defined(CPU_CAPABILITY)
+#define PYKD_ISA_NAMESPACE CPU_CAPABILITY
+#else
+#define PYKD_ISA_NAMESPACE portable
+#endif
+
+namespace pykd {
+
+enum class Divergence : int { KL = 0, ReverseKL = 1, JSD = 2, MSE = 3, Cosine = 4 };
+enum class Reduction : int { Mean = 0, Sum = 1, BatchMean = 2, None = 3 };
+
+// Each norm is clamped at this before dividing, as torch.nn.functional.cosine_similarity does.
+constexpr double kCosineEps = 1e-8;
+
+constexpr bool uses_softmax(Divergence d) {
+  return d == Divergence::KL || d == Divergence::ReverseKL || d == Divergence::JSD;
+}
+
+inline namespace PYKD_ISA_NAMESPACE {
+
+// Elementary functions per value type. Specialised for float/double here and for at::vec lane
+// groups in the CPU kernel; `keep(c, v)` is v where c > 0 and exactly 0 elsewhere, which is how
+// 0 * log 0 = 0 is honoured without producing 0 * -inf = NaN.
+template <typename V>
+struct VMath;
+
+template <typename T>
+struct ScalarMath {
+  static PYKD_HD T exp(T x) { return ::exp(x); }
+  static PYKD_HD T log(T x) { return ::log(x); }
+  static PYKD_HD T keep(T c, T v) { return c > T(0) ? v : T(0); }
+};
+template <>
+struct VMath<float> : ScalarMath<float> {
+  static PYKD_HD float exp(float x) { return ::expf(x); }
+  static PYKD_HD float log(float x) { return ::logf(x); }
+};
+template <>
+struct VMath<double> : ScalarMath<double> {};
+
+// Streaming log-sum-exp: running max and sum of exp(x - max). `shift()` is the value to subtract
+// before exp: a row that is -inf so far keeps max = -inf but shifts by 0 so exp gives 0, not NaN.
+template <typename T>
+struct Lse {
+  T max = -std::numeric_limits<T>::infinity();
+  T sum = T(0);
+  PYKD_HD T shift() const { return max == -std::numeric_limits<T>::infinity() ? T(0) : max; }
+  PYKD_HD T log_sum() const { return ::log(sum); }
+};
+
+// Factor that moves a sum taken relative to `old_max` onto `new_max` (new_max >= old_max).
+template <typename T>
+PYKD_HD T rescale(T old_max, T new_max) {
+  return old_max == new_max ? T(1) : ::exp(old_max - new_max);
+}
+
+// Merge two partial log-sum-exp states (CUDA warp/block reductions, CPU lanes). `a_extra` and
+// `b_extra` are sums carried at the same scale as each state's sum (the KL / reverse-KL cross term).
+template <typename T>
+PYKD_HD void merge_lse(Lse<T>& a, T& a_extra, const Lse<T>& b, T b_extra) {
+  T m = a.max > b.max ? a.max : b.max;
+  if (!(m == m)) m = a.max + b.max;  // a NaN max must survive the merge
+  T fa = a.sum == T(0) ? T(0) : rescale(a.max, m);
+  T fb = b.sum == T(0) ? T(0) : rescale(b.max, m);
+  a.sum = a.sum * fa + b.sum * fb;
+  a_extra = a_extra * fa + b_extra * fb;
+  a.max = m;
+}
+
+// Loss options that every row shares.
+template <typename T>
+struct Options {
+  Divergence div;
+  T temperature;
+  T inv_temperature;
+  T alpha;
+  T beta;
+  bool hard;  // a target was given
+};
+
+// Statistics of one row gathered by the first sweep.
+template <typename T>
+struct RowStats {
+  Lse<T> t, s, s1;   // teacher / T, student / T, student at temperature 1 (hard term)
+  T cross = T(0);    // kl: sum e_t (t'-s'); reverse_kl: sum e_s (s'-t'); mse: sum (t-s)^2; cosine: s.t
+  T nss = T(0);      // cosine: |s|^2
+  T ntt = T(0);      // cosine: |t|^2
+  T jsd_p = T(0);    // jsd (second sweep): sum p (log p - log m)
+  T jsd_q = T(0);    // jsd (second sweep): sum q (log q - log m)
+  T target_logit = T(0);
+};
+
+// Row constants derived from the statistics: everything the per-element gradient needs.
+template <typename T>
+struct RowConsts {
+  T mt, lt, ms, ls, m1, l1;  // max and log-sum of each softmax stream
+  T div_value;               // KL or reverse-KL value (unscaled by T^2), jsd: KL(p||m), KL(q||m)
+  T jsd_q;
+  T a_s, a_t, b_s, b_t;      // mse/cosine: d soft/ds = a_s s + a_t t, d soft/dt = b_s s + b_t t
+  T gs_soft, gs_hard, gt_soft;  // row scale of each gradient term (weight / normaliser folded in)
+};
+
+// True when the row has no finite logit where a softmax is needed (a value error in the spec).
+template <typename T>
+PYKD_HD bool row_has_empty_softmax(const Options<T>& o, const RowStats<T>& st) {
+  const T ninf = -std::numeric_limits<T>::infinity();
+  if (uses_softmax(o.div) && (st.t.max == ninf || st.s.max == ninf)) return true;
+  return o.hard && st.s1.max == ninf;
+}
+
+// Soft term of the row (before T^2 for the softmax divergences) from the first-sweep statistics;
+// for jsd it needs the second sweep's sums as well. Also fills the constants of the gradient.
+template <typename T>
+PYKD_HD void finish_row(const Options<T>& o, const RowStats<T>& st, RowConsts<T>& k, T& soft,
+                        T& hard) {
+  k.mt = st.t.shift();
+  k.lt = st.t.log_sum();
+  k.ms = st.s.shift();
+  k.ls = st.s.log_sum();
+  k.m1 = st.s1.shift();
+  k.l1 = st.s1.log_sum();
+  const T t2 = o.temperature * o.temperature;
+  switch (o.div) {
+    case Divergence::KL:
+      // sum p (log p - log q) = sum p (t' - s') - (lse_t - lse_s), the max difference taken first
+      k.div_value = st.cross / st.t.sum - (k.mt - k.ms) - (k.lt - k.ls);
+      soft = t2 * k.div_value;
+      break;
+    case Divergence::ReverseKL:
+      k.div_value = st.cross / st.s.sum - (k.ms - k.mt) - (k.ls - k.lt);
+      soft = t2 * k.div_value;
+      break;
+    case Divergence::JSD:
+      k.div_value = st.jsd_p;
+      k.jsd_q = st.jsd_q;
+      soft = t2 * (o.beta * st.jsd_p + (T(1) - o.beta) * st.jsd_q);
+      break;
+    case Divergence::MSE:
+      soft = st.cross;
+      k.a_s = T(2);
+      k.a_t = T(-2);
+      k.b_s = T(-2);
+      k.b_t = T(2);
+      break;
+    case Divergence::Cosine: {
+      const T eps = T(kCosineEps);
+      T ns = ::sqrt(st.nss), nt = ::sqrt(st.ntt);
+      const bool s_free = ns > eps, t_free = nt > eps;  // a clamped norm is a constant
+      ns = s_free ? ns : eps;
+      nt = t_free ? nt : eps;
+      const T inv = T(1) / (ns * nt);
+      const T cos = st.cross * inv;
+      soft = T(1) - cos;
+      k.a_s = s_free ? cos / (ns * ns) : T(0);
+      k.a_t = -inv;
+      k.b_s = -inv;
+      k.b_t = t_free ? cos / (nt * nt) : T(0);
+      break;
+    }
+  }
+  // -log softmax(student)_y = (max - s_y) + log sum
+  hard = o.hard ? (k.m1 - st.target_logit) + k.l1 : T(0);
+}
+
+// Scale each gradient term by the row's share of the reduced loss (c = w_i / normaliser).
+template <typename T>
+PYKD_HD void set_grad_scales(const Options<T>& o, T c, RowConsts<T>& k) {
+  const T soft_c = o.hard ? c * o.alpha : c;
+  // d/ds of the softmax divergences carries 1/T from s' = s/T and T^2 from the loss.
+  k.gs_soft = uses_softmax(o.div) ? soft_c * o.temperature : soft_c;
+  k.gt_soft = k.gs_soft;
+  k.gs_hard = o.hard ? c * (T(1) - o.alpha) : T(0);
+}
+
+// First sweep, one group of lanes: accumulate into per-lane partial sums. The caller owns the
+// streaming maxima (`shift_*`) and rescales the partials when a maximum moves. Padded lanes carry
+// -inf for softmax streams (exp gives 0) and 0 for mse/cosine (adds 0).
+template <Divergence D, bool kHard, typename V>
+struct StatLanes {
+  V sum_t, sum_s, sum_1, cross, nss, ntt;
+
+  static PYKD_HD StatLanes zero() { return {V(0), V(0), V(0), V(0), V(0), V(0)}; }
+
+  template <typename T>
+  PYKD_HD void add(V s, V t, T inv_temp, T shift_t, T shift_s, T shift_1) {
+    using M = VMath<V>;
+    if constexpr (uses_softmax(D)) {
+      const V tp = t * V(inv_temp), sp = s * V(inv_temp);
+      const V et = M::exp(tp - V(shift_t)), es = M::exp(sp - V(shift_s));
+      sum_t = sum_t + et;
+      sum_s = sum_s + es;
+      if constexpr (D == Divergence::KL) cross = cross + M::keep(et, et * (tp - sp));
+      if constexpr (D == Divergence::ReverseKL) cross = cross + M::keep(es, es * (sp - tp));
+    } else if constexpr (D == Divergence::MSE) {
+      const V d = t - s;
+      cross = cross + d * d;
+    } else {
+      cross = cross + s * t;
+      nss = nss + s * s;
+      ntt = ntt + t * t;
+    }
+    if constexpr (kHard) sum_1 = sum_1 + M::exp(s - V(shift_1));
+  }
+};
+
+// Second sweep of jsd, one group of lanes: sum p (log p - log m) and sum q (log q - log m).
+template <typename V, typename T>
+PYKD_HD void jsd_lanes(V s, V t, const Options<T>& o, const RowConsts<T>& k, V& acc_p, V& acc_q) {
+  using M = VMath<V>;
+  const V lp = (t * V(o.inv_temperature) - V(k.mt)) - V(k.lt);
+  const V lq = (s * V(o.inv_temperature) - V(k.ms)) - V(k.ls);
+  const V p = M::exp(lp), q = M::exp(lq);
+  const V lm = M::log(V(o.beta) * p + V(T(1) - o.beta) * q);
+  acc_p = acc_p + M::keep(p, p * (lp - lm));
+  acc_q = acc_q + M::keep(q, q * (lq - lm));
+}
+
+// Gradient sweep, one group of lanes: d loss / d student and d loss / d teacher (soft part for the
+// teacher; the hard term's -1 at the target class is applied by the caller, once, in float).
+template <Divergence D, bool kHard, typename V, typename T>
+PYKD_HD void grad_lanes(V s, V t, const Options<T>& o, const RowConsts<T>& k, V& gs, V& gt) {
+  using M = VMath<V>;
+  if constexpr (uses_softmax(D)) {
+    const V lp = (t * V(o.inv_temperature) - V(k.mt)) - V(k.lt);
+    const V lq = (s * V(o.inv_temperature) - V(k.ms)) - V(k.ls);
+    const V p = M::exp(lp), q = M::exp(lq);
+    if constexpr (D == Divergence::KL) {
+      gs = V(k.gs_soft) * (q - p);
+      gt = V(k.gt_soft) * M::keep(p, p * ((lp - lq) - V(k.div_value)));
+    } else if constexpr (D == Divergence::ReverseKL) {
+      gs = V(k.gs_soft) * M::keep(q, q * ((lq - lp) - V(k.div_value)));
+      gt = V(k.gt_soft) * (p - q);
+    } else {
+      const V lm = M::log(V(o.beta) * p + V(T(1) - o.beta) * q);
+      gs = V(k.gs_soft * (T(1) - o.beta)) * M::keep(q, q * ((lq - lm) - V(k.jsd_q)));
+      gt = V(k.gt_soft * o.beta) * M::keep(p, p * ((lp - lm) - V(k.div_value)));
+    }
+  } else {
+    gs = V(k.gs_soft) * (V(k.a_s) * s + V(k.a_t) * t);
+    gt = V(k.gt_soft) * (V(k.b_s) * s + V(k.b_t) * t);
+  }
+  if constexpr (kHard) gs = gs + V(k.gs_hard) * M::exp((s - V(k.m1)) - V(k.l1));
+}
+
+// Reduction normaliser over the valid rows (LOSS_SPEC.md, "Reduction").
+template <typename T>
+PYKD_HD T normaliser(Reduction r, T weight_sum, T valid_rows) {
+  switch (r) {
+    case Reduction::Mean:
+      return weight_sum;
+    case Reduction::BatchMean:
+      return valid_rows;
+    default:
+      return T(1);
+  }
+}
+
+// Row scale c_i = w_i / normaliser; a batch whose normaliser is 0 has loss 0 and zero gradients.
+template <typename T>
+PYKD_HD T row_scale(T w, T norm) {
+  return norm == T(0) ? T(0) : w / norm;
+}
+
+// d loss / d w_i given the row's unweighted loss u_i and the reduced loss L.
+template <typename T>
+PYKD_HD T weight_grad(Reduction r, T u, T loss, T norm) {
+  if (norm == T(0)) return T(0);
+  switch (r) {
+    case Reduction::Mean:
+      return (u - loss) / norm;  // L = sum w u / sum w
+    case Reduction::BatchMean:
+      return u / norm;
+    default:
+      return u;
+  }
+}
+
+}  // namespace PYKD_ISA_NAMESPACE
+}  // namespace pykd

@@ -1,0 +1,45 @@
+// Every pykd op schema, one line each, and the pybind11 module (build information only: tensors
+// never cross pybind11, they go through torch.library so autograd and torch.compile see the ops).
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+#include "cpu/distill_loss_kernel.h"
+
+TORCH_LIBRARY(pykd, m) {
+  // The fused distillation loss of shared/LOSS_SPEC.md; asks _distill_loss_fused for the grads
+  // autograd will need, so they are made in the same pass as the loss.
+  m.def(
+      "distill_loss(Tensor student, Tensor teacher, Tensor? weight=None, Tensor? target=None, *, "
+      "str divergence=\"kl\", float temperature=1.0, float alpha=1.0, float beta=0.5, "
+      "int ignore_index=-100, str reduction=\"mean\") -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  // Loss and the gradients grad_mask asks for (student, teacher, weight), for d loss = 1.
+  m.def(
+      "_distill_loss_fused(Tensor student, Tensor teacher, Tensor? weight, Tensor? target, "
+      "str divergence, float temperature, float alpha, float beta, int ignore_index, "
+      "str reduction, bool[3] grad_mask) -> (Tensor, Tensor, Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+  // grad *= scale in place (scale [] or grad's leading shape); no memory is touched if scale == 1.
+  m.def("_scale_grad_(Tensor(a!) grad, Tensor scale) -> ()", {at::Tag::pt2_compliant_tag});
+}
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "pykd compiled ops; importing this module registers torch.ops.pykd.*";
+  m.def(
+      "build_info",
+      [] {
+        pybind11::dict d;
+        d["version"] = PYKD_VERSION;
+        d["torch_version"] = PYKD_TORCH_VERSION;
+        d["cpu_isas"] = PYKD_CPU_ISAS;
+        d["cpu_kernel"] = pykd::cpu::active_cpu_isa();
+#ifdef PYKD_WITH_CUDA
+        d["cuda"] = true;
+#else
+        d["cuda"] = false;
+#endif
+        d["cuda_archs"] = PYKD_CUDA_ARCHS;
+        return d;
+      },
+      "Versions and kernels this extension was built with.");
+}
