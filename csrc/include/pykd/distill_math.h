@@ -117,8 +117,8 @@ struct RowStats {
 template <typename T>
 struct RowConsts {
   T mt, lt, ms, ls, m1, l1;  // max and log-sum of each softmax stream
-  T div_value;               // KL or reverse-KL value (unscaled by T^2), jsd: KL(p||m), KL(q||m)
-  T jsd_q;
+  T centre;  // kl: sum p (t'-s'); reverse_kl: sum q (s'-t'); jsd: KL(p||m)
+  T jsd_q;   // jsd: KL(q||m)
   T a_s, a_t, b_s, b_t;      // mse/cosine: d soft/ds = a_s s + a_t t, d soft/dt = b_s s + b_t t
   T gs_soft, gs_hard, gt_soft;  // row scale of each gradient term (weight / normaliser folded in)
 };
@@ -146,15 +146,15 @@ PYKD_HD void finish_row(const Options<T>& o, const RowStats<T>& st, RowConsts<T>
   switch (o.div) {
     case Divergence::KL:
       // sum p (log p - log q) = sum p (t' - s') - (lse_t - lse_s), the max difference taken first
-      k.div_value = st.cross / st.t.sum - (k.mt - k.ms) - (k.lt - k.ls);
-      soft = t2 * k.div_value;
+      k.centre = st.cross / st.t.sum;
+      soft = t2 * (k.centre - (k.mt - k.ms) - (k.lt - k.ls));
       break;
     case Divergence::ReverseKL:
-      k.div_value = st.cross / st.s.sum - (k.ms - k.mt) - (k.ls - k.lt);
-      soft = t2 * k.div_value;
+      k.centre = st.cross / st.s.sum;
+      soft = t2 * (k.centre - (k.ms - k.mt) - (k.ls - k.lt));
       break;
     case Divergence::JSD:
-      k.div_value = st.jsd_p;
+      k.centre = st.jsd_p;
       k.jsd_q = st.jsd_q;
       soft = t2 * (o.beta * st.jsd_p + (T(1) - o.beta) * st.jsd_q);
       break;
@@ -244,19 +244,23 @@ template <Divergence D, bool kHard, typename V, typename T>
 PYKD_HD void grad_lanes(V s, V t, const Options<T>& o, const RowConsts<T>& k, V& gs, V& gt) {
   using M = VMath<V>;
   if constexpr (uses_softmax(D)) {
-    const V lp = (t * V(o.inv_temperature) - V(k.mt)) - V(k.lt);
-    const V lq = (s * V(o.inv_temperature) - V(k.ms)) - V(k.ls);
+    const V tp = t * V(o.inv_temperature), sp = s * V(o.inv_temperature);
+    const V lp = (tp - V(k.mt)) - V(k.lt);
+    const V lq = (sp - V(k.ms)) - V(k.ls);
     const V p = M::exp(lp), q = M::exp(lq);
+    // kl: d/dt' = p (log p - log q - KL) = p ((t' - s') - sum p (t' - s')): the log-sum-exps
+    // cancel, and the centre is summed from the very same (t' - s') values, so a near one-hot row
+    // of 1e4 logits cancels exactly instead of leaving the logits' ulp behind.
     if constexpr (D == Divergence::KL) {
       gs = V(k.gs_soft) * (q - p);
-      gt = V(k.gt_soft) * M::keep(p, p * ((lp - lq) - V(k.div_value)));
+      gt = V(k.gt_soft) * M::keep(p, p * ((tp - sp) - V(k.centre)));
     } else if constexpr (D == Divergence::ReverseKL) {
-      gs = V(k.gs_soft) * M::keep(q, q * ((lq - lp) - V(k.div_value)));
+      gs = V(k.gs_soft) * M::keep(q, q * ((sp - tp) - V(k.centre)));
       gt = V(k.gt_soft) * (p - q);
     } else {
       const V lm = M::log(V(o.beta) * p + V(T(1) - o.beta) * q);
       gs = V(k.gs_soft * (T(1) - o.beta)) * M::keep(q, q * ((lq - lm) - V(k.jsd_q)));
-      gt = V(k.gt_soft * o.beta) * M::keep(p, p * ((lp - lm) - V(k.div_value)));
+      gt = V(k.gt_soft * o.beta) * M::keep(p, p * ((lp - lm) - V(k.centre)));
     }
   } else {
     gs = V(k.gs_soft) * (V(k.a_s) * s + V(k.a_t) * t);

@@ -1,0 +1,151 @@
+"""Functional face of pykd's fused distillation loss (see ``shared/LOSS_SPEC.md``)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from pykd._extension import require_extension
+
+DIVERGENCES = ("kl", "reverse_kl", "jsd", "mse", "cosine")
+REDUCTIONS = ("mean", "sum", "batchmean", "none")
+_LOGIT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def check_loss_options(
+    divergence: str, temperature: float, alpha: float, beta: float, reduction: str,
+    has_target: bool,
+) -> None:
+    """Raise ValueError for loss options outside the spec; needs no tensor."""
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
+            and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+    if not 0.0 < beta < 1.0:
+        raise ValueError(
+            f"beta must be in the open interval (0, 1), got {beta!r} "
+            "(at its ends jsd is 0: use divergence='kl' or 'reverse_kl')"
+        )
+    if not has_target and alpha != 1.0:
+        raise ValueError(
+            f"alpha={alpha!r} mixes in a hard-label term, but no target was given: "
+            "pass target=... or keep alpha=1"
+        )
+
+
+def _check_tensors(
+    student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor | None,
+    target: torch.Tensor | None,
+) -> None:
+    if not isinstance(student, torch.Tensor) or not isinstance(teacher, torch.Tensor):
+        raise TypeError("student and teacher must be tensors")
+    if student.dtype not in _LOGIT_DTYPES:
+        raise TypeError(f"student must be float32, float64, float16 or bfloat16, got {student.dtype}")
+    if teacher.dtype != student.dtype:
+        raise TypeError(
+            f"teacher dtype {teacher.dtype} must match student dtype {student.dtype} "
+            "(cast the teacher's logits, e.g. teacher.to(student.dtype))"
+        )
+    if student.dim() < 1 or student.shape[-1] < 1:
+        raise ValueError(f"student must be shaped (*, V) with V >= 1, got {tuple(student.shape)}")
+    if teacher.shape != student.shape:
+        raise ValueError(
+            f"teacher shape {tuple(teacher.shape)} must equal student shape {tuple(student.shape)}"
+        )
+    if teacher.device != student.device:
+        raise ValueError(f"teacher is on {teacher.device} but student is on {student.device}")
+    lead = student.shape[:-1]
+    if weight is not None:
+        if weight.shape != lead:
+            raise ValueError(
+                f"weight shape {tuple(weight.shape)} must be the leading shape {tuple(lead)}"
+            )
+        if weight.dtype not in (torch.float32, student.dtype):
+            raise TypeError(f"weight must be float32 or {student.dtype}, got {weight.dtype}")
+        if weight.device != student.device:
+            raise ValueError(f"weight is on {weight.device} but student is on {student.device}")
+    if target is not None:
+        if target.shape != lead:
+            raise ValueError(
+                f"target shape {tuple(target.shape)} must be the leading shape {tuple(lead)}"
+            )
+        if target.dtype != torch.int64:
+            raise TypeError(f"target must be int64 class indices, got {target.dtype}")
+        if target.device != student.device:
+            raise ValueError(f"target is on {target.device} but student is on {student.device}")
+
+
+def distillation_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    *,
+    weight: torch.Tensor | None = None,
+    target: torch.Tensor | None = None,
+    divergence: str = "kl",
+    temperature: float = 1.0,
+    alpha: float = 1.0,
+    beta: float = 0.5,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Fused, weighted distillation loss between student and teacher outputs.
+
+    Per row ``i`` (the leading dims of ``student`` flattened), with ``p = softmax(teacher / T)``
+    and ``q = softmax(student / T)``, the soft term is one of
+
+    - ``"kl"``: ``T^2 * KL(p || q)`` (Hinton et al. 2015)
+    - ``"reverse_kl"``: ``T^2 * KL(q || p)``
+    - ``"jsd"``: ``T^2 * (beta * KL(p || m) + (1 - beta) * KL(q || m))``,
+      ``m = beta * p + (1 - beta) * q``
+    - ``"mse"``: ``sum_v (teacher - student)^2`` (no temperature)
+    - ``"cosine"``: ``1 - cos(student, teacher)`` (no temperature; for hidden states)
+
+    With ``target``, the row is ``w_i * (alpha * soft + (1 - alpha) * CE(student, y_i))``; rows
+    whose label is ``ignore_index`` count for nothing. Without it, ``w_i * soft`` (``alpha`` must
+    be 1). Reductions: ``"mean"`` (divides by the sum of weights of the valid rows), ``"sum"``,
+    ``"batchmean"`` (divides by the number of valid rows) and ``"none"`` (per-row, float32).
+
+    Gradients flow to ``student``, to ``teacher`` if it requires grad (mutual learning) and to
+    ``weight`` if it requires grad. They are computed in the same pass as the loss whenever
+    autograd will need them, so run evaluation under ``torch.no_grad()``.
+
+    Args:
+        student: ``(*, V)`` logits (float32, float64, float16 or bfloat16).
+        teacher: same shape and dtype as ``student``.
+        weight: optional ``(*)`` per-row weights ``w_i >= 0`` (float32 or the logits dtype).
+        target: optional ``(*)`` int64 hard labels in ``[0, V)`` or ``ignore_index``.
+        divergence: ``"kl"``, ``"reverse_kl"``, ``"jsd"``, ``"mse"`` or ``"cosine"``.
+        temperature: ``T > 0``, for the softmax divergences.
+        alpha: weight of the soft term in ``[0, 1]``.
+        beta: jsd mixing weight in ``(0, 1)``.
+        ignore_index: label value of rows to ignore.
+        reduction: ``"mean"``, ``"sum"``, ``"batchmean"`` or ``"none"``.
+
+    Returns:
+        The loss: float32 (float64 for float64 logits), a scalar or ``(*)`` for ``"none"``.
+
+    Example:
+        >>> import torch, pykd
+        >>> student = torch.randn(8, 100, requires_grad=True)
+        >>> teacher = torch.randn(8, 100)
+        >>> labels = torch.randint(0, 100, (8,))
+        >>> loss = pykd.functional.distillation_loss(
+        ...     student, teacher, target=labels, temperature=2.0, alpha=0.5)
+        >>> loss.backward()
+        >>> student.grad.shape
+        torch.Size([8, 100])
+    """
+    require_extension()
+    check_loss_options(divergence, temperature, alpha, beta, reduction, target is not None)
+    _check_tensors(student, teacher, weight, target)
+    return torch.ops.pykd.distill_loss(
+        student, teacher, weight, target,
+        divergence=divergence, temperature=float(temperature), alpha=float(alpha),
+        beta=float(beta), ignore_index=int(ignore_index), reduction=reduction,
+    )

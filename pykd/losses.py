@@ -1,0 +1,58 @@
+"""nn.Module faces of pykd's losses."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pykd.functional import check_loss_options, distillation_loss
+
+
+class DistillationLoss(nn.Module):
+    """Module form of :func:`pykd.functional.distillation_loss` with fixed options.
+
+    Example:
+        >>> import torch, pykd
+        >>> loss_fn = pykd.DistillationLoss(divergence="kl", temperature=2.0, alpha=0.7)
+        >>> student, teacher = torch.randn(4, 10, requires_grad=True), torch.randn(4, 10)
+        >>> loss = loss_fn(student, teacher, target=torch.tensor([1, 2, -100, 3]))
+        >>> loss.backward()
+    """
+
+    def __init__(
+        self,
+        divergence: str = "kl",
+        temperature: float = 1.0,
+        alpha: float = 1.0,
+        beta: float = 0.5,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__()
+        # alpha < 1 needs a target at call time; everything else can be checked now.
+        check_loss_options(divergence, temperature, alpha, beta, reduction, has_target=True)
+        self.divergence = divergence
+        self.temperature = float(temperature)
+        self.alpha = float(alpha)
+        self.beta = float(beta)
+        self.ignore_index = int(ignore_index)
+        self.reduction = reduction
+
+    def forward(
+        self,
+        student: torch.Tensor,
+        teacher: torch.Tensor,
+        target: torch.Tensor | None = None,
+        weight: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return distillation_loss(
+            student, teacher, weight=weight, target=target, divergence=self.divergence,
+            temperature=self.temperature, alpha=self.alpha, beta=self.beta,
+            ignore_index=self.ignore_index, reduction=self.reduction,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"divergence={self.divergence!r}, temperature={self.temperature}, alpha={self.alpha}, "
+            f"beta={self.beta}, ignore_index={self.ignore_index}, reduction={self.reduction!r}"
+        )

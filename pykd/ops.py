@@ -1,0 +1,100 @@
+"""torch.library glue for the compiled ops: fake (meta) kernels and autograd.
+
+``torch.ops.pykd.distill_loss`` is a composite (C++) that calls ``_distill_loss_fused`` with a
+``grad_mask`` naming the inputs that need a gradient; the fused kernel returns those gradients,
+computed in the same pass as the loss for d(loss) = 1. The first backward only rescales them by the
+incoming gradient, in place, and skips even that when it is exactly 1 (the usual
+``loss.backward()``), so the gradient costs no memory or pass beyond the forward's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+_FUSED = "pykd::_distill_loss_fused"
+_SCALE = "pykd::_scale_grad_"
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake(_FUSED)
+def _distill_loss_fused_fake(
+    student, teacher, weight, target, divergence, temperature, alpha, beta, ignore_index,
+    reduction, grad_mask,
+):
+    acc = _acc_dtype(student.dtype)
+    lead = student.shape[:-1]
+    loss = student.new_empty(lead if reduction == "none" else (), dtype=acc)
+    grad_s = student.new_empty(student.shape if grad_mask[0] else (0,))
+    grad_t = teacher.new_empty(teacher.shape if grad_mask[1] else (0,))
+    if weight is not None:
+        grad_w = weight.new_empty(weight.shape if grad_mask[2] else (0,))
+    else:
+        grad_w = student.new_empty((0,), dtype=acc)
+    return loss, grad_s, grad_t, grad_w
+
+
+@torch.library.register_fake(_SCALE)
+def _scale_grad_fake(grad, scale):
+    return None
+
+
+def _scaled(grad: torch.Tensor, d_loss: torch.Tensor, in_place: bool) -> torch.Tensor:
+    """grad (*, V) times d_loss ([] or (*))."""
+    if in_place:
+        torch.ops.pykd._scale_grad_(grad, d_loss)
+        return grad
+    scale = d_loss if d_loss.dim() == 0 else d_loss.unsqueeze(-1)
+    return (grad * scale).to(grad.dtype)
+
+
+def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    student, teacher, weight, target = inputs[:4]
+    _, grad_s, grad_t, grad_w = output
+    # The inputs cost nothing extra to keep (the caller holds them for the step anyway) and let a
+    # second backward through the same graph recompute instead of reusing a handed-out buffer.
+    ctx.save_for_backward(student, teacher, weight, target, grad_s, grad_t, grad_w)
+    ctx.options = tuple(inputs[4:10])
+    ctx.grad_mask = tuple(inputs[10])
+    ctx.first_backward = True
+
+
+def _backward(ctx: Any, d_loss: torch.Tensor, *_unused: Any) -> tuple:
+    for i, name in enumerate(("student", "teacher", "weight")):
+        if ctx.needs_input_grad[i] and not ctx.grad_mask[i]:
+            raise RuntimeError(
+                f"pykd._distill_loss_fused: {name} needs a gradient but grad_mask[{i}] was False; "
+                "call torch.ops.pykd.distill_loss, which sets the mask from requires_grad."
+            )
+    if ctx.first_backward:
+        # Unpacked once: scaling the buffers in place bumps their version counters.
+        student, teacher, weight, target, grad_s, grad_t, grad_w = ctx.saved_tensors
+        ctx.recompute_inputs = (student, teacher, weight, target)
+        ctx.first_backward = False
+    else:
+        # The forward's buffers were scaled in place and handed out by the first backward
+        # (retain_graph=True, gradcheck): make fresh ones rather than touch them again.
+        student, teacher, weight, target = ctx.recompute_inputs
+        _, grad_s, grad_t, grad_w = torch.ops.pykd._distill_loss_fused(
+            student.detach(), teacher.detach(), None if weight is None else weight.detach(),
+            target, *ctx.options, list(ctx.grad_mask),
+        )
+    # Plain eager tensors take the zero-copy path (in place, skipped when d_loss == 1). Under
+    # torch.compile's tracing (functional tensor subclasses) the functional form lets the compiler
+    # fuse and re-use buffers itself.
+    in_place = type(d_loss) is torch.Tensor
+    out_s = out_t = out_w = None
+    if ctx.grad_mask[0] and ctx.needs_input_grad[0]:
+        out_s = _scaled(grad_s, d_loss, in_place)
+    if ctx.grad_mask[1] and ctx.needs_input_grad[1]:
+        out_t = _scaled(grad_t, d_loss, in_place)
+    if ctx.grad_mask[2] and ctx.needs_input_grad[2]:
+        out_w = (grad_w * d_loss).to(grad_w.dtype)
+    return (out_s, out_t, out_w) + (None,) * 8
+
+
+torch.library.register_autograd(_FUSED, _backward, setup_context=_setup_context)

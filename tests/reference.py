@@ -1,0 +1,75 @@
+"""Pure-torch reference of shared/LOSS_SPEC.md, written for clarity, not speed.
+
+Evaluated in float64 it is the ground truth for every kernel; evaluated in a low dtype it measures
+torch's own error in that dtype, which bounds what a bf16/fp16 kernel may be allowed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+SOFTMAX_DIVERGENCES = ("kl", "reverse_kl", "jsd")
+
+
+def _plogp_ratio(p: torch.Tensor, lp: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+    """sum p (lp - lo) with 0 log 0 = 0, differentiable without NaN where p = 0."""
+    pos = p > 0
+    safe = torch.where(pos, lp - lo, torch.zeros_like(lp))
+    return torch.where(pos, p * safe, torch.zeros_like(p)).sum(-1)
+
+
+def soft_term(s: torch.Tensor, t: torch.Tensor, divergence: str, temperature: float,
+              beta: float) -> torch.Tensor:
+    """Per-row soft term for [N, V] rows."""
+    T = temperature
+    if divergence in SOFTMAX_DIVERGENCES:
+        lp = F.log_softmax(t / T, dim=-1)
+        lq = F.log_softmax(s / T, dim=-1)
+        p, q = lp.exp(), lq.exp()
+        if divergence == "kl":
+            return T * T * _plogp_ratio(p, lp, lq)
+        if divergence == "reverse_kl":
+            return T * T * _plogp_ratio(q, lq, lp)
+        m = beta * p + (1 - beta) * q
+        lm = torch.log(torch.where(m > 0, m, torch.ones_like(m)))
+        return T * T * (beta * _plogp_ratio(p, lp, lm) + (1 - beta) * _plogp_ratio(q, lq, lm))
+    if divergence == "mse":
+        return ((t - s) ** 2).sum(-1)
+    if divergence == "cosine":
+        ns = s.norm(dim=-1).clamp_min(1e-8)
+        nt = t.norm(dim=-1).clamp_min(1e-8)
+        return 1 - (s * t).sum(-1) / (ns * nt)
+    raise ValueError(divergence)
+
+
+def reference_loss(student, teacher, weight=None, target=None, *, divergence="kl",
+                   temperature=1.0, alpha=1.0, beta=0.5, ignore_index=-100, reduction="mean",
+                   dtype=torch.float64):
+    """The loss of LOSS_SPEC.md computed with torch ops in `dtype` (autograd flows through)."""
+    V = student.shape[-1]
+    lead = student.shape[:-1]
+    s = student.to(dtype).reshape(-1, V)
+    t = teacher.to(dtype).reshape(-1, V)
+    n = s.shape[0]
+    soft = soft_term(s, t, divergence, temperature, beta)
+    w = weight.to(dtype).reshape(n) if weight is not None else torch.ones(n, dtype=dtype)
+    if target is not None:
+        y = target.reshape(n)
+        valid = y != ignore_index
+        y_safe = torch.where(valid, y, torch.zeros_like(y))
+        hard = -F.log_softmax(s, dim=-1).gather(1, y_safe[:, None]).squeeze(1)
+        row = torch.where(valid, alpha * soft + (1 - alpha) * hard, torch.zeros_like(soft))
+        w = torch.where(valid, w, torch.zeros_like(w))
+        count = valid.sum().to(dtype)
+    else:
+        row = soft
+        count = torch.tensor(float(n), dtype=dtype)
+    rows = w * row
+    if reduction == "none":
+        return rows.reshape(lead)
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    norm = w.sum() if reduction == "mean" else count
+    return torch.where(norm > 0, total / torch.where(norm > 0, norm, 1), torch.zeros_like(total))
