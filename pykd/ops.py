@@ -58,12 +58,18 @@ def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
     # The inputs cost nothing extra to keep (the caller holds them for the step anyway) and let a
     # second backward through the same graph recompute instead of reusing a handed-out buffer.
     ctx.save_for_backward(student, teacher, weight, target, grad_s, grad_t, grad_w)
+    # The gradient outputs are not differentiable; without this autograd would also materialise
+    # [N, V] zero tensors as their incoming gradients on every backward.
+    ctx.mark_non_differentiable(grad_s, grad_t, grad_w)
+    ctx.set_materialize_grads(False)
     ctx.options = tuple(inputs[4:10])
     ctx.grad_mask = tuple(inputs[10])
     ctx.first_backward = True
 
 
-def _backward(ctx: Any, d_loss: torch.Tensor, *_unused: Any) -> tuple:
+def _backward(ctx: Any, d_loss: torch.Tensor | None, *_unused: Any) -> tuple:
+    if d_loss is None:  # grads are not materialised: nothing flows back into the loss
+        return (None,) * 11
     for i, name in enumerate(("student", "teacher", "weight")):
         if ctx.needs_input_grad[i] and not ctx.grad_mask[i]:
             raise RuntimeError(

@@ -3,7 +3,12 @@
 #include <ATen/Version.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <string>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 #include "cpu/distill_loss_kernel.h"
 #include "distill_loss_common.h"
@@ -31,6 +36,26 @@ const IsaChoice& isa_choice() {
   return choice;
 }
 
+// A fresh [N, V] gradient is mostly page faults on first touch: 4 KB pages cost as much as the
+// whole loss at N=2048, V=32000 on the 2-core machine (docs/perf-notes.md). Asking for huge pages
+// on the 2 MB-aligned interior (as torch does under THP_MEM_ALLOC_ENABLE) cuts that 512-fold.
+void advise_huge_pages(const at::Tensor& t) {
+#ifdef __linux__
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  if (t.nbytes() < 4 * kHuge) return;
+  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t last = (begin + t.nbytes()) & ~(kHuge - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#endif
+}
+
+at::Tensor new_gradient(const at::Tensor& like) {
+  auto g = at::empty(like.sizes(), like.options());
+  advise_huge_pages(g);
+  return g;
+}
+
 // student, teacher: (*, V); weight: (*) or None; target: (*) int64 or None.
 // Returns (loss: [] or (*), grad_student: (*, V) or [0], grad_teacher: (*, V) or [0],
 //          grad_weight: (*) or [0]); gradients are those of the loss itself (d loss = 1).
@@ -48,10 +73,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_loss_fused_cp
   const RowWeights rw = prepare_rows(cfg, student, weight, target);
   const auto acc = student.options().dtype(accumulate_type(student.scalar_type()));
   auto u = at::empty({cfg.rows}, acc);
-  auto grad_s = grad_mask[0] ? at::empty(student.sizes(), student.options())
-                             : no_grad_output(student);
-  auto grad_t = grad_mask[1] ? at::empty(teacher.sizes(), teacher.options())
-                             : no_grad_output(teacher);
+  auto grad_s = grad_mask[0] ? new_gradient(student) : no_grad_output(student);
+  auto grad_t = grad_mask[1] ? new_gradient(teacher) : no_grad_output(teacher);
   int64_t bad_row = -1;
 
   KernelArgs a;
