@@ -6,7 +6,12 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 namespace pykd {
 
@@ -27,8 +32,9 @@ Divergence parse_divergence(c10::string_view d) {
   if (d == "jsd") return Divergence::JSD;
   if (d == "mse") return Divergence::MSE;
   if (d == "cosine") return Divergence::Cosine;
-  TORCH_CHECK(false, "distill_loss: divergence must be one of kl, reverse_kl, jsd, mse, cosine; got '" +
-                         std::string(d) + "'");
+  TORCH_CHECK(false,
+              "distill_loss: divergence must be one of kl, reverse_kl, jsd, mse, cosine; got '" +
+                  std::string(d) + "'");
 }
 
 Reduction parse_reduction(c10::string_view r) {
@@ -50,21 +56,24 @@ std::string dtype_str(c10::ScalarType t) { return c10::toString(t); }
 
 LossConfig check_distill_args(const at::Tensor& student, const at::Tensor& teacher,
                               const std::optional<at::Tensor>& weight,
-                              const std::optional<at::Tensor>& target,
-                              c10::string_view divergence, double temperature, double alpha,
-                              double beta, int64_t ignore_index, c10::string_view reduction) {
+                              const std::optional<at::Tensor>& target, c10::string_view divergence,
+                              double temperature, double alpha, double beta, int64_t ignore_index,
+                              c10::string_view reduction) {
   LossConfig cfg;
   cfg.divergence = parse_divergence(divergence);
   cfg.reduction = parse_reduction(reduction);
-  TORCH_CHECK(std::isfinite(temperature) && temperature > 0,
-              "distill_loss: temperature must be finite and > 0, got " + std::to_string(temperature));
+  TORCH_CHECK(
+      std::isfinite(temperature) && temperature > 0,
+      "distill_loss: temperature must be finite and > 0, got " + std::to_string(temperature));
   TORCH_CHECK(alpha >= 0 && alpha <= 1,
               "distill_loss: alpha must be in [0, 1], got " + std::to_string(alpha));
-  TORCH_CHECK(beta > 0 && beta < 1,
-              "distill_loss: beta must be in the open interval (0, 1), got " + std::to_string(beta));
-  TORCH_CHECK(target.has_value() || alpha == 1.0,
-              "distill_loss: alpha must be 1 when no target is given (there is no hard term to mix), "
-              "got " + std::to_string(alpha));
+  TORCH_CHECK(beta > 0 && beta < 1, "distill_loss: beta must be in the open interval (0, 1), got " +
+                                        std::to_string(beta));
+  TORCH_CHECK(
+      target.has_value() || alpha == 1.0,
+      "distill_loss: alpha must be 1 when no target is given (there is no hard term to mix), "
+      "got " +
+          std::to_string(alpha));
   TORCH_CHECK(is_logits_dtype(student.scalar_type()),
               "distill_loss: student must be float32, float64, float16 or bfloat16, got " +
                   dtype_str(student.scalar_type()));
@@ -72,10 +81,9 @@ LossConfig check_distill_args(const at::Tensor& student, const at::Tensor& teach
               "distill_loss: teacher dtype " + dtype_str(teacher.scalar_type()) +
                   " must match student dtype " + dtype_str(student.scalar_type()));
   TORCH_CHECK(student.dim() >= 1, "distill_loss: student must have at least one dim (*, V)");
-  TORCH_CHECK(teacher.sizes() == student.sizes(), "distill_loss: teacher shape " +
-                                                      shape_str(teacher.sizes()) +
-                                                      " must equal student shape " +
-                                                      shape_str(student.sizes()));
+  TORCH_CHECK(teacher.sizes() == student.sizes(),
+              "distill_loss: teacher shape " + shape_str(teacher.sizes()) +
+                  " must equal student shape " + shape_str(student.sizes()));
   TORCH_CHECK(teacher.device() == student.device(),
               "distill_loss: teacher is on " + teacher.device().str() + " but student is on " +
                   student.device().str());
@@ -91,8 +99,7 @@ LossConfig check_distill_args(const at::Tensor& student, const at::Tensor& teach
                 "distill_loss: weight must be float32 or the logits dtype " +
                     dtype_str(student.scalar_type()) + ", got " + dtype_str(w.scalar_type()));
     TORCH_CHECK(w.device() == student.device(), "distill_loss: weight is on " + w.device().str() +
-                                                    " but student is on " +
-                                                    student.device().str());
+                                                    " but student is on " + student.device().str());
   }
   if (target.has_value()) {
     const auto& y = *target;
@@ -101,8 +108,7 @@ LossConfig check_distill_args(const at::Tensor& student, const at::Tensor& teach
     TORCH_CHECK(y.scalar_type() == at::kLong,
                 "distill_loss: target must be int64, got " + dtype_str(y.scalar_type()));
     TORCH_CHECK(y.device() == student.device(), "distill_loss: target is on " + y.device().str() +
-                                                    " but student is on " +
-                                                    student.device().str());
+                                                    " but student is on " + student.device().str());
   }
   cfg.temperature = temperature;
   cfg.alpha = alpha;
@@ -110,6 +116,8 @@ LossConfig check_distill_args(const at::Tensor& student, const at::Tensor& teach
   cfg.ignore_index = ignore_index;
   return cfg;
 }
+
+namespace {
 
 c10::ScalarType accumulate_type(c10::ScalarType logits) {
   return logits == at::kDouble ? at::kDouble : at::kFloat;
@@ -119,6 +127,15 @@ at::Tensor as_rows(const at::Tensor& x, int64_t rows, int64_t classes) {
   auto r = x.reshape({rows, classes});
   return (r.stride(1) == 1 || classes == 1) ? r : r.contiguous();
 }
+
+// Per-row weights with 0 on ignored rows, and the reduction's normaliser; both in the
+// accumulation dtype on the logits' device. Labels outside [0, V) and negative weights make the
+// affected values NaN, so on CUDA (no check without PYKD_DEBUG) the loss comes out NaN.
+struct RowWeights {
+  at::Tensor weight;  // [rows]
+  at::Tensor norm;    // []
+  at::Tensor valid;  // [rows] bool, rows whose target is not ignore_index; undefined without target
+};
 
 RowWeights prepare_rows(const LossConfig& cfg, const at::Tensor& student,
                         const std::optional<at::Tensor>& weight,
@@ -158,8 +175,8 @@ void check_row_values(const LossConfig& cfg, const std::optional<at::Tensor>& we
     const auto bad = (y != cfg.ignore_index) & ((y < 0) | (y >= cfg.classes));
     if (bad.any().item<bool>()) {
       const int64_t row = bad.nonzero()[0][0].item<int64_t>();
-      TORCH_CHECK(false, "distill_loss: target[" + std::to_string(row) + "] = " +
-                             std::to_string(y[row].item<int64_t>()) + " is outside [0, " +
+      TORCH_CHECK(false, "distill_loss: target[" + std::to_string(row) +
+                             "] = " + std::to_string(y[row].item<int64_t>()) + " is outside [0, " +
                              std::to_string(cfg.classes) + ") and is not ignore_index (" +
                              std::to_string(cfg.ignore_index) + ")");
     }
@@ -169,8 +186,8 @@ void check_row_values(const LossConfig& cfg, const std::optional<at::Tensor>& we
     const auto bad = w < 0;
     if (bad.any().item<bool>()) {
       const int64_t row = bad.nonzero()[0][0].item<int64_t>();
-      TORCH_CHECK(false, "distill_loss: weight[" + std::to_string(row) + "] = " +
-                             std::to_string(w[row].item<double>()) + " is negative");
+      TORCH_CHECK(false, "distill_loss: weight[" + std::to_string(row) +
+                             "] = " + std::to_string(w[row].item<double>()) + " is negative");
     }
   }
 }
@@ -178,14 +195,6 @@ void check_row_values(const LossConfig& cfg, const std::optional<at::Tensor>& we
 void raise_bad_row(int64_t row) {
   TORCH_CHECK(row < 0, "distill_loss: row " + std::to_string(row) +
                            " has no finite logit (all -inf) where a softmax needs one");
-}
-
-bool debug_checks_enabled() {
-  static const bool on = [] {
-    const char* v = std::getenv("PYKD_DEBUG");
-    return v != nullptr && std::string(v) != "0" && std::string(v) != "";
-  }();
-  return on;
 }
 
 std::tuple<at::Tensor, at::Tensor> reduce_rows(const LossConfig& cfg, const at::Tensor& u,
@@ -221,7 +230,90 @@ std::tuple<at::Tensor, at::Tensor> reduce_rows(const LossConfig& cfg, const at::
   return {loss, grad_w};
 }
 
+}  // namespace
+
+bool debug_checks_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("PYKD_DEBUG");
+    return v != nullptr && std::string(v) != "0" && std::string(v) != "";
+  }();
+  return on;
+}
+
+namespace {
+
+// An empty stand-in for a gradient that was not asked for (custom ops cannot return None).
 at::Tensor no_grad_output(const at::Tensor& like) { return at::empty({0}, like.options()); }
+
+// A fresh [N, V] gradient on the CPU is mostly page faults on first touch: 4 KB pages cost as
+// much as the whole loss at N=2048, V=32000 on the 2-core machine (docs/perf-notes.md). Asking
+// for huge pages on its 2 MB-aligned interior (as torch does under THP_MEM_ALLOC_ENABLE) cuts that.
+void advise_huge_pages(const at::Tensor& t) {
+#ifdef __linux__
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  if (!t.is_cpu() || t.nbytes() < 4 * kHuge) return;
+  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t last = (begin + t.nbytes()) & ~(kHuge - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#endif
+}
+
+at::Tensor new_gradient(const at::Tensor& like) {
+  auto g = at::empty(like.sizes(), like.options());
+  advise_huge_pages(g);
+  return g;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_loss_fused_impl(
+    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& target, c10::string_view divergence, double temperature,
+    double alpha, double beta, int64_t ignore_index, c10::string_view reduction,
+    std::array<bool, 3> grad_mask, RowKernelLauncher launch, bool value_checks) {
+  const LossConfig cfg = check_distill_args(student, teacher, weight, target, divergence,
+                                            temperature, alpha, beta, ignore_index, reduction);
+  if (value_checks) check_row_values(cfg, weight, target);
+  const auto s = as_rows(student, cfg.rows, cfg.classes);
+  const auto t = as_rows(teacher, cfg.rows, cfg.classes);
+  const auto y = target.has_value() ? target->reshape({cfg.rows}).contiguous() : at::Tensor();
+  const RowWeights rw = prepare_rows(cfg, student, weight, target);
+  const auto acc = student.options().dtype(accumulate_type(student.scalar_type()));
+  auto u = at::empty({cfg.rows}, acc);
+  auto grad_s = grad_mask[0] ? new_gradient(student) : no_grad_output(student);
+  auto grad_t = grad_mask[1] ? new_gradient(teacher) : no_grad_output(teacher);
+  auto bad_row = at::full({1}, -1, student.options().dtype(at::kLong));
+
+  RowKernelArgs a;
+  a.student = s.const_data_ptr();
+  a.teacher = t.const_data_ptr();
+  a.student_stride = s.stride(0);
+  a.teacher_stride = t.stride(0);
+  a.rows = cfg.rows;
+  a.classes = cfg.classes;
+  a.dtype = student.scalar_type();
+  a.divergence = cfg.divergence;
+  a.temperature = cfg.temperature;
+  a.alpha = cfg.alpha;
+  a.beta = cfg.beta;
+  a.ignore_index = cfg.ignore_index;
+  a.target = y.defined() ? y.const_data_ptr<int64_t>() : nullptr;
+  a.weight = rw.weight.const_data_ptr();
+  a.norm = rw.norm.const_data_ptr();
+  a.row_loss = u.data_ptr();
+  a.grad_student = grad_mask[0] ? grad_s.data_ptr() : nullptr;
+  a.grad_teacher = grad_mask[1] ? grad_t.data_ptr() : nullptr;
+  a.bad_row = bad_row.data_ptr<int64_t>();
+  if (cfg.rows > 0) launch(a);
+  if (value_checks) raise_bad_row(bad_row.item<int64_t>());
+
+  const auto lead = student.sizes().slice(0, student.dim() - 1);
+  const bool want_w = grad_mask[2] && weight.has_value();
+  auto [loss, grad_w] = reduce_rows(cfg, u, rw, lead, weight, want_w);
+  if (!want_w) grad_w = no_grad_output(weight.has_value() ? *weight : u);
+  return {loss, grad_s, grad_t, grad_w};
+}
 
 namespace {
 
@@ -244,8 +336,8 @@ at::Tensor distill_loss(const at::Tensor& student, const at::Tensor& teacher,
                            const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                            const std::optional<at::Tensor>&, c10::string_view, double, double,
                            double, int64_t, c10::string_view, std::array<bool, 3>)>();
-  return std::get<0>(op.call(student, teacher, weight, target, divergence, temperature, alpha,
-                             beta, ignore_index, reduction, mask));
+  return std::get<0>(op.call(student, teacher, weight, target, divergence, temperature, alpha, beta,
+                             ignore_index, reduction, mask));
 }
 
 }  // namespace

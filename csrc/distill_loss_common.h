@@ -34,43 +34,45 @@ struct LossConfig {
 // same rules, so these fire only for direct torch.ops calls.
 LossConfig check_distill_args(const at::Tensor& student, const at::Tensor& teacher,
                               const std::optional<at::Tensor>& weight,
-                              const std::optional<at::Tensor>& target,
-                              c10::string_view divergence, double temperature, double alpha,
-                              double beta, int64_t ignore_index, c10::string_view reduction);
+                              const std::optional<at::Tensor>& target, c10::string_view divergence,
+                              double temperature, double alpha, double beta, int64_t ignore_index,
+                              c10::string_view reduction);
 
-// Accumulation dtype: float64 for float64 logits, float32 otherwise.
-c10::ScalarType accumulate_type(c10::ScalarType logits);
-
-// A [rows, classes] view with unit column stride (a copy only if the last dim is strided).
-at::Tensor as_rows(const at::Tensor& x, int64_t rows, int64_t classes);
-
-// Per-row weights with 0 on ignored rows, and the reduction's normaliser; both in the
-// accumulation dtype on the logits' device. Labels outside [0, V) and negative weights make the
-// affected values NaN, so on CUDA (no check without PYKD_DEBUG) the loss comes out NaN.
-struct RowWeights {
-  at::Tensor weight;  // [rows]
-  at::Tensor norm;    // []
-  at::Tensor valid;   // [rows] bool, rows whose target is not ignore_index; undefined without target
-};
-RowWeights prepare_rows(const LossConfig& cfg, const at::Tensor& student,
-                        const std::optional<at::Tensor>& weight,
-                        const std::optional<at::Tensor>& target);
-
-// Raises on labels outside [0, V) that are not ignore_index and on negative weights. Reads the
-// data, so on CUDA it syncs: called always on CPU, and on CUDA only with PYKD_DEBUG=1.
-void check_row_values(const LossConfig& cfg, const std::optional<at::Tensor>& weight,
-                      const std::optional<at::Tensor>& target);
-void raise_bad_row(int64_t row);
+// Whether PYKD_DEBUG=1 asks the CUDA path to check the data (a device sync) and raise.
 bool debug_checks_enabled();
 
-// From the unweighted row losses u: the loss (shaped `lead` for reduction none) and, if asked,
-// d loss / d weight in the weight's dtype.
-std::tuple<at::Tensor, at::Tensor> reduce_rows(const LossConfig& cfg, const at::Tensor& u,
-                                               const RowWeights& rw, c10::IntArrayRef lead,
-                                               const std::optional<at::Tensor>& weight,
-                                               bool weight_grad);
+// Raw views of one call, handed to a device's row kernel. Pointers typed void are in the logits
+// dtype (`dtype`) or in the accumulation type (double for float64 logits, float otherwise).
+struct RowKernelArgs {
+  const void* student;  // [rows, classes], row stride student_stride, unit column stride
+  const void* teacher;  // [rows, classes], row stride teacher_stride, unit column stride
+  int64_t student_stride;
+  int64_t teacher_stride;
+  int64_t rows;
+  int64_t classes;
+  c10::ScalarType dtype;
+  Divergence divergence;
+  double temperature;
+  double alpha;
+  double beta;
+  int64_t ignore_index;
+  const int64_t* target;  // [rows] or nullptr
+  const void* weight;     // [rows] accumulation type: w_i, 0 on ignored rows
+  const void* norm;       // [] accumulation type: the reduction's normaliser
+  void* row_loss;         // [rows] accumulation type, out: unweighted row loss u_i (0 if ignored)
+  void* grad_student;     // [rows, classes] logits dtype, contiguous, out; nullptr = not wanted
+  void* grad_teacher;     // [rows, classes] logits dtype, contiguous, out; nullptr = not wanted
+  int64_t* bad_row;       // [1] out: a row with no finite logit where a softmax needs one; -1
+};
+using RowKernelLauncher = void (*)(const RowKernelArgs&);
 
-// An empty stand-in for a gradient that was not asked for (custom ops cannot return None).
-at::Tensor no_grad_output(const at::Tensor& like);
+// The whole of _distill_loss_fused on one device around its row kernel: checks, buffers, row
+// weights, the launch, the reduction. `value_checks` reads the data to raise on bad labels,
+// weights and all -inf rows (always on CPU; on CUDA only with PYKD_DEBUG=1, since it syncs).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_loss_fused_impl(
+    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& target, c10::string_view divergence, double temperature,
+    double alpha, double beta, int64_t ignore_index, c10::string_view reduction,
+    std::array<bool, 3> grad_mask, RowKernelLauncher launch, bool value_checks);
 
 }  // namespace pykd

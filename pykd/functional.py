@@ -46,7 +46,9 @@ def _check_tensors(
     if not isinstance(student, torch.Tensor) or not isinstance(teacher, torch.Tensor):
         raise TypeError("student and teacher must be tensors")
     if student.dtype not in _LOGIT_DTYPES:
-        raise TypeError(f"student must be float32, float64, float16 or bfloat16, got {student.dtype}")
+        raise TypeError(
+            f"student must be float32, float64, float16 or bfloat16, got {student.dtype}"
+        )
     if teacher.dtype != student.dtype:
         raise TypeError(
             f"teacher dtype {teacher.dtype} must match student dtype {student.dtype} "

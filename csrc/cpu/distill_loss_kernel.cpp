@@ -5,6 +5,8 @@
 // statistics (and the KL cross term) for every softmax the loss needs; jsd alone needs sweep 2 for
 // sum p log(p/m) and sum q log(q/m); the last sweep writes each requested gradient exactly once.
 // Half and bfloat16 chunks are widened to float once per sweep; float32 rows are read in place.
+#include "cpu/distill_loss_kernel.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -14,8 +16,6 @@
 #include <atomic>
 #include <limits>
 #include <type_traits>
-
-#include "cpu/distill_loss_kernel.h"
 
 namespace pykd {
 inline namespace PYKD_ISA_NAMESPACE {
@@ -56,19 +56,13 @@ A lane_sum(Vectorized<A> v) {
 
 template <typename A>
 A chunk_max(const A* x, int64_t n) {
+  if (n < Vectorized<A>::size()) {  // a few classes: a plain loop beats a masked lane reduction
+    A m = x[0];
+    for (int64_t j = 1; j < n; ++j) m = (x[j] != x[j] || m != m) ? x[j] + m : std::max(m, x[j]);
+    return m;
+  }
   return at::vec::reduce_all<A>(
       [](Vectorized<A> a, Vectorized<A> b) { return at::vec::maximum(a, b); }, x, n);
-}
-
-// Moves a streaming log-sum-exp onto a max that includes the next chunk; returns the factor that
-// the sums kept at its scale must be multiplied by. NaN survives as the max.
-template <typename A>
-A advance(Lse<A>& l, A next_max) {
-  const A m = (next_max != next_max || l.max != l.max) ? next_max + l.max : std::max(l.max, next_max);
-  const A f = rescale(l.max, m);
-  l.sum *= f;
-  l.max = m;
-  return f;
 }
 
 template <Divergence D, bool kHard, typename A>
@@ -83,19 +77,27 @@ void stats_chunk(const A* s, const A* t, int64_t n, const Options<A>& o, RowStat
   }
   if constexpr (kHard) advance(st.s1, chunk_max(s, n));
   const A sh_t = st.t.shift(), sh_s = st.s.shift(), sh_1 = st.s1.shift();
-  auto lanes = StatLanes<D, kHard, Vec>::zero();
   auto tail = StatLanes<D, kHard, A>::zero();
   int64_t j = 0;
-  for (; j + Vec::size() <= n; j += Vec::size()) {
-    lanes.add(Vec::loadu(s + j), Vec::loadu(t + j), o.inv_temperature, sh_t, sh_s, sh_1);
+  if (n >= Vec::size()) {  // short rows (a few classes) skip the lane reductions altogether
+    auto lanes = StatLanes<D, kHard, Vec>::zero();
+    for (; j + Vec::size() <= n; j += Vec::size()) {
+      lanes.add(Vec::loadu(s + j), Vec::loadu(t + j), o.inv_temperature, sh_t, sh_s, sh_1);
+    }
+    tail.sum_t += lane_sum(lanes.sum_t);
+    tail.sum_s += lane_sum(lanes.sum_s);
+    tail.sum_1 += lane_sum(lanes.sum_1);
+    tail.cross += lane_sum(lanes.cross);
+    tail.nss += lane_sum(lanes.nss);
+    tail.ntt += lane_sum(lanes.ntt);
   }
   for (; j < n; ++j) tail.add(s[j], t[j], o.inv_temperature, sh_t, sh_s, sh_1);
-  st.t.sum += lane_sum(lanes.sum_t) + tail.sum_t;
-  st.s.sum += lane_sum(lanes.sum_s) + tail.sum_s;
-  st.s1.sum += lane_sum(lanes.sum_1) + tail.sum_1;
-  st.cross += lane_sum(lanes.cross) + tail.cross;
-  st.nss += lane_sum(lanes.nss) + tail.nss;
-  st.ntt += lane_sum(lanes.ntt) + tail.ntt;
+  st.t.sum += tail.sum_t;
+  st.s.sum += tail.sum_s;
+  st.s1.sum += tail.sum_1;
+  st.cross += tail.cross;
+  st.nss += tail.nss;
+  st.ntt += tail.ntt;
 }
 
 template <typename A>
@@ -165,7 +167,8 @@ void run_rows(const KernelArgs& a, int64_t begin, int64_t end) {
         fill_row(A(0), S(0));
         continue;
       }
-      if (y < 0 || y >= V) {  // the host raises (CPU) or reports NaN (CUDA); never read out of bounds
+      if (y < 0 ||
+          y >= V) {  // the host raises (CPU) or reports NaN (CUDA); never read out of bounds
         fill_row(std::numeric_limits<A>::quiet_NaN(), S(NAN));
         continue;
       }
@@ -223,7 +226,7 @@ void run_rows(const KernelArgs& a, int64_t begin, int64_t end) {
 template <typename S, typename A, Divergence D>
 void run_divergence(const KernelArgs& a) {
   // Enough columns per task that scheduling costs little next to the exps.
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(a.classes, 1));
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(a.classes, 1));
   at::parallel_for(0, a.rows, grain, [&](int64_t begin, int64_t end) {
     if (a.target) {
       run_rows<S, A, D, true>(a, begin, end);

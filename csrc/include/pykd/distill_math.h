@@ -5,7 +5,8 @@
 //
 // Notation per row: t' = teacher / T, s' = student / T, p = softmax(t'), q = softmax(s'),
 // q1 = softmax(student) (temperature 1, hard term). Every log-probability is formed as
-// (x - max) - log(sum exp(x - max)) so that logits of magnitude 1e4 lose no more than their own ulp.
+// (x - max) - log(sum exp(x - max)) so that logits of magnitude 1e4 lose no more than their own
+// ulp.
 #pragma once
 
 #include <cmath>
@@ -18,9 +19,10 @@
 #define PYKD_HD inline
 #endif
 
-// The CPU kernel file is compiled once per instruction set (CPU_CAPABILITY = DEFAULT, AVX2, AVX512).
-// Everything compiled from this header lives in an inline namespace named after that set, so the
-// linker can never merge an AVX512 instantiation into the DEFAULT kernel (ATen does the same).
+// The CPU kernel file is compiled once per instruction set (CPU_CAPABILITY = DEFAULT, AVX2,
+// AVX512). Everything compiled from this header lives in an inline namespace named after that set,
+// so the linker can never merge an AVX512 instantiation into the DEFAULT kernel (ATen does the
+// same).
 #if defined(CPU_CAPABILITY)
 #define PYKD_ISA_NAMESPACE CPU_CAPABILITY
 #else
@@ -74,11 +76,26 @@ struct Lse {
 // Factor that moves a sum taken relative to `old_max` onto `new_max` (new_max >= old_max).
 template <typename T>
 PYKD_HD T rescale(T old_max, T new_max) {
-  return old_max == new_max ? T(1) : ::exp(old_max - new_max);
+  if (old_max == new_max) return T(1);
+  // The first finite max moves an empty (-inf) sum: skip the exp, it is 0 (short rows pay per row).
+  return old_max == -std::numeric_limits<T>::infinity() ? T(0) : ::exp(old_max - new_max);
+}
+
+// Moves a streaming log-sum-exp onto a max that includes `next_max`; returns the factor that sums
+// kept at its scale must be multiplied by. A NaN max survives.
+template <typename T>
+PYKD_HD T advance(Lse<T>& l, T next_max) {
+  const T m = (next_max != next_max || l.max != l.max) ? next_max + l.max
+                                                       : (l.max > next_max ? l.max : next_max);
+  const T f = rescale(l.max, m);
+  l.sum *= f;
+  l.max = m;
+  return f;
 }
 
 // Merge two partial log-sum-exp states (CUDA warp/block reductions, CPU lanes). `a_extra` and
-// `b_extra` are sums carried at the same scale as each state's sum (the KL / reverse-KL cross term).
+// `b_extra` are sums carried at the same scale as each state's sum (the KL / reverse-KL cross
+// term).
 template <typename T>
 PYKD_HD void merge_lse(Lse<T>& a, T& a_extra, const Lse<T>& b, T b_extra) {
   T m = a.max > b.max ? a.max : b.max;
@@ -104,22 +121,39 @@ struct Options {
 // Statistics of one row gathered by the first sweep.
 template <typename T>
 struct RowStats {
-  Lse<T> t, s, s1;   // teacher / T, student / T, student at temperature 1 (hard term)
-  T cross = T(0);    // kl: sum e_t (t'-s'); reverse_kl: sum e_s (s'-t'); mse: sum (t-s)^2; cosine: s.t
-  T nss = T(0);      // cosine: |s|^2
-  T ntt = T(0);      // cosine: |t|^2
-  T jsd_p = T(0);    // jsd (second sweep): sum p (log p - log m)
-  T jsd_q = T(0);    // jsd (second sweep): sum q (log q - log m)
+  Lse<T> t, s, s1;  // teacher / T, student / T, student at temperature 1 (hard term)
+  T cross =
+      T(0);      // kl: sum e_t (t'-s'); reverse_kl: sum e_s (s'-t'); mse: sum (t-s)^2; cosine: s.t
+  T nss = T(0);  // cosine: |s|^2
+  T ntt = T(0);  // cosine: |t|^2
+  T jsd_p = T(0);  // jsd (second sweep): sum p (log p - log m)
+  T jsd_q = T(0);  // jsd (second sweep): sum q (log q - log m)
   T target_logit = T(0);
 };
+
+// Merge the first-sweep statistics of two parts of a row (GPU thread, warp, block and cluster
+// reductions). The cross term rides on the teacher (kl) or student (reverse_kl) scale.
+template <Divergence D, typename T>
+PYKD_HD void merge_stats(RowStats<T>& a, const RowStats<T>& b) {
+  T none_a = T(0);
+  merge_lse(a.t, D == Divergence::KL ? a.cross : none_a, b.t, D == Divergence::KL ? b.cross : T(0));
+  merge_lse(a.s, D == Divergence::ReverseKL ? a.cross : none_a, b.s,
+            D == Divergence::ReverseKL ? b.cross : T(0));
+  merge_lse(a.s1, none_a, b.s1, T(0));
+  if (!uses_softmax(D)) a.cross += b.cross;
+  a.nss += b.nss;
+  a.ntt += b.ntt;
+  a.jsd_p += b.jsd_p;
+  a.jsd_q += b.jsd_q;
+}
 
 // Row constants derived from the statistics: everything the per-element gradient needs.
 template <typename T>
 struct RowConsts {
-  T mt, lt, ms, ls, m1, l1;  // max and log-sum of each softmax stream
-  T centre;  // kl: sum p (t'-s'); reverse_kl: sum q (s'-t'); jsd: KL(p||m)
-  T jsd_q;   // jsd: KL(q||m)
-  T a_s, a_t, b_s, b_t;      // mse/cosine: d soft/ds = a_s s + a_t t, d soft/dt = b_s s + b_t t
+  T mt, lt, ms, ls, m1, l1;     // max and log-sum of each softmax stream
+  T centre;                     // kl: sum p (t'-s'); reverse_kl: sum q (s'-t'); jsd: KL(p||m)
+  T jsd_q;                      // jsd: KL(q||m)
+  T a_s, a_t, b_s, b_t;         // mse/cosine: d soft/ds = a_s s + a_t t, d soft/dt = b_s s + b_t t
   T gs_soft, gs_hard, gt_soft;  // row scale of each gradient term (weight / normaliser folded in)
 };
 

@@ -1,0 +1,95 @@
+"""Forward+backward of the distillation loss: pykd vs PyTorch eager vs torch.compile.
+
+Run: ``pytest benches/bench_distill_loss.py --benchmark-only`` (add ``-k pykd`` for pykd
+alone). Timings are pytest-benchmark's; the closing table adds GB/s over the one-pass floor
+(read student and teacher, write the gradient: 3 N V bytes) and the peak memory above the
+inputs, as a multiple of the gradient's size (1.00 = nothing but the gradient).
+"""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import RESULTS, device_name
+
+import pykd
+
+T = 2.0
+CASES = [  # (N, V, dtype)
+    (2048, 32000, torch.float32),
+    (512, 128256, torch.float32),
+    (512, 128256, torch.bfloat16),
+    (4096, 2, torch.float32),
+]
+
+
+def eager_kl(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1), log_target=True,
+                    reduction="batchmean") * T * T
+
+
+def pykd_kl(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return pykd.distillation_loss(s, t, temperature=T, reduction="batchmean")
+
+
+_compiled = torch.compile(eager_kl, dynamic=False)
+IMPLS = {"pykd": pykd_kl, "eager": eager_kl, "compile": _compiled}
+
+
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(ln.split()[1]) for ln in f if ln.startswith(field))
+
+
+def cpu_peak_extra_bytes(step) -> int:
+    """Peak resident memory during one step above what was resident before it (Linux)."""
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the high-water mark
+    before = _rss_kb("VmRSS:")
+    step()
+    return max(0, _rss_kb("VmHWM:") - before) * 1024
+
+
+def cuda_peak_extra_bytes(step) -> int:
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("n,v,dtype", CASES, ids=lambda x: str(x).replace("torch.", ""))
+def test_kl_forward_backward(benchmark, impl, n, v, dtype, device):
+    torch.manual_seed(0)
+    s = torch.randn(n, v, device=device).to(dtype).requires_grad_(True)
+    t = torch.randn(n, v, device=device).to(dtype)
+    fn = IMPLS[impl]
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def step():
+        s.grad = None
+        fn(s, t).backward()
+        sync()
+
+    step()  # compile / warm up
+    step()
+    grad_bytes = s.numel() * s.element_size()
+    s.grad = None
+    peak = (cuda_peak_extra_bytes if device == "cuda" else cpu_peak_extra_bytes)(step)
+    rounds = 3 if device == "cpu" and n * v > 10**7 else 20
+    benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=0)
+    ms = benchmark.stats.stats.median * 1e3
+    floor_bytes = 3 * grad_bytes
+    info = dict(case=f"N={n} V={v} {str(dtype).replace('torch.', '')} {device}", impl=impl,
+                ms=ms, gbps=floor_bytes / (ms * 1e-3) / 1e9, peak_mb=peak / 2**20,
+                peak_ratio=peak / grad_bytes, device=device_name(device))
+    benchmark.extra_info.update(info)
+    RESULTS.append(info)

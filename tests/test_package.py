@@ -1,0 +1,72 @@
+"""The package around the ops: import, build information, the stale-build guard and the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import pykd
+from pykd import _extension
+
+
+def test_build_info_describes_the_extension():
+    info = pykd.build_info()
+    assert info["loaded"] and info["error"] is None
+    assert info["torch_version"] == torch.__version__
+    assert info["version"] == pykd.__version__
+    assert "DEFAULT" in info["cpu_isas"].split(",")
+    assert info["cpu_kernel"] in info["cpu_isas"].split(",")
+    assert isinstance(info["cuda"], bool)
+    assert info["cuda"] == bool(info["cuda_archs"])
+
+
+def test_ops_are_registered():
+    for name in ("distill_loss", "_distill_loss_fused", "_scale_grad_"):
+        assert hasattr(torch.ops.pykd, name)
+
+
+def test_stale_build_is_refused_with_a_rebuild_hint(monkeypatch):
+    monkeypatch.setattr(_extension, "_torch_version", lambda: "0.0.1")
+    module, _, error = _extension._load()
+    assert module is None
+    assert "built against torch" in error and "0.0.1" in error
+    assert "pip install --no-build-isolation" in error
+
+
+def test_missing_build_says_how_to_rebuild(monkeypatch):
+    class Missing:
+        def joinpath(self, name):
+            raise FileNotFoundError(name)
+
+    monkeypatch.setattr(_extension.resources, "files", lambda pkg: Missing())
+    module, _, error = _extension._load()
+    assert module is None and "missing" in error and "pip install" in error
+
+
+def test_ops_raise_the_load_error(monkeypatch):
+    monkeypatch.setattr(_extension, "LOAD_ERROR", "pykd._C is gone; rebuild")
+    with pytest.raises(RuntimeError, match="rebuild"):
+        pykd.distillation_loss(torch.randn(2, 3), torch.randn(2, 3))
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "pykd.cli", *args], capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_cli_info():
+    out = run_cli("info")
+    assert out.returncode == 0, out.stderr
+    assert '"loaded": true' in out.stdout
+
+
+def test_cli_demo_distils():
+    out = run_cli("demo", "--samples", "512", "--steps", "40")
+    assert out.returncode == 0, out.stderr
+    lines = [ln for ln in out.stdout.splitlines() if "agreement" in ln]
+    first = float(lines[0].split()[-1].rstrip("%"))
+    last = float(lines[-1].split()[-1].rstrip("%"))
+    assert last > first + 20, out.stdout
