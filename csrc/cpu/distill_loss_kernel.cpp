@@ -68,14 +68,7 @@ A chunk_max(const A* x, int64_t n) {
 template <Divergence D, bool kHard, typename A>
 void stats_chunk(const A* s, const A* t, int64_t n, const Options<A>& o, RowStats<A>& st) {
   using Vec = Vectorized<A>;
-  if constexpr (uses_softmax(D)) {
-    // max(t / T) = max(t) / T: scaling by a positive number is monotone, rounding included.
-    const A ft = advance(st.t, chunk_max(t, n) * o.inv_temperature);
-    const A fs = advance(st.s, chunk_max(s, n) * o.inv_temperature);
-    if constexpr (D == Divergence::KL) st.cross *= ft;
-    if constexpr (D == Divergence::ReverseKL) st.cross *= fs;
-  }
-  if constexpr (kHard) advance(st.s1, chunk_max(s, n));
+  move_maxima<D, kHard>(o, chunk_max(s, n), chunk_max(t, n), st);
   const A sh_t = st.t.shift(), sh_s = st.s.shift(), sh_1 = st.s1.shift();
   auto tail = StatLanes<D, kHard, A>::zero();
   int64_t j = 0;
@@ -92,12 +85,7 @@ void stats_chunk(const A* s, const A* t, int64_t n, const Options<A>& o, RowStat
     tail.ntt += lane_sum(lanes.ntt);
   }
   for (; j < n; ++j) tail.add(s[j], t[j], o.inv_temperature, sh_t, sh_s, sh_1);
-  st.t.sum += tail.sum_t;
-  st.s.sum += tail.sum_s;
-  st.s1.sum += tail.sum_1;
-  st.cross += tail.cross;
-  st.nss += tail.nss;
-  st.ntt += tail.ntt;
+  tail.add_to(st);
 }
 
 template <typename A>

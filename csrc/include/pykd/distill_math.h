@@ -229,6 +229,20 @@ PYKD_HD void set_grad_scales(const Options<T>& o, T c, RowConsts<T>& k) {
   k.gs_hard = o.hard ? c * (T(1) - o.alpha) : T(0);
 }
 
+// Before a chunk is added: move each streaming maximum to include the chunk's raw maxima (of
+// student and teacher logits) and rescale every sum kept at its scale.
+template <Divergence D, bool kHard, typename T>
+PYKD_HD void move_maxima(const Options<T>& o, T student_max, T teacher_max, RowStats<T>& st) {
+  if constexpr (uses_softmax(D)) {
+    // max(x / T) = max(x) / T: scaling by a positive number is monotone, rounding included.
+    const T ft = advance(st.t, teacher_max * o.inv_temperature);
+    const T fs = advance(st.s, student_max * o.inv_temperature);
+    if constexpr (D == Divergence::KL) st.cross *= ft;
+    if constexpr (D == Divergence::ReverseKL) st.cross *= fs;
+  }
+  if constexpr (kHard) advance(st.s1, student_max);
+}
+
 // First sweep, one group of lanes: accumulate into per-lane partial sums. The caller owns the
 // streaming maxima (`shift_*`) and rescales the partials when a maximum moves. Padded lanes carry
 // -inf for softmax streams (exp gives 0) and 0 for mse/cosine (adds 0).
@@ -237,6 +251,17 @@ struct StatLanes {
   V sum_t, sum_s, sum_1, cross, nss, ntt;
 
   static PYKD_HD StatLanes zero() { return {V(0), V(0), V(0), V(0), V(0), V(0)}; }
+
+  // Fold lane sums that are already scalars (a GPU thread, a CPU tail) into the row statistics.
+  template <typename T>
+  PYKD_HD void add_to(RowStats<T>& st) const {
+    st.t.sum += sum_t;
+    st.s.sum += sum_s;
+    st.s1.sum += sum_1;
+    st.cross += cross;
+    st.nss += nss;
+    st.ntt += ntt;
+  }
 
   template <typename T>
   PYKD_HD void add(V s, V t, T inv_temp, T shift_t, T shift_s, T shift_1) {

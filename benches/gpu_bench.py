@@ -1,0 +1,119 @@
+"""GPU benchmark of the KL distillation loss (forward + backward), printed as a markdown table.
+
+Run on a machine with a CUDA GPU after building pykd with CUDA (benches/gpu_check.sh does both):
+``python3 benches/gpu_bench.py``. The floor is one fused pass (read student and teacher logits,
+write the student gradient: 3 N V bytes) at the copy bandwidth measured here, first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+import pykd
+
+T = 2.0
+
+
+def eager_kl(s, t):
+    return F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1), log_target=True,
+                    reduction="batchmean") * T * T
+
+
+def pykd_kl(s, t):
+    return pykd.distillation_loss(s, t, temperature=T, reduction="batchmean")
+
+
+def implementations():
+    impls = {"pykd": pykd_kl, "eager": eager_kl, "torch.compile": torch.compile(eager_kl)}
+    try:
+        from liger_kernel.transformers import LigerKLDIVLoss
+
+        liger = LigerKLDIVLoss(reduction="batchmean", log_target=True)
+        impls["liger"] = lambda s, t: liger(F.log_softmax(s / T, -1),
+                                            F.log_softmax(t / T, -1)) * T * T
+    except ImportError:
+        pass
+    return impls
+
+
+def time_ms(fn, iters):
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(iters):
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def copy_bandwidth():
+    x = torch.empty(2 * 2**30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    ms = time_ms(lambda: y.copy_(x), 10)
+    return 2 * x.numel() / (ms * 1e-3)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=8192)
+    parser.add_argument("--iters", type=int, default=20)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    bw = copy_bandwidth()
+    impls = implementations()
+    lines = []
+    for vocab in (128256, 32000):
+        s = torch.randn(args.rows, vocab, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        t = torch.randn(args.rows, vocab, device="cuda", dtype=torch.bfloat16)
+        floor_ms = 3 * s.numel() * s.element_size() / bw * 1e3
+        ref = None
+        for name, fn in impls.items():
+            def step():
+                s.grad = None
+                fn(s, t).backward()
+
+            try:
+                for _ in range(3):
+                    step()
+                torch.cuda.synchronize()
+                s.grad = None
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                step()
+                torch.cuda.synchronize()
+                peak_gb = (torch.cuda.max_memory_allocated() - base) / 1e9
+                ms = time_ms(step, args.iters)
+            except torch.cuda.OutOfMemoryError:
+                lines.append(f"| N={args.rows} V={vocab} bf16 | {name} | OOM | | | |")
+                torch.cuda.empty_cache()
+                continue
+            grad = s.grad.float()
+            if ref is None:
+                ref = grad
+            err = (grad - ref).abs().max().item()
+            lines.append(f"| N={args.rows} V={vocab} bf16 | {name} | {ms:.2f} | "
+                         f"{ms / floor_ms:.2f}x | {peak_gb:.2f} | {err:.1e} |")
+            s.grad = None
+            torch.cuda.empty_cache()
+        lines.append(f"| (floor at {bw / 1e12:.2f} TB/s copy) | | {floor_ms:.2f} | 1.00x | | |")
+    print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, "
+          f"{datetime.date.today().isoformat()}, KL T={T} forward+backward, median of "
+          f"{args.iters}; peak = memory above the inputs (the bf16 gradient alone is "
+          f"{args.rows * 128256 * 2 / 1e9:.2f} / {args.rows * 32000 * 2 / 1e9:.2f} GB); "
+          "grad diff = max |grad - pykd's grad|")
+    print("| shape | impl | ms | vs floor | peak extra GB | grad diff |")
+    print("|---|---|---|---|---|---|")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,432 @@
+// distill_loss on CUDA: the row kernel, its launch, and the in-place gradient scaling.
+//
+// One row is one block, or on sm_90 a cluster of up to 8 blocks that split the row's columns.
+// Sweep 1 reads each block's slice of student and teacher once from HBM, keeps it in shared memory
+// when it fits (64 KB per block, so a 128256-column bf16 row spreads over 8 blocks), and gathers
+// the streaming log-sum-exp statistics; the blocks of a cluster merge them through distributed
+// shared memory. jsd alone needs a second sweep. The gradient sweep then reads the slice from
+// shared memory and writes each gradient element once, so HBM sees one read of each input and one
+// write of each gradient: the 3 N V floor. Without clusters (sm_80) or when a slice does not fit,
+// the later sweeps read the slice again and rely on it still being in L2. All the math is the
+// shared header's (csrc/include/pykd/distill_math.h); nothing here syncs with the host.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cooperative_groups.h>
+#include <cuda_runtime.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <type_traits>
+
+#include "distill_loss_common.h"
+#include "pykd/distill_math.h"
+
+namespace pykd::cuda {
+namespace {
+
+namespace cg = cooperative_groups;
+
+constexpr int kMaxThreads = 512;
+constexpr int kMaxWarps = kMaxThreads / 32;
+constexpr int kMaxCluster = 8;                   // the portable cluster size
+constexpr int64_t kSliceBytes = 64 * 1024;       // student + teacher slice cached per block
+constexpr int64_t kMaxCachedBytes = 160 * 1024;  // largest slice still worth caching
+constexpr int kPackBytes = 16;                   // one vector load or store
+
+template <typename S>
+using acc_type_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
+
+// Raw shared storage: __shared__ variables cannot have constructors, RowStats has initialisers.
+template <typename T, int N = 1>
+struct SharedArray {
+  alignas(T) unsigned char bytes[N * sizeof(T)];
+  __device__ T* get() { return reinterpret_cast<T*>(bytes); }
+};
+
+template <typename S>
+struct alignas(kPackBytes) Pack {
+  static constexpr int kSize = kPackBytes / sizeof(S);
+  S v[kSize];
+};
+
+// Launch shape shared by every block of one call.
+struct Layout {
+  int64_t slice;  // columns per block (a multiple of the pack size when `packed`)
+  int cluster;    // blocks per row
+  bool cached;    // the slice lives in shared memory between sweeps
+  bool packed;    // rows are 16-byte aligned: 16-byte loads and stores
+};
+
+template <typename A>
+__device__ RowStats<A> shfl_xor(const RowStats<A>& v, int mask) {
+  RowStats<A> o;
+  o.t.max = __shfl_xor_sync(0xffffffffu, v.t.max, mask);
+  o.t.sum = __shfl_xor_sync(0xffffffffu, v.t.sum, mask);
+  o.s.max = __shfl_xor_sync(0xffffffffu, v.s.max, mask);
+  o.s.sum = __shfl_xor_sync(0xffffffffu, v.s.sum, mask);
+  o.s1.max = __shfl_xor_sync(0xffffffffu, v.s1.max, mask);
+  o.s1.sum = __shfl_xor_sync(0xffffffffu, v.s1.sum, mask);
+  o.cross = __shfl_xor_sync(0xffffffffu, v.cross, mask);
+  o.nss = __shfl_xor_sync(0xffffffffu, v.nss, mask);
+  o.ntt = __shfl_xor_sync(0xffffffffu, v.ntt, mask);
+  o.jsd_p = __shfl_xor_sync(0xffffffffu, v.jsd_p, mask);
+  o.jsd_q = __shfl_xor_sync(0xffffffffu, v.jsd_q, mask);
+  return o;
+}
+
+// Merges every thread's statistics into `out` (shared memory), in a fixed order: deterministic.
+template <Divergence D, typename A>
+__device__ void block_merge(RowStats<A> v, RowStats<A>* warp_buf, RowStats<A>* out) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int warps = (blockDim.x + 31) / 32;
+  for (int m = 16; m > 0; m >>= 1) merge_stats<D>(v, shfl_xor(v, m));
+  if (lane == 0) warp_buf[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < warps ? warp_buf[lane] : RowStats<A>{};
+    for (int m = 16; m > 0; m >>= 1) merge_stats<D>(v, shfl_xor(v, m));
+    if (lane == 0) *out = v;
+  }
+  __syncthreads();
+}
+
+// Merges the per-block statistics of a row's cluster into `row` (every block gets the same,
+// merged in rank order). A single-block row just copies.
+template <Divergence D, typename A>
+__device__ void cluster_merge(RowStats<A>* block, RowStats<A>* row, int cluster) {
+  if (cluster == 1) {
+    if (threadIdx.x == 0) *row = *block;
+    __syncthreads();
+    return;
+  }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  cg::cluster_group cl = cg::this_cluster();
+  cl.sync();
+  if (threadIdx.x == 0) {
+    RowStats<A> total = *cl.map_shared_rank(block, 0);
+    for (int r = 1; r < cluster; ++r) merge_stats<D>(total, *cl.map_shared_rank(block, r));
+    *row = total;
+  }
+  cl.sync();  // no block leaves (or reuses `block`) while another still reads it
+#else
+  __trap();  // clusters are only launched on sm_90 and newer
+#endif
+}
+
+// Calls f(column, s, t) for each column of this block's slice; s and t are in the accumulation
+// type. Reads shared memory when cached, global memory otherwise, in 16-byte packs when packed.
+template <typename S, typename A, typename F>
+__device__ void for_each_column(const S* srow, const S* trow, const S* s_cache, const S* t_cache,
+                                int64_t first, int64_t n, const Layout& L, F&& f) {
+  const S* sp = L.cached ? s_cache : srow + first;
+  const S* tp = L.cached ? t_cache : trow + first;
+  if (L.packed) {
+    constexpr int P = Pack<S>::kSize;
+    for (int64_t k = threadIdx.x; k * P < n; k += blockDim.x) {
+      const Pack<S> ps = reinterpret_cast<const Pack<S>*>(sp)[k];
+      const Pack<S> pt = reinterpret_cast<const Pack<S>*>(tp)[k];
+#pragma unroll
+      for (int e = 0; e < P; ++e) {
+        f(first + k * P + e, static_cast<A>(ps.v[e]), static_cast<A>(pt.v[e]));
+      }
+    }
+  } else {
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+      f(first + j, static_cast<A>(sp[j]), static_cast<A>(tp[j]));
+    }
+  }
+}
+
+template <typename S, Divergence D, bool kHard>
+__global__ void __launch_bounds__(kMaxThreads)
+    distill_loss_kernel(const RowKernelArgs a, const Layout L) {
+  using A = acc_type_t<S>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ SharedArray<RowStats<A>, kMaxWarps> warp_slots;
+  __shared__ SharedArray<RowStats<A>> block_slot, row_slot;
+  RowStats<A>* const warp_buf = warp_slots.get();
+  RowStats<A>* const block_stats = block_slot.get();
+  RowStats<A>* const row_stats = row_slot.get();
+
+  const int64_t row = blockIdx.x / L.cluster;
+  const int rank = blockIdx.x % L.cluster;  // the block's rank in its (x-major) cluster
+  const int64_t V = a.classes;
+  const int64_t first = rank * L.slice;
+  const int64_t n = first < V ? min(L.slice, V - first) : 0;
+  const S* srow = static_cast<const S*>(a.student) + row * a.student_stride;
+  const S* trow = static_cast<const S*>(a.teacher) + row * a.teacher_stride;
+  S* gs_row = a.grad_student ? static_cast<S*>(a.grad_student) + row * V : nullptr;
+  S* gt_row = a.grad_teacher ? static_cast<S*>(a.grad_teacher) + row * V : nullptr;
+  S* s_cache = reinterpret_cast<S*>(smem);
+  S* t_cache = s_cache + L.slice;
+  A* u = static_cast<A*>(a.row_loss);
+
+  const Options<A> o{D, A(a.temperature), A(1.0 / a.temperature), A(a.alpha), A(a.beta), kHard};
+  // Every block of a row takes the same branches below: cluster barriers stay matched.
+  auto fill_row = [&](A u_value, float g_value) {
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+      if (gs_row) gs_row[first + j] = static_cast<S>(g_value);
+      if (gt_row) gt_row[first + j] = static_cast<S>(g_value);
+    }
+    if (rank == 0 && threadIdx.x == 0) u[row] = u_value;
+  };
+  int64_t y = 0;
+  if constexpr (kHard) {
+    y = a.target[row];
+    if (y == a.ignore_index) return fill_row(A(0), 0.f);
+    if (y < 0 || y >= V) {  // never read out of bounds; prepare_rows made this row's weight NaN
+      if (rank == 0 && threadIdx.x == 0) *a.bad_row = row;
+      return fill_row(A(NAN), NAN);
+    }
+  }
+
+  // Sweep 1: one read from HBM, statistics per thread, the slice kept in shared memory.
+  RowStats<A> st;
+  {
+    const S* sp = srow + first;
+    const S* tp = trow + first;
+    auto add = [&](const A* s, const A* t, int cnt) {
+      A ms = s[0], mt = t[0];
+      for (int e = 1; e < cnt; ++e) {
+        ms = (s[e] != s[e] || ms != ms) ? s[e] + ms : max(ms, s[e]);
+        mt = (t[e] != t[e] || mt != mt) ? t[e] + mt : max(mt, t[e]);
+      }
+      move_maxima<D, kHard>(o, ms, mt, st);
+      auto lanes = StatLanes<D, kHard, A>::zero();
+      for (int e = 0; e < cnt; ++e) {
+        lanes.add(s[e], t[e], o.inv_temperature, st.t.shift(), st.s.shift(), st.s1.shift());
+      }
+      lanes.add_to(st);
+    };
+    if (L.packed) {
+      constexpr int P = Pack<S>::kSize;
+      for (int64_t k = threadIdx.x; k * P < n; k += blockDim.x) {
+        const Pack<S> ps = reinterpret_cast<const Pack<S>*>(sp)[k];
+        const Pack<S> pt = reinterpret_cast<const Pack<S>*>(tp)[k];
+        if (L.cached) {
+          reinterpret_cast<Pack<S>*>(s_cache)[k] = ps;
+          reinterpret_cast<Pack<S>*>(t_cache)[k] = pt;
+        }
+        A s[P], t[P];
+#pragma unroll
+        for (int e = 0; e < P; ++e) {
+          s[e] = static_cast<A>(ps.v[e]);
+          t[e] = static_cast<A>(pt.v[e]);
+        }
+        add(s, t, P);
+      }
+    } else {
+      for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+        if (L.cached) {
+          s_cache[j] = sp[j];
+          t_cache[j] = tp[j];
+        }
+        const A s = static_cast<A>(sp[j]), t = static_cast<A>(tp[j]);
+        add(&s, &t, 1);
+      }
+    }
+  }
+  block_merge<D>(st, warp_buf, block_stats);
+  cluster_merge<D>(block_stats, row_stats, L.cluster);
+  st = *row_stats;
+
+  if (row_has_empty_softmax(o, st)) {
+    if (rank == 0 && threadIdx.x == 0) *a.bad_row = row;
+    return fill_row(A(NAN), NAN);
+  }
+  if constexpr (kHard) st.target_logit = static_cast<A>(srow[y]);
+  RowConsts<A> k;
+  A soft, hard;
+  finish_row(o, st, k, soft, hard);
+
+  if constexpr (D == Divergence::JSD) {
+    RowStats<A> part;
+    for_each_column<S, A>(srow, trow, s_cache, t_cache, first, n, L, [&](int64_t, A s, A t) {
+      jsd_lanes(s, t, o, k, part.jsd_p, part.jsd_q);
+    });
+    __syncthreads();  // block_stats and row_stats are reused
+    block_merge<D>(part, warp_buf, block_stats);
+    cluster_merge<D>(block_stats, row_stats, L.cluster);
+    st.jsd_p = row_stats->jsd_p;
+    st.jsd_q = row_stats->jsd_q;
+    finish_row(o, st, k, soft, hard);
+  }
+  if (rank == 0 && threadIdx.x == 0)
+    u[row] = kHard ? o.alpha * soft + (A(1) - o.alpha) * hard : soft;
+  if (!gs_row && !gt_row) return;
+
+  // Gradient sweep: each element written once, in the logits dtype, from float math.
+  set_grad_scales(
+      o, row_scale(static_cast<const A*>(a.weight)[row], *static_cast<const A*>(a.norm)), k);
+  auto grad = [&](int64_t col, A s, A t, S& out_s, S& out_t) {
+    A g_s, g_t;
+    grad_lanes<D, kHard>(s, t, o, k, g_s, g_t);
+    if (kHard && col == y) g_s -= k.gs_hard;  // the hard term's -1, before rounding
+    out_s = static_cast<S>(g_s);
+    out_t = static_cast<S>(g_t);
+  };
+  const S* sp = L.cached ? s_cache : srow + first;
+  const S* tp = L.cached ? t_cache : trow + first;
+  if (L.packed) {
+    constexpr int P = Pack<S>::kSize;
+    for (int64_t kk = threadIdx.x; kk * P < n; kk += blockDim.x) {
+      const Pack<S> ps = reinterpret_cast<const Pack<S>*>(sp)[kk];
+      const Pack<S> pt = reinterpret_cast<const Pack<S>*>(tp)[kk];
+      Pack<S> out_s, out_t;
+#pragma unroll
+      for (int e = 0; e < P; ++e) {
+        grad(first + kk * P + e, static_cast<A>(ps.v[e]), static_cast<A>(pt.v[e]), out_s.v[e],
+             out_t.v[e]);
+      }
+      if (gs_row) reinterpret_cast<Pack<S>*>(gs_row + first)[kk] = out_s;
+      if (gt_row) reinterpret_cast<Pack<S>*>(gt_row + first)[kk] = out_t;
+    }
+  } else {
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+      S out_s, out_t;
+      grad(first + j, static_cast<A>(sp[j]), static_cast<A>(tp[j]), out_s, out_t);
+      if (gs_row) gs_row[first + j] = out_s;
+      if (gt_row) gt_row[first + j] = out_t;
+    }
+  }
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % kPackBytes == 0; }
+
+Layout plan(const RowKernelArgs& a, int64_t elem_bytes, bool clusters_ok) {
+  Layout L;
+  const int64_t pack = kPackBytes / elem_bytes;
+  L.packed = aligned16(a.student) && aligned16(a.teacher) &&
+             (a.student_stride * elem_bytes) % kPackBytes == 0 &&
+             (a.teacher_stride * elem_bytes) % kPackBytes == 0 &&
+             (a.classes * elem_bytes) % kPackBytes == 0 &&
+             (!a.grad_student || aligned16(a.grad_student)) &&
+             (!a.grad_teacher || aligned16(a.grad_teacher));
+  const int64_t row_bytes = 2 * a.classes * elem_bytes;
+  L.cluster = 1;
+  if (clusters_ok && row_bytes > kSliceBytes) {
+    L.cluster = static_cast<int>(
+        std::min<int64_t>(kMaxCluster, (row_bytes + kSliceBytes - 1) / kSliceBytes));
+  }
+  int64_t slice = (a.classes + L.cluster - 1) / L.cluster;
+  if (L.packed) slice = (slice + pack - 1) / pack * pack;
+  L.slice = slice;
+  L.cached = 2 * slice * elem_bytes <= kMaxCachedBytes;
+  return L;
+}
+
+bool has_clusters(int device) {
+  int major = 0;  // an attribute query, not the (slow) full property struct, on every call
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  return major >= 9;
+}
+
+template <typename S, Divergence D, bool kHard>
+void launch_typed(const RowKernelArgs& a) {
+  const int device = c10::cuda::current_device();
+  const Layout L = plan(a, sizeof(S), has_clusters(device));
+  auto kernel = distill_loss_kernel<S, D, kHard>;
+  const size_t smem = L.cached ? 2 * L.slice * sizeof(S) : 0;
+  if (smem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem)));
+  }
+  // Enough threads for the slice in 16-byte packs, a whole number of warps, at most 512.
+  const int64_t work = L.packed ? (L.slice * sizeof(S) + kPackBytes - 1) / kPackBytes : L.slice;
+  const int threads = static_cast<int>(std::clamp<int64_t>((work + 31) / 32 * 32, 32, kMaxThreads));
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(a.rows * L.cluster));
+  cfg.blockDim = dim3(threads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = c10::cuda::getCurrentCUDAStream(device).stream();
+  cudaLaunchAttribute attr[1];
+  if (L.cluster > 1) {
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = L.cluster;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+  }
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, a, L));
+}
+
+template <typename S>
+void launch_divergence(const RowKernelArgs& a) {
+  const bool hard = a.target != nullptr;
+  switch (a.divergence) {
+#define PYKD_CASE(D) \
+  case D:            \
+    return hard ? launch_typed<S, D, true>(a) : launch_typed<S, D, false>(a);
+    PYKD_CASE(Divergence::KL)
+    PYKD_CASE(Divergence::ReverseKL)
+    PYKD_CASE(Divergence::JSD)
+    PYKD_CASE(Divergence::MSE)
+    PYKD_CASE(Divergence::Cosine)
+#undef PYKD_CASE
+  }
+}
+
+void launch_rows(const RowKernelArgs& a) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "distill_loss_cuda",
+                                  [&] { launch_divergence<scalar_t>(a); });
+}
+
+// student, teacher: (*, V); weight: (*) or None; target: (*) int64 or None. See the CPU version.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_loss_fused_cuda(
+    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& target, c10::string_view divergence, double temperature,
+    double alpha, double beta, int64_t ignore_index, c10::string_view reduction,
+    std::array<bool, 3> grad_mask) {
+  const c10::cuda::CUDAGuard guard(student.device());
+  return distill_loss_fused_impl(student, teacher, weight, target, divergence, temperature, alpha,
+                                 beta, ignore_index, reduction, grad_mask, &launch_rows,
+                                 /*value_checks=*/debug_checks_enabled());
+}
+
+// grad (rows, classes) *= scale: one scalar (a thread returns at once when it is exactly 1, so the
+// usual d loss = 1 costs a launch and no traffic) or one value per row.
+template <typename S, typename A>
+__global__ void scale_grad_kernel(S* grad, const A* scale, int64_t classes, int64_t total,
+                                  bool per_row) {
+  const A c = per_row ? A(0) : *scale;
+  if (!per_row && c == A(1)) return;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const A f = per_row ? scale[i / classes] : c;
+    grad[i] = static_cast<S>(static_cast<A>(grad[i]) * f);
+  }
+}
+
+// grad: (*, V) contiguous, scaled in place by scale: [] or (*). Never syncs with the host.
+void scale_grad_cuda(const at::Tensor& grad, const at::Tensor& scale) {
+  if (grad.numel() == 0) return;
+  TORCH_CHECK(grad.is_contiguous(), "_scale_grad_: grad must be contiguous");
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const bool per_row = scale.dim() > 0;
+  const int64_t classes = grad.size(-1);
+  const auto acc = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto sc = scale.to(acc).contiguous();
+  const int threads = 256;
+  const int64_t blocks = std::min<int64_t>((grad.numel() + threads - 1) / threads, 65536);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, grad.scalar_type(), "scale_grad_cuda", [&] {
+        using A = acc_type_t<scalar_t>;
+        scale_grad_kernel<scalar_t, A><<<blocks, threads, 0, stream>>>(
+            grad.data_ptr<scalar_t>(), sc.const_data_ptr<A>(), classes, grad.numel(), per_row);
+      });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pykd, CUDA, m) {
+  m.impl("_distill_loss_fused", &distill_loss_fused_cuda);
+  m.impl("_scale_grad_", &scale_grad_cuda);
+}
+
+}  // namespace pykd::cuda
