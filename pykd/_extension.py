@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import warnings
 from importlib import resources
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -25,12 +26,25 @@ def _torch_version() -> str:
     return str(torch.__version__)
 
 
+def _source_tree_hint() -> str:
+    """A source checkout on sys.path (python run from its root) shadows the installed package."""
+    root = Path(__file__).resolve().parents[1]
+    if (root / "pyproject.toml").exists() and (root / "csrc").is_dir():
+        return (
+            f" This pykd was imported from the source folder {root / 'pykd'}, which holds no "
+            "compiled extension: run Python from outside the checkout (or `pip install -e`)."
+        )
+    return ""
+
+
 def _load() -> tuple[ModuleType | None, dict[str, Any], str | None]:
     try:
         info_text = resources.files("pykd").joinpath("_build_info.json").read_text()
         info: dict[str, Any] = json.loads(info_text)
     except (OSError, ValueError) as exc:
-        return None, {}, f"pykd's compiled extension is missing ({exc}). {REBUILD_HINT}"
+        return None, {}, (
+            f"pykd's compiled extension is missing ({exc}).{_source_tree_hint()} {REBUILD_HINT}"
+        )
     # Checked before loading: there is no ABI check, and a build for another torch can crash.
     if info.get("torch_version") != _torch_version():
         return None, info, (
