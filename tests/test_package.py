@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -53,8 +54,9 @@ def test_ops_raise_the_load_error(monkeypatch):
 
 
 def run_cli(*args):
+    # From a neutral folder: run from the checkout, `-m` would import its pykd/ source folder.
     return subprocess.run([sys.executable, "-m", "pykd.cli", *args], capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, cwd=tempfile.gettempdir())
 
 
 def test_cli_info():
