@@ -16,6 +16,7 @@
 #include <atomic>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 namespace pykd {
 inline namespace PYKD_ISA_NAMESPACE {
@@ -54,28 +55,80 @@ A lane_sum(Vectorized<A> v) {
   return at::vec::vec_reduce_all<A>([](Vectorized<A> x, Vectorized<A> y) { return x + y; }, v);
 }
 
+// Max of a chunk. Four independent accumulators keep the max units busy (one running max is a
+// latency-bound chain), and NaN need not survive here: a NaN logit makes its exp, and so the row's
+// sums and loss, NaN anyway.
 template <typename A>
 A chunk_max(const A* x, int64_t n) {
-  if (n < Vectorized<A>::size()) {  // a few classes: a plain loop beats a masked lane reduction
-    A m = x[0];
-    for (int64_t j = 1; j < n; ++j) m = (x[j] != x[j] || m != m) ? x[j] + m : std::max(m, x[j]);
-    return m;
+  using Vec = Vectorized<A>;
+  constexpr int64_t W = Vec::size();
+  A m = -std::numeric_limits<A>::infinity();
+  int64_t j = 0;
+  if (n >= 4 * W) {
+    Vec m0(m), m1(m), m2(m), m3(m);
+    for (; j + 4 * W <= n; j += 4 * W) {
+      m0 = at::vec::clamp_min(Vec::loadu(x + j), m0);
+      m1 = at::vec::clamp_min(Vec::loadu(x + j + W), m1);
+      m2 = at::vec::clamp_min(Vec::loadu(x + j + 2 * W), m2);
+      m3 = at::vec::clamp_min(Vec::loadu(x + j + 3 * W), m3);
+    }
+    const Vec mv = at::vec::clamp_min(at::vec::clamp_min(m0, m1), at::vec::clamp_min(m2, m3));
+    m = at::vec::vec_reduce_all<A>([](Vec a, Vec b) { return at::vec::clamp_min(a, b); }, mv);
   }
-  return at::vec::reduce_all<A>(
-      [](Vectorized<A> a, Vectorized<A> b) { return at::vec::maximum(a, b); }, x, n);
+  for (; j < n; ++j) m = std::max(m, x[j]);
+  return m;
 }
 
+// The first sweep's exps of one row, kept (L2-resident: 3 x V floats per thread) so the later
+// sweeps turn them into probabilities with one multiply instead of an exp. `shift` holds, per
+// chunk and stream, the value each exp was taken relative to.
+template <typename A>
+struct KeptExps {
+  std::vector<A> e;      // [3][V]: teacher / T, student / T, student at T = 1
+  std::vector<A> shift;  // [3][chunks]
+  int64_t V = 0, chunks = 0;
+
+  void resize(int64_t classes) {
+    V = classes;
+    chunks = (classes + kChunk - 1) / kChunk;
+    e.resize(3 * V);
+    shift.resize(3 * chunks);
+  }
+  A* exps(int stream, int64_t off) { return e.data() + stream * V + off; }
+  A& chunk_shift(int stream, int64_t c) { return shift[stream * chunks + c]; }
+};
+
 template <Divergence D, bool kHard, typename A>
-void stats_chunk(const A* s, const A* t, int64_t n, const Options<A>& o, RowStats<A>& st) {
+void stats_chunk(const A* s, const A* t, int64_t n, const Options<A>& o, RowStats<A>& st,
+                 KeptExps<A>* kept, int64_t off) {
   using Vec = Vectorized<A>;
   move_maxima<D, kHard>(o, chunk_max(s, n), chunk_max(t, n), st);
   const A sh_t = st.t.shift(), sh_s = st.s.shift(), sh_1 = st.s1.shift();
+  constexpr bool kSoftmax = uses_softmax(D);
+  A* et = nullptr;
+  A* es = nullptr;
+  A* e1 = nullptr;
+  if (kept) {
+    const int64_t c = off / kChunk;
+    kept->chunk_shift(0, c) = sh_t;
+    kept->chunk_shift(1, c) = sh_s;
+    kept->chunk_shift(2, c) = sh_1;
+    et = kept->exps(0, off);
+    es = kept->exps(1, off);
+    e1 = kept->exps(2, off);
+  }
   auto tail = StatLanes<D, kHard, A>::zero();
   int64_t j = 0;
   if (n >= Vec::size()) {  // short rows (a few classes) skip the lane reductions altogether
     auto lanes = StatLanes<D, kHard, Vec>::zero();
     for (; j + Vec::size() <= n; j += Vec::size()) {
-      lanes.add(Vec::loadu(s + j), Vec::loadu(t + j), o.inv_temperature, sh_t, sh_s, sh_1);
+      const auto e =
+          lanes.add(Vec::loadu(s + j), Vec::loadu(t + j), o.inv_temperature, sh_t, sh_s, sh_1);
+      if (kSoftmax && et) {
+        e.t.store(et + j);
+        e.s.store(es + j);
+      }
+      if (kHard && e1) e.s1.store(e1 + j);
     }
     tail.sum_t += lane_sum(lanes.sum_t);
     tail.sum_s += lane_sum(lanes.sum_s);
@@ -84,39 +137,82 @@ void stats_chunk(const A* s, const A* t, int64_t n, const Options<A>& o, RowStat
     tail.nss += lane_sum(lanes.nss);
     tail.ntt += lane_sum(lanes.ntt);
   }
-  for (; j < n; ++j) tail.add(s[j], t[j], o.inv_temperature, sh_t, sh_s, sh_1);
+  for (; j < n; ++j) {
+    const auto e = tail.add(s[j], t[j], o.inv_temperature, sh_t, sh_s, sh_1);
+    if (kSoftmax && et) {
+      et[j] = e.t;
+      es[j] = e.s;
+    }
+    if (kHard && e1) e1[j] = e.s1;
+  }
   tail.add_to(st);
 }
 
-template <typename A>
+// Probabilities of chunk c from the kept exps: p = e_t exp(shift - max - log sum), etc.
+template <Divergence D, bool kHard, typename A>
+struct ChunkProbs {
+  const A *et, *es, *e1;
+  A ft, fs, f1;
+
+  ChunkProbs(KeptExps<A>& kept, int64_t off, const RowConsts<A>& k) {
+    const int64_t c = off / kChunk;
+    et = kept.exps(0, off);
+    es = kept.exps(1, off);
+    e1 = kept.exps(2, off);
+    ft = std::exp((kept.chunk_shift(0, c) - k.mt) - k.lt);
+    fs = std::exp((kept.chunk_shift(1, c) - k.ms) - k.ls);
+    f1 = std::exp((kept.chunk_shift(2, c) - k.m1) - k.l1);
+  }
+  template <typename V>
+  Probs<V> at(int64_t j) const {
+    Probs<V> pr{V(A(0)), V(A(0)), V(A(0))};
+    if constexpr (uses_softmax(D)) {
+      pr.p = load<V>(et + j) * V(ft);
+      pr.q = load<V>(es + j) * V(fs);
+    }
+    if constexpr (kHard) pr.q1 = load<V>(e1 + j) * V(f1);
+    return pr;
+  }
+  template <typename V>
+  static V load(const A* x) {
+    if constexpr (std::is_same_v<V, A>) {
+      return *x;
+    } else {
+      return V::loadu(x);
+    }
+  }
+};
+
+template <Divergence D, typename A>
 void jsd_chunk(const A* s, const A* t, int64_t n, const Options<A>& o, const RowConsts<A>& k,
-               RowStats<A>& st) {
+               const ChunkProbs<D, false, A>& pr, RowStats<A>& st) {
   using Vec = Vectorized<A>;
   Vec acc_p(A(0)), acc_q(A(0));
   A tail_p = 0, tail_q = 0;
   int64_t j = 0;
   for (; j + Vec::size() <= n; j += Vec::size()) {
-    jsd_lanes(Vec::loadu(s + j), Vec::loadu(t + j), o, k, acc_p, acc_q);
+    jsd_lanes(Vec::loadu(s + j), Vec::loadu(t + j), pr.template at<Vec>(j), o, k, acc_p, acc_q);
   }
-  for (; j < n; ++j) jsd_lanes(s[j], t[j], o, k, tail_p, tail_q);
+  for (; j < n; ++j) jsd_lanes(s[j], t[j], pr.template at<A>(j), o, k, tail_p, tail_q);
   st.jsd_p += lane_sum(acc_p) + tail_p;
   st.jsd_q += lane_sum(acc_q) + tail_q;
 }
 
 template <Divergence D, bool kHard, typename A>
 void grad_chunk(const A* s, const A* t, int64_t n, const Options<A>& o, const RowConsts<A>& k,
-                A* gs, A* gt) {
+                const ChunkProbs<D, kHard, A>& pr, A* gs, A* gt) {
   using Vec = Vectorized<A>;
   int64_t j = 0;
   for (; j + Vec::size() <= n; j += Vec::size()) {
     Vec g_s, g_t;
-    grad_lanes<D, kHard>(Vec::loadu(s + j), Vec::loadu(t + j), o, k, g_s, g_t);
+    grad_lanes<D, kHard>(Vec::loadu(s + j), Vec::loadu(t + j), pr.template at<Vec>(j), o, k, g_s,
+                         g_t);
     if (gs) g_s.store(gs + j);
     if (gt) g_t.store(gt + j);
   }
   for (; j < n; ++j) {
     A g_s, g_t;
-    grad_lanes<D, kHard>(s[j], t[j], o, k, g_s, g_t);
+    grad_lanes<D, kHard>(s[j], t[j], pr.template at<A>(j), o, k, g_s, g_t);
     if (gs) gs[j] = g_s;
     if (gt) gt[j] = g_t;
   }
@@ -136,6 +232,10 @@ void run_rows(const KernelArgs& a, int64_t begin, int64_t end) {
   const A norm = *static_cast<const A*>(a.norm);
   const A* w = static_cast<const A*>(a.weight);
   A* u = static_cast<A*>(a.row_loss);
+  const bool want_grad = a.grad_student || a.grad_teacher;
+  KeptExps<A> kept;
+  if (want_grad || D == Divergence::JSD) kept.resize(V);
+  KeptExps<A>* const keep = kept.V ? &kept : nullptr;
 
   for (int64_t i = begin; i < end; ++i) {
     const S* srow = static_cast<const S*>(a.student) + i * a.student_stride;
@@ -165,7 +265,8 @@ void run_rows(const KernelArgs& a, int64_t begin, int64_t end) {
     RowStats<A> st;
     for (int64_t off = 0; off < V; off += kChunk) {
       const int64_t n = std::min(kChunk, V - off);
-      stats_chunk<D, kHard>(widen(srow + off, n, s_buf), widen(trow + off, n, t_buf), n, o, st);
+      stats_chunk<D, kHard>(widen(srow + off, n, s_buf), widen(trow + off, n, t_buf), n, o, st,
+                            keep, off);
     }
     if (row_has_empty_softmax(o, st)) {
       std::atomic_ref<int64_t>(*a.bad_row).store(i, std::memory_order_relaxed);
@@ -180,13 +281,14 @@ void run_rows(const KernelArgs& a, int64_t begin, int64_t end) {
     if constexpr (D == Divergence::JSD) {
       for (int64_t off = 0; off < V; off += kChunk) {
         const int64_t n = std::min(kChunk, V - off);
-        jsd_chunk(widen(srow + off, n, s_buf), widen(trow + off, n, t_buf), n, o, k, st);
+        jsd_chunk<D>(widen(srow + off, n, s_buf), widen(trow + off, n, t_buf), n, o, k,
+                     ChunkProbs<D, false, A>(kept, off, k), st);
       }
       finish_row(o, st, k, soft, hard);
     }
     u[i] = kHard ? o.alpha * soft + (A(1) - o.alpha) * hard : soft;
 
-    if (!gs_row && !gt_row) continue;
+    if (!want_grad) continue;
     set_grad_scales(o, row_scale(w[i], norm), k);
     for (int64_t off = 0; off < V; off += kChunk) {
       const int64_t n = std::min(kChunk, V - off);
@@ -199,8 +301,8 @@ void run_rows(const KernelArgs& a, int64_t begin, int64_t end) {
         gs = gs_row ? gs_buf : nullptr;
         gt = gt_row ? gt_buf : nullptr;
       }
-      grad_chunk<D, kHard>(widen(srow + off, n, s_buf), widen(trow + off, n, t_buf), n, o, k, gs,
-                           gt);
+      grad_chunk<D, kHard>(widen(srow + off, n, s_buf), widen(trow + off, n, t_buf), n, o, k,
+                           ChunkProbs<D, kHard, A>(kept, off, k), gs, gt);
       // The hard term's -1 at the target class, applied in the accumulation type before rounding.
       if (kHard && gs && y >= off && y < off + n) gs[y - off] -= k.gs_hard;
       if constexpr (!kInPlace) {

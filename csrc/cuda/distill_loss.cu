@@ -245,7 +245,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   if constexpr (D == Divergence::JSD) {
     RowStats<A> part;
     for_each_column<S, A>(srow, trow, s_cache, t_cache, first, n, L, [&](int64_t, A s, A t) {
-      jsd_lanes(s, t, o, k, part.jsd_p, part.jsd_q);
+      jsd_lanes(s, t, probs_by_exp<D, false>(s, t, o, k), o, k, part.jsd_p, part.jsd_q);
     });
     __syncthreads();  // block_stats and row_stats are reused
     block_merge<D>(part, warp_buf, block_stats);
@@ -263,7 +263,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       o, row_scale(static_cast<const A*>(a.weight)[row], *static_cast<const A*>(a.norm)), k);
   auto grad = [&](int64_t col, A s, A t, S& out_s, S& out_t) {
     A g_s, g_t;
-    grad_lanes<D, kHard>(s, t, o, k, g_s, g_t);
+    grad_lanes<D, kHard>(s, t, probs_by_exp<D, kHard>(s, t, o, k), o, k, g_s, g_t);
     if (kHard && col == y) g_s -= k.gs_hard;  // the hard term's -1, before rounding
     out_s = static_cast<S>(g_s);
     out_t = static_cast<S>(g_t);

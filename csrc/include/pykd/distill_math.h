@@ -246,6 +246,13 @@ PYKD_HD void move_maxima(const Options<T>& o, T student_max, T teacher_max, RowS
 // First sweep, one group of lanes: accumulate into per-lane partial sums. The caller owns the
 // streaming maxima (`shift_*`) and rescales the partials when a maximum moves. Padded lanes carry
 // -inf for softmax streams (exp gives 0) and 0 for mse/cosine (adds 0).
+// The exps one first-sweep lane group computed (teacher / T, student / T, student at T = 1, each
+// relative to its stream's shift then): the CPU keeps them so later sweeps need no exp.
+template <typename V>
+struct LaneExps {
+  V t, s, s1;
+};
+
 template <Divergence D, bool kHard, typename V>
 struct StatLanes {
   V sum_t, sum_s, sum_1, cross, nss, ntt;
@@ -264,15 +271,17 @@ struct StatLanes {
   }
 
   template <typename T>
-  PYKD_HD void add(V s, V t, T inv_temp, T shift_t, T shift_s, T shift_1) {
+  PYKD_HD LaneExps<V> add(V s, V t, T inv_temp, T shift_t, T shift_s, T shift_1) {
     using M = VMath<V>;
+    LaneExps<V> e{V(0), V(0), V(0)};
     if constexpr (uses_softmax(D)) {
       const V tp = t * V(inv_temp), sp = s * V(inv_temp);
-      const V et = M::exp(tp - V(shift_t)), es = M::exp(sp - V(shift_s));
-      sum_t = sum_t + et;
-      sum_s = sum_s + es;
-      if constexpr (D == Divergence::KL) cross = cross + M::keep(et, et * (tp - sp));
-      if constexpr (D == Divergence::ReverseKL) cross = cross + M::keep(es, es * (sp - tp));
+      e.t = M::exp(tp - V(shift_t));
+      e.s = M::exp(sp - V(shift_s));
+      sum_t = sum_t + e.t;
+      sum_s = sum_s + e.s;
+      if constexpr (D == Divergence::KL) cross = cross + M::keep(e.t, e.t * (tp - sp));
+      if constexpr (D == Divergence::ReverseKL) cross = cross + M::keep(e.s, e.s * (sp - tp));
     } else if constexpr (D == Divergence::MSE) {
       const V d = t - s;
       cross = cross + d * d;
@@ -281,32 +290,54 @@ struct StatLanes {
       nss = nss + s * s;
       ntt = ntt + t * t;
     }
-    if constexpr (kHard) sum_1 = sum_1 + M::exp(s - V(shift_1));
+    if constexpr (kHard) {
+      e.s1 = M::exp(s - V(shift_1));
+      sum_1 = sum_1 + e.s1;
+    }
+    return e;
   }
 };
 
+// The probabilities of one lane group: p = softmax(t')_v, q = softmax(s')_v and, with a target,
+// q1 = softmax(s)_v. Computed with exps here (GPU), or by the CPU from the first sweep's kept exps.
+template <typename V>
+struct Probs {
+  V p, q, q1;
+};
+
+template <Divergence D, bool kHard, typename V, typename T>
+PYKD_HD Probs<V> probs_by_exp(V s, V t, const Options<T>& o, const RowConsts<T>& k) {
+  using M = VMath<V>;
+  Probs<V> pr{V(0), V(0), V(0)};
+  if constexpr (uses_softmax(D)) {
+    pr.p = M::exp((t * V(o.inv_temperature) - V(k.mt)) - V(k.lt));
+    pr.q = M::exp((s * V(o.inv_temperature) - V(k.ms)) - V(k.ls));
+  }
+  if constexpr (kHard) pr.q1 = M::exp((s - V(k.m1)) - V(k.l1));
+  return pr;
+}
+
 // Second sweep of jsd, one group of lanes: sum p (log p - log m) and sum q (log q - log m).
 template <typename V, typename T>
-PYKD_HD void jsd_lanes(V s, V t, const Options<T>& o, const RowConsts<T>& k, V& acc_p, V& acc_q) {
+PYKD_HD void jsd_lanes(V s, V t, const Probs<V>& pr, const Options<T>& o, const RowConsts<T>& k,
+                       V& acc_p, V& acc_q) {
   using M = VMath<V>;
   const V lp = (t * V(o.inv_temperature) - V(k.mt)) - V(k.lt);
   const V lq = (s * V(o.inv_temperature) - V(k.ms)) - V(k.ls);
-  const V p = M::exp(lp), q = M::exp(lq);
-  const V lm = M::log(V(o.beta) * p + V(T(1) - o.beta) * q);
-  acc_p = acc_p + M::keep(p, p * (lp - lm));
-  acc_q = acc_q + M::keep(q, q * (lq - lm));
+  const V lm = M::log(V(o.beta) * pr.p + V(T(1) - o.beta) * pr.q);
+  acc_p = acc_p + M::keep(pr.p, pr.p * (lp - lm));
+  acc_q = acc_q + M::keep(pr.q, pr.q * (lq - lm));
 }
 
 // Gradient sweep, one group of lanes: d loss / d student and d loss / d teacher (soft part for the
 // teacher; the hard term's -1 at the target class is applied by the caller, once, in float).
 template <Divergence D, bool kHard, typename V, typename T>
-PYKD_HD void grad_lanes(V s, V t, const Options<T>& o, const RowConsts<T>& k, V& gs, V& gt) {
+PYKD_HD void grad_lanes(V s, V t, const Probs<V>& pr, const Options<T>& o, const RowConsts<T>& k,
+                        V& gs, V& gt) {
   using M = VMath<V>;
+  const V p = pr.p, q = pr.q;
   if constexpr (uses_softmax(D)) {
     const V tp = t * V(o.inv_temperature), sp = s * V(o.inv_temperature);
-    const V lp = (tp - V(k.mt)) - V(k.lt);
-    const V lq = (sp - V(k.ms)) - V(k.ls);
-    const V p = M::exp(lp), q = M::exp(lq);
     // kl: d/dt' = p (log p - log q - KL) = p ((t' - s') - sum p (t' - s')): the log-sum-exps
     // cancel, and the centre is summed from the very same (t' - s') values, so a near one-hot row
     // of 1e4 logits cancels exactly instead of leaving the logits' ulp behind.
@@ -317,6 +348,8 @@ PYKD_HD void grad_lanes(V s, V t, const Options<T>& o, const RowConsts<T>& k, V&
       gs = V(k.gs_soft) * M::keep(q, q * ((sp - tp) - V(k.centre)));
       gt = V(k.gt_soft) * (p - q);
     } else {
+      const V lp = (tp - V(k.mt)) - V(k.lt);
+      const V lq = (sp - V(k.ms)) - V(k.ls);
       const V lm = M::log(V(o.beta) * p + V(T(1) - o.beta) * q);
       gs = V(k.gs_soft * (T(1) - o.beta)) * M::keep(q, q * ((lq - lm) - V(k.jsd_q)));
       gt = V(k.gt_soft * o.beta) * M::keep(p, p * ((lp - lm) - V(k.centre)));
@@ -325,40 +358,13 @@ PYKD_HD void grad_lanes(V s, V t, const Options<T>& o, const RowConsts<T>& k, V&
     gs = V(k.gs_soft) * (V(k.a_s) * s + V(k.a_t) * t);
     gt = V(k.gt_soft) * (V(k.b_s) * s + V(k.b_t) * t);
   }
-  if constexpr (kHard) gs = gs + V(k.gs_hard) * M::exp((s - V(k.m1)) - V(k.l1));
-}
-
-// Reduction normaliser over the valid rows (LOSS_SPEC.md, "Reduction").
-template <typename T>
-PYKD_HD T normaliser(Reduction r, T weight_sum, T valid_rows) {
-  switch (r) {
-    case Reduction::Mean:
-      return weight_sum;
-    case Reduction::BatchMean:
-      return valid_rows;
-    default:
-      return T(1);
-  }
+  if constexpr (kHard) gs = gs + V(k.gs_hard) * pr.q1;
 }
 
 // Row scale c_i = w_i / normaliser; a batch whose normaliser is 0 has loss 0 and zero gradients.
 template <typename T>
 PYKD_HD T row_scale(T w, T norm) {
   return norm == T(0) ? T(0) : w / norm;
-}
-
-// d loss / d w_i given the row's unweighted loss u_i and the reduced loss L.
-template <typename T>
-PYKD_HD T weight_grad(Reduction r, T u, T loss, T norm) {
-  if (norm == T(0)) return T(0);
-  switch (r) {
-    case Reduction::Mean:
-      return (u - loss) / norm;  // L = sum w u / sum w
-    case Reduction::BatchMean:
-      return u / norm;
-    default:
-      return u;
-  }
 }
 
 }  // namespace PYKD_ISA_NAMESPACE
