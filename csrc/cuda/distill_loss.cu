@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <string>
 #include <type_traits>
 
 #include "distill_loss_common.h"
@@ -116,26 +117,38 @@ __device__ void cluster_merge(RowStats<A>* block, RowStats<A>* row, int cluster)
 #endif
 }
 
-// Calls f(column, s, t) for each column of this block's slice; s and t are in the accumulation
-// type. Reads shared memory when cached, global memory otherwise, in 16-byte packs when packed.
+// Calls f(g, column, s, t, count) for each group of this block's slice, reading sp/tp (shared or
+// global memory): a 16-byte pack (count = pack size, g = pack index) when packed, else a single
+// column (count = 1, g = column index). s and t are in the accumulation type. With cache_s and
+// cache_t, the raw values are also copied there (the first sweep filling shared memory).
 template <typename S, typename A, typename F>
-__device__ void for_each_column(const S* srow, const S* trow, const S* s_cache, const S* t_cache,
-                                int64_t first, int64_t n, const Layout& L, F&& f) {
-  const S* sp = L.cached ? s_cache : srow + first;
-  const S* tp = L.cached ? t_cache : trow + first;
-  if (L.packed) {
+__device__ void for_each_group(const S* sp, const S* tp, int64_t first, int64_t n, bool packed,
+                               S* cache_s, S* cache_t, F&& f) {
+  if (packed) {
     constexpr int P = Pack<S>::kSize;
-    for (int64_t k = threadIdx.x; k * P < n; k += blockDim.x) {
-      const Pack<S> ps = reinterpret_cast<const Pack<S>*>(sp)[k];
-      const Pack<S> pt = reinterpret_cast<const Pack<S>*>(tp)[k];
+    for (int64_t g = threadIdx.x; g * P < n; g += blockDim.x) {
+      const Pack<S> ps = reinterpret_cast<const Pack<S>*>(sp)[g];
+      const Pack<S> pt = reinterpret_cast<const Pack<S>*>(tp)[g];
+      if (cache_s) {
+        reinterpret_cast<Pack<S>*>(cache_s)[g] = ps;
+        reinterpret_cast<Pack<S>*>(cache_t)[g] = pt;
+      }
+      A s[P], t[P];
 #pragma unroll
       for (int e = 0; e < P; ++e) {
-        f(first + k * P + e, static_cast<A>(ps.v[e]), static_cast<A>(pt.v[e]));
+        s[e] = static_cast<A>(ps.v[e]);
+        t[e] = static_cast<A>(pt.v[e]);
       }
+      f(g, first + g * P, s, t, P);
     }
   } else {
     for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
-      f(first + j, static_cast<A>(sp[j]), static_cast<A>(tp[j]));
+      if (cache_s) {
+        cache_s[j] = sp[j];
+        cache_t[j] = tp[j];
+      }
+      const A s = static_cast<A>(sp[j]), t = static_cast<A>(tp[j]);
+      f(j, first + j, &s, &t, 1);
     }
   }
 }
@@ -185,53 +198,27 @@ __global__ void __launch_bounds__(kMaxThreads)
 
   // Sweep 1: one read from HBM, statistics per thread, the slice kept in shared memory.
   RowStats<A> st;
-  {
-    const S* sp = srow + first;
-    const S* tp = trow + first;
-    auto add = [&](const A* s, const A* t, int cnt) {
-      A ms = s[0], mt = t[0];
-      for (int e = 1; e < cnt; ++e) {
-        ms = (s[e] != s[e] || ms != ms) ? s[e] + ms : max(ms, s[e]);
-        mt = (t[e] != t[e] || mt != mt) ? t[e] + mt : max(mt, t[e]);
-      }
-      move_maxima<D, kHard>(o, ms, mt, st);
-      auto lanes = StatLanes<D, kHard, A>::zero();
-      for (int e = 0; e < cnt; ++e) {
-        lanes.add(s[e], t[e], o.inv_temperature, st.t.shift(), st.s.shift(), st.s1.shift());
-      }
-      lanes.add_to(st);
-    };
-    if (L.packed) {
-      constexpr int P = Pack<S>::kSize;
-      for (int64_t k = threadIdx.x; k * P < n; k += blockDim.x) {
-        const Pack<S> ps = reinterpret_cast<const Pack<S>*>(sp)[k];
-        const Pack<S> pt = reinterpret_cast<const Pack<S>*>(tp)[k];
-        if (L.cached) {
-          reinterpret_cast<Pack<S>*>(s_cache)[k] = ps;
-          reinterpret_cast<Pack<S>*>(t_cache)[k] = pt;
+  for_each_group<S, A>(
+      srow + first, trow + first, first, n, L.packed, L.cached ? s_cache : nullptr,
+      L.cached ? t_cache : nullptr, [&](int64_t, int64_t, const A* s, const A* t, int cnt) {
+        A ms = s[0], mt = t[0];
+        for (int e = 1; e < cnt; ++e) {
+          ms = (s[e] != s[e] || ms != ms) ? s[e] + ms : max(ms, s[e]);
+          mt = (t[e] != t[e] || mt != mt) ? t[e] + mt : max(mt, t[e]);
         }
-        A s[P], t[P];
-#pragma unroll
-        for (int e = 0; e < P; ++e) {
-          s[e] = static_cast<A>(ps.v[e]);
-          t[e] = static_cast<A>(pt.v[e]);
+        move_maxima<D, kHard>(o, ms, mt, st);
+        auto lanes = StatLanes<D, kHard, A>::zero();
+        for (int e = 0; e < cnt; ++e) {
+          lanes.add(s[e], t[e], o.inv_temperature, st.t.shift(), st.s.shift(), st.s1.shift());
         }
-        add(s, t, P);
-      }
-    } else {
-      for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
-        if (L.cached) {
-          s_cache[j] = sp[j];
-          t_cache[j] = tp[j];
-        }
-        const A s = static_cast<A>(sp[j]), t = static_cast<A>(tp[j]);
-        add(&s, &t, 1);
-      }
-    }
-  }
+        lanes.add_to(st);
+      });
   block_merge<D>(st, warp_buf, block_stats);
   cluster_merge<D>(block_stats, row_stats, L.cluster);
   st = *row_stats;
+  // Later sweeps read the slice from shared memory when it was cached, else again from global.
+  const S* const sp = L.cached ? s_cache : srow + first;
+  const S* const tp = L.cached ? t_cache : trow + first;
 
   if (row_has_empty_softmax(o, st)) {
     if (rank == 0 && threadIdx.x == 0) *a.bad_row = row;
@@ -244,9 +231,13 @@ __global__ void __launch_bounds__(kMaxThreads)
 
   if constexpr (D == Divergence::JSD) {
     RowStats<A> part;
-    for_each_column<S, A>(srow, trow, s_cache, t_cache, first, n, L, [&](int64_t, A s, A t) {
-      jsd_lanes(s, t, probs_by_exp<D, false>(s, t, o, k), o, k, part.jsd_p, part.jsd_q);
-    });
+    for_each_group<S, A>(sp, tp, first, n, L.packed, nullptr, nullptr,
+                         [&](int64_t, int64_t, const A* s, const A* t, int cnt) {
+                           for (int e = 0; e < cnt; ++e) {
+                             jsd_lanes(s[e], t[e], probs_by_exp<D, false>(s[e], t[e], o, k), o, k,
+                                       part.jsd_p, part.jsd_q);
+                           }
+                         });
     __syncthreads();  // block_stats and row_stats are reused
     block_merge<D>(part, warp_buf, block_stats);
     cluster_merge<D>(block_stats, row_stats, L.cluster);
@@ -268,30 +259,23 @@ __global__ void __launch_bounds__(kMaxThreads)
     out_s = static_cast<S>(g_s);
     out_t = static_cast<S>(g_t);
   };
-  const S* sp = L.cached ? s_cache : srow + first;
-  const S* tp = L.cached ? t_cache : trow + first;
-  if (L.packed) {
-    constexpr int P = Pack<S>::kSize;
-    for (int64_t kk = threadIdx.x; kk * P < n; kk += blockDim.x) {
-      const Pack<S> ps = reinterpret_cast<const Pack<S>*>(sp)[kk];
-      const Pack<S> pt = reinterpret_cast<const Pack<S>*>(tp)[kk];
-      Pack<S> out_s, out_t;
+  for_each_group<S, A>(sp, tp, first, n, L.packed, nullptr, nullptr,
+                       [&](int64_t g, int64_t col, const A* s, const A* t, int cnt) {
+                         constexpr int P = Pack<S>::kSize;
+                         if (cnt == 1) {
+                           S out_s, out_t;
+                           grad(col, s[0], t[0], out_s, out_t);
+                           if (gs_row) gs_row[col] = out_s;
+                           if (gt_row) gt_row[col] = out_t;
+                           return;
+                         }
+                         Pack<S> out_s, out_t;
 #pragma unroll
-      for (int e = 0; e < P; ++e) {
-        grad(first + kk * P + e, static_cast<A>(ps.v[e]), static_cast<A>(pt.v[e]), out_s.v[e],
-             out_t.v[e]);
-      }
-      if (gs_row) reinterpret_cast<Pack<S>*>(gs_row + first)[kk] = out_s;
-      if (gt_row) reinterpret_cast<Pack<S>*>(gt_row + first)[kk] = out_t;
-    }
-  } else {
-    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
-      S out_s, out_t;
-      grad(first + j, static_cast<A>(sp[j]), static_cast<A>(tp[j]), out_s, out_t);
-      if (gs_row) gs_row[first + j] = out_s;
-      if (gt_row) gt_row[first + j] = out_t;
-    }
-  }
+                         for (int e = 0; e < P; ++e)
+                           grad(col + e, s[e], t[e], out_s.v[e], out_t.v[e]);
+                         if (gs_row) reinterpret_cast<Pack<S>*>(gs_row + first)[g] = out_s;
+                         if (gt_row) reinterpret_cast<Pack<S>*>(gt_row + first)[g] = out_t;
+                       });
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % kPackBytes == 0; }
@@ -337,6 +321,9 @@ void launch_typed(const RowKernelArgs& a) {
   // Enough threads for the slice in 16-byte packs, a whole number of warps, at most 512.
   const int64_t work = L.packed ? (L.slice * sizeof(S) + kPackBytes - 1) / kPackBytes : L.slice;
   const int threads = static_cast<int>(std::clamp<int64_t>((work + 31) / 32 * 32, 32, kMaxThreads));
+  TORCH_CHECK(
+      a.rows <= (int64_t(1) << 31) / L.cluster - 1,
+      "distill_loss: " + std::to_string(a.rows) + " rows exceed one CUDA launch; split the batch");
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(static_cast<unsigned>(a.rows * L.cluster));
   cfg.blockDim = dim3(threads);
