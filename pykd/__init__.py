@@ -2,7 +2,8 @@
 
 The core is one fused, weighted distillation loss (KL with temperature, reverse KL, JSD, MSE,
 cosine; hard-label mix; per-row weights) with its backward, in C++ and CUDA, registered as
-``torch.ops.pykd.distill_loss``.
+``torch.ops.pykd.distill_loss``. On top of it, :class:`pykd.Distiller` trains a student from one
+or more frozen teachers (docs/guide.md).
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -12,13 +13,20 @@ from pykd._extension import LOAD_ERROR, build_info
 if LOAD_ERROR is None:
     from pykd import ops  # noqa: F401  (registers fake kernels and autograd)
 
-from pykd import functional
+from pykd import functional, schedules
+from pykd.callbacks import Callback
+from pykd.distiller import Distiller, HiddenMatch, NonFiniteLossError
 from pykd.functional import distillation_loss
 from pykd.losses import DistillationLoss
+from pykd.teachers import adaptive_weights, combine_teachers
 
 try:
     __version__ = version("pykd")
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["DistillationLoss", "build_info", "distillation_loss", "functional", "__version__"]
+__all__ = [
+    "Callback", "DistillationLoss", "Distiller", "HiddenMatch", "NonFiniteLossError",
+    "adaptive_weights", "build_info", "combine_teachers", "distillation_loss", "functional",
+    "schedules", "__version__",
+]

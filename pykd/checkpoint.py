@@ -1,0 +1,90 @@
+"""Checkpoint files: written atomically, loaded as data only, with the RNG states to resume."""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import torch
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def save_atomic(obj: Any, path: PathLike) -> None:
+    """``torch.save`` to ``path`` so that a crash at any point leaves the old file or the new one.
+
+    The data goes to a temporary file in the same folder (so the rename cannot cross file
+    systems), is flushed and fsynced, and then replaces ``path`` with ``os.replace``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Makes the rename itself durable; not every platform lets a folder be opened.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_checked(path: PathLike, required: Iterable[str]) -> dict[str, Any]:
+    """Load a checkpoint as plain data (``weights_only=True``) and check its top-level keys.
+
+    Raises:
+        ValueError: the file is not a dict or lacks one of ``required``.
+    """
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: a checkpoint must hold a dict, got {type(state).__name__}")
+    missing = sorted(set(required) - state.keys())
+    if missing:
+        raise ValueError(f"{path}: not a pykd checkpoint, missing keys {missing}")
+    return state
+
+
+def rng_state() -> dict[str, Any]:
+    """The torch (CPU and CUDA), Python ``random`` and NumPy global RNG states, as plain data."""
+    key, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        "python": random.getstate(),
+        # NumPy's state holds an ndarray, which weights_only loading refuses: store plain ints.
+        "numpy": {"key": key, "keys": keys.tolist(), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["key"], np.asarray(n["keys"], dtype=np.uint32), n["pos"],
+                         n["has_gauss"], n["cached_gaussian"]))
