@@ -54,62 +54,23 @@ std::string dtype_str(c10::ScalarType t) { return c10::toString(t); }
 
 }  // namespace
 
-LossConfig check_distill_args(const at::Tensor& student, const at::Tensor& teacher,
-                              const std::optional<at::Tensor>& weight,
-                              const std::optional<at::Tensor>& target, c10::string_view divergence,
-                              double temperature, double alpha, double beta, int64_t ignore_index,
-                              c10::string_view reduction) {
+LossConfig check_loss_options(const char* op, c10::string_view divergence, double temperature,
+                              double alpha, double beta, int64_t ignore_index,
+                              c10::string_view reduction, bool has_target) {
+  const std::string name = std::string(op) + ": ";
   LossConfig cfg;
   cfg.divergence = parse_divergence(divergence);
   cfg.reduction = parse_reduction(reduction);
-  TORCH_CHECK(
-      std::isfinite(temperature) && temperature > 0,
-      "distill_loss: temperature must be finite and > 0, got " + std::to_string(temperature));
+  TORCH_CHECK(std::isfinite(temperature) && temperature > 0,
+              name + "temperature must be finite and > 0, got " + std::to_string(temperature));
   TORCH_CHECK(alpha >= 0 && alpha <= 1,
-              "distill_loss: alpha must be in [0, 1], got " + std::to_string(alpha));
-  TORCH_CHECK(beta > 0 && beta < 1, "distill_loss: beta must be in the open interval (0, 1), got " +
-                                        std::to_string(beta));
-  TORCH_CHECK(
-      target.has_value() || alpha == 1.0,
-      "distill_loss: alpha must be 1 when no target is given (there is no hard term to mix), "
-      "got " +
-          std::to_string(alpha));
-  TORCH_CHECK(is_logits_dtype(student.scalar_type()),
-              "distill_loss: student must be float32, float64, float16 or bfloat16, got " +
-                  dtype_str(student.scalar_type()));
-  TORCH_CHECK(teacher.scalar_type() == student.scalar_type(),
-              "distill_loss: teacher dtype " + dtype_str(teacher.scalar_type()) +
-                  " must match student dtype " + dtype_str(student.scalar_type()));
-  TORCH_CHECK(student.dim() >= 1, "distill_loss: student must have at least one dim (*, V)");
-  TORCH_CHECK(teacher.sizes() == student.sizes(),
-              "distill_loss: teacher shape " + shape_str(teacher.sizes()) +
-                  " must equal student shape " + shape_str(student.sizes()));
-  TORCH_CHECK(teacher.device() == student.device(),
-              "distill_loss: teacher is on " + teacher.device().str() + " but student is on " +
-                  student.device().str());
-  cfg.classes = student.size(-1);
-  TORCH_CHECK(cfg.classes >= 1, "distill_loss: student's last dim (V) must be at least 1");
-  const auto lead = student.sizes().slice(0, student.dim() - 1);
-  cfg.rows = c10::multiply_integers(lead);
-  if (weight.has_value()) {
-    const auto& w = *weight;
-    TORCH_CHECK(w.sizes() == lead, "distill_loss: weight shape " + shape_str(w.sizes()) +
-                                       " must be the leading shape " + shape_str(lead));
-    TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == student.scalar_type(),
-                "distill_loss: weight must be float32 or the logits dtype " +
-                    dtype_str(student.scalar_type()) + ", got " + dtype_str(w.scalar_type()));
-    TORCH_CHECK(w.device() == student.device(), "distill_loss: weight is on " + w.device().str() +
-                                                    " but student is on " + student.device().str());
-  }
-  if (target.has_value()) {
-    const auto& y = *target;
-    TORCH_CHECK(y.sizes() == lead, "distill_loss: target shape " + shape_str(y.sizes()) +
-                                       " must be the leading shape " + shape_str(lead));
-    TORCH_CHECK(y.scalar_type() == at::kLong,
-                "distill_loss: target must be int64, got " + dtype_str(y.scalar_type()));
-    TORCH_CHECK(y.device() == student.device(), "distill_loss: target is on " + y.device().str() +
-                                                    " but student is on " + student.device().str());
-  }
+              name + "alpha must be in [0, 1], got " + std::to_string(alpha));
+  TORCH_CHECK(beta > 0 && beta < 1,
+              name + "beta must be in the open interval (0, 1), got " + std::to_string(beta));
+  TORCH_CHECK(has_target || alpha == 1.0,
+              name +
+                  "alpha must be 1 when no target is given (there is no hard term to mix), got " +
+                  std::to_string(alpha));
   cfg.temperature = temperature;
   cfg.alpha = alpha;
   cfg.beta = beta;
@@ -117,25 +78,77 @@ LossConfig check_distill_args(const at::Tensor& student, const at::Tensor& teach
   return cfg;
 }
 
-namespace {
+void check_row_inputs(const char* op, const at::Tensor& like, c10::IntArrayRef lead,
+                      const std::optional<at::Tensor>& weight,
+                      const std::optional<at::Tensor>& target) {
+  const std::string name = std::string(op) + ": ";
+  if (weight.has_value()) {
+    const auto& w = *weight;
+    TORCH_CHECK(w.sizes() == lead, name + "weight shape " + shape_str(w.sizes()) +
+                                       " must be the leading shape " + shape_str(lead));
+    TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == like.scalar_type(),
+                name + "weight must be float32 or the logits dtype " +
+                    dtype_str(like.scalar_type()) + ", got " + dtype_str(w.scalar_type()));
+    TORCH_CHECK(w.device() == like.device(), name + "weight is on " + w.device().str() +
+                                                 " but student is on " + like.device().str());
+  }
+  if (target.has_value()) {
+    const auto& y = *target;
+    TORCH_CHECK(y.sizes() == lead, name + "target shape " + shape_str(y.sizes()) +
+                                       " must be the leading shape " + shape_str(lead));
+    TORCH_CHECK(y.scalar_type() == at::kLong,
+                name + "target must be int64, got " + dtype_str(y.scalar_type()));
+    TORCH_CHECK(y.device() == like.device(), name + "target is on " + y.device().str() +
+                                                 " but student is on " + like.device().str());
+  }
+}
+
+void check_logits_dtype(const char* op, const char* what, const at::Tensor& x,
+                        const at::Tensor& like) {
+  const std::string name = std::string(op) + ": ";
+  TORCH_CHECK(is_logits_dtype(x.scalar_type()),
+              name + what + " must be float32, float64, float16 or bfloat16, got " +
+                  dtype_str(x.scalar_type()));
+  TORCH_CHECK(x.scalar_type() == like.scalar_type(),
+              name + what + " dtype " + dtype_str(x.scalar_type()) + " must match student dtype " +
+                  dtype_str(like.scalar_type()));
+  TORCH_CHECK(x.device() == like.device(), name + what + " is on " + x.device().str() +
+                                               " but student is on " + like.device().str());
+}
+
+LossConfig check_distill_args(const at::Tensor& student, const at::Tensor& teacher,
+                              const std::optional<at::Tensor>& weight,
+                              const std::optional<at::Tensor>& target, c10::string_view divergence,
+                              double temperature, double alpha, double beta, int64_t ignore_index,
+                              c10::string_view reduction) {
+  constexpr const char* op = "distill_loss";
+  LossConfig cfg = check_loss_options(op, divergence, temperature, alpha, beta, ignore_index,
+                                      reduction, target.has_value());
+  check_logits_dtype(op, "student", student, student);
+  check_logits_dtype(op, "teacher", teacher, student);
+  TORCH_CHECK(student.dim() >= 1, "distill_loss: student must have at least one dim (*, V)");
+  TORCH_CHECK(teacher.sizes() == student.sizes(),
+              "distill_loss: teacher shape " + shape_str(teacher.sizes()) +
+                  " must equal student shape " + shape_str(student.sizes()));
+  cfg.classes = student.size(-1);
+  TORCH_CHECK(cfg.classes >= 1, "distill_loss: student's last dim (V) must be at least 1");
+  const auto lead = student.sizes().slice(0, student.dim() - 1);
+  cfg.rows = c10::multiply_integers(lead);
+  check_row_inputs(op, student, lead, weight, target);
+  return cfg;
+}
 
 c10::ScalarType accumulate_type(c10::ScalarType logits) {
   return logits == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+namespace {
+// A [rows, classes] view with unit column stride (a copy only if the last dim is strided).
 at::Tensor as_rows(const at::Tensor& x, int64_t rows, int64_t classes) {
   auto r = x.reshape({rows, classes});
   return (r.stride(1) == 1 || classes == 1) ? r : r.contiguous();
 }
-
-// Per-row weights with 0 on ignored rows, and the reduction's normaliser; both in the
-// accumulation dtype on the logits' device. Labels outside [0, V) and negative weights make the
-// affected values NaN, so on CUDA (no check without PYKD_DEBUG) the loss comes out NaN.
-struct RowWeights {
-  at::Tensor weight;  // [rows]
-  at::Tensor norm;    // []
-  at::Tensor valid;  // [rows] bool, rows whose target is not ignore_index; undefined without target
-};
+}  // namespace
 
 RowWeights prepare_rows(const LossConfig& cfg, const at::Tensor& student,
                         const std::optional<at::Tensor>& weight,
@@ -230,8 +243,6 @@ std::tuple<at::Tensor, at::Tensor> reduce_rows(const LossConfig& cfg, const at::
   return {loss, grad_w};
 }
 
-}  // namespace
-
 bool debug_checks_enabled() {
   static const bool on = [] {
     const char* v = std::getenv("PYKD_DEBUG");
@@ -240,14 +251,12 @@ bool debug_checks_enabled() {
   return on;
 }
 
-namespace {
-
-// An empty stand-in for a gradient that was not asked for (custom ops cannot return None).
 at::Tensor no_grad_output(const at::Tensor& like) { return at::empty({0}, like.options()); }
 
 // A fresh [N, V] gradient on the CPU is mostly page faults on first touch: 4 KB pages cost as
 // much as the whole loss at N=2048, V=32000 on the 2-core machine (docs/perf-notes.md). Asking
 // for huge pages on its 2 MB-aligned interior (as torch does under THP_MEM_ALLOC_ENABLE) cuts that.
+namespace {
 void advise_huge_pages(const at::Tensor& t) {
 #ifdef __linux__
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;
@@ -259,13 +268,40 @@ void advise_huge_pages(const at::Tensor& t) {
 #endif
 }
 
+}  // namespace
+
 at::Tensor new_gradient(const at::Tensor& like) {
   auto g = at::empty(like.sizes(), like.options());
   advise_huge_pages(g);
   return g;
 }
 
-}  // namespace
+RowKernelArgs row_kernel_args(const LossConfig& cfg, const at::Tensor& s, const at::Tensor& t,
+                              const at::Tensor& y, const RowWeights& rw, const at::Tensor& u,
+                              void* grad_s, void* grad_t, const at::Tensor& bad_row, int64_t first,
+                              int64_t rows) {
+  RowKernelArgs a;
+  a.student = s.const_data_ptr();
+  a.teacher = t.const_data_ptr();
+  a.student_stride = s.stride(0);
+  a.teacher_stride = t.stride(0);
+  a.rows = rows;
+  a.classes = cfg.classes;
+  a.dtype = s.scalar_type();
+  a.divergence = cfg.divergence;
+  a.temperature = cfg.temperature;
+  a.alpha = cfg.alpha;
+  a.beta = cfg.beta;
+  a.ignore_index = cfg.ignore_index;
+  a.target = y.defined() ? y.const_data_ptr<int64_t>() + first : nullptr;
+  a.weight = rw.weight.narrow(0, first, rows).const_data_ptr();
+  a.norm = rw.norm.const_data_ptr();
+  a.row_loss = u.narrow(0, first, rows).data_ptr();
+  a.grad_student = grad_s;
+  a.grad_teacher = grad_t;
+  a.bad_row = bad_row.data_ptr<int64_t>();
+  return a;
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_loss_fused_impl(
     const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& weight,
@@ -285,29 +321,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_loss_fused_im
   auto grad_t = grad_mask[1] ? new_gradient(teacher) : no_grad_output(teacher);
   auto bad_row = at::full({1}, -1, student.options().dtype(at::kLong));
 
-  RowKernelArgs a;
-  a.student = s.const_data_ptr();
-  a.teacher = t.const_data_ptr();
-  a.student_stride = s.stride(0);
-  a.teacher_stride = t.stride(0);
-  a.rows = cfg.rows;
-  a.classes = cfg.classes;
-  a.dtype = student.scalar_type();
-  a.divergence = cfg.divergence;
-  a.temperature = cfg.temperature;
-  a.alpha = cfg.alpha;
-  a.beta = cfg.beta;
-  a.ignore_index = cfg.ignore_index;
-  a.target = y.defined() ? y.const_data_ptr<int64_t>() : nullptr;
-  a.weight = rw.weight.const_data_ptr();
-  a.norm = rw.norm.const_data_ptr();
-  a.row_loss = u.data_ptr();
-  a.grad_student = grad_mask[0] ? grad_s.data_ptr() : nullptr;
-  a.grad_teacher = grad_mask[1] ? grad_t.data_ptr() : nullptr;
-  a.bad_row = bad_row.data_ptr<int64_t>();
+  const RowKernelArgs a =
+      row_kernel_args(cfg, s, t, y, rw, u, grad_mask[0] ? grad_s.data_ptr() : nullptr,
+                      grad_mask[1] ? grad_t.data_ptr() : nullptr, bad_row, 0, cfg.rows);
   if (cfg.rows > 0) launch(a);
   if (value_checks) raise_bad_row(bad_row.item<int64_t>());
-
   const auto lead = student.sizes().slice(0, student.dim() - 1);
   const bool want_w = grad_mask[2] && weight.has_value();
   auto [loss, grad_w] = reduce_rows(cfg, u, rw, lead, weight, want_w);

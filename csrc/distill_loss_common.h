@@ -30,13 +30,57 @@ struct LossConfig {
   int64_t classes;  // V: size of the last dim
 };
 
-// Checks everything that needs no data (LOSS_SPEC.md "Bad input"); Python checks first, with the
-// same rules, so these fire only for direct torch.ops calls.
+// Argument checks that need no data (LOSS_SPEC.md "Bad input"). Python checks first, with the
+// same rules, so these fire only for direct torch.ops calls; `op` prefixes every message.
+LossConfig check_loss_options(const char* op, c10::string_view divergence, double temperature,
+                              double alpha, double beta, int64_t ignore_index,
+                              c10::string_view reduction, bool has_target);
+// weight / target: the leading shape `lead`, the right dtypes, on `like`'s device.
+void check_row_inputs(const char* op, const at::Tensor& like, c10::IntArrayRef lead,
+                      const std::optional<at::Tensor>& weight,
+                      const std::optional<at::Tensor>& target);
+// x (named `what`) has a logits dtype equal to `like`'s and sits on its device.
+void check_logits_dtype(const char* op, const char* what, const at::Tensor& x,
+                        const at::Tensor& like);
+// All of distill_loss's argument checks; fills rows (N) and classes (V).
 LossConfig check_distill_args(const at::Tensor& student, const at::Tensor& teacher,
                               const std::optional<at::Tensor>& weight,
                               const std::optional<at::Tensor>& target, c10::string_view divergence,
                               double temperature, double alpha, double beta, int64_t ignore_index,
                               c10::string_view reduction);
+
+// Accumulation dtype: float64 for float64 logits, float32 otherwise.
+c10::ScalarType accumulate_type(c10::ScalarType logits);
+
+// Per-row weights with 0 on ignored rows, and the reduction's normaliser; both in the
+// accumulation dtype on `like`'s device. Labels outside [0, V) and negative weights make the
+// affected values NaN, so on CUDA (no check without PYKD_DEBUG) the loss comes out NaN.
+struct RowWeights {
+  at::Tensor weight;  // [rows]
+  at::Tensor norm;    // []
+  at::Tensor valid;  // [rows] bool, rows whose target is not ignore_index; undefined without target
+};
+RowWeights prepare_rows(const LossConfig& cfg, const at::Tensor& like,
+                        const std::optional<at::Tensor>& weight,
+                        const std::optional<at::Tensor>& target);
+
+// Raises on labels outside [0, V) that are not ignore_index and on negative weights. Reads the
+// data, so on CUDA it syncs: called always on CPU, and on CUDA only with PYKD_DEBUG=1.
+void check_row_values(const LossConfig& cfg, const std::optional<at::Tensor>& weight,
+                      const std::optional<at::Tensor>& target);
+void raise_bad_row(int64_t row);
+
+// From the unweighted row losses u: the loss (shaped `lead` for reduction none) and, if asked,
+// d loss / d weight in the weight's dtype.
+std::tuple<at::Tensor, at::Tensor> reduce_rows(const LossConfig& cfg, const at::Tensor& u,
+                                               const RowWeights& rw, c10::IntArrayRef lead,
+                                               const std::optional<at::Tensor>& weight,
+                                               bool weight_grad);
+
+// An empty stand-in for a gradient that was not asked for (custom ops cannot return None).
+at::Tensor no_grad_output(const at::Tensor& like);
+// A fresh gradient buffer shaped like `like` (on the CPU, backed by huge pages when large).
+at::Tensor new_gradient(const at::Tensor& like);
 
 // Whether PYKD_DEBUG=1 asks the CUDA path to check the data (a device sync) and raise.
 bool debug_checks_enabled();
@@ -65,6 +109,14 @@ struct RowKernelArgs {
   int64_t* bad_row;       // [1] out: a row with no finite logit where a softmax needs one; -1
 };
 using RowKernelLauncher = void (*)(const RowKernelArgs&);
+
+// The kernel's view of rows [first, first + rows) of a call: s and t are [rows, V] logits with
+// unit column stride, y the full [N] targets (or undefined), u the full [N] row losses, grad_s /
+// grad_t [rows, V] outputs or nullptr, bad_row a [1] int64 on the logits' device.
+RowKernelArgs row_kernel_args(const LossConfig& cfg, const at::Tensor& s, const at::Tensor& t,
+                              const at::Tensor& y, const RowWeights& rw, const at::Tensor& u,
+                              void* grad_s, void* grad_t, const at::Tensor& bad_row, int64_t first,
+                              int64_t rows);
 
 // The whole of _distill_loss_fused on one device around its row kernel: checks, buffers, row
 // weights, the launch, the reduction. `value_checks` reads the data to raise on bad labels,

@@ -19,6 +19,24 @@ TORCH_LIBRARY(pykd, m) {
       "str divergence, float temperature, float alpha, float beta, int ignore_index, "
       "str reduction, bool[3] grad_mask) -> (Tensor, Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
+  // Student and teacher linear heads + distill_loss in row chunks: no [N, V] tensor is made.
+  // The teacher is frozen (no gradient); reduction 'none' is not supported.
+  m.def(
+      "fused_linear_distill_loss(Tensor student_hidden, Tensor student_weight, "
+      "Tensor? student_bias, Tensor teacher_hidden, Tensor teacher_weight, Tensor? teacher_bias, "
+      "Tensor? weight=None, Tensor? target=None, *, str divergence=\"kl\", "
+      "float temperature=1.0, float alpha=1.0, float beta=0.5, int ignore_index=-100, "
+      "str reduction=\"mean\", int chunk_size=1024) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  // Its loss and the gradients grad_mask asks for (student_hidden, student_weight, student_bias,
+  // weight), for d loss = 1.
+  m.def(
+      "_fused_linear_distill_loss(Tensor student_hidden, Tensor student_weight, "
+      "Tensor? student_bias, Tensor teacher_hidden, Tensor teacher_weight, Tensor? teacher_bias, "
+      "Tensor? weight, Tensor? target, str divergence, float temperature, float alpha, "
+      "float beta, int ignore_index, str reduction, int chunk_size, bool[4] grad_mask) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
   // grad *= scale in place (scale [] or grad's leading shape); no memory is touched if scale == 1.
   m.def("_scale_grad_(Tensor(a!) grad, Tensor scale) -> ()", {at::Tag::pt2_compliant_tag});
 }

@@ -62,16 +62,22 @@ def _check_tensors(
         )
     if teacher.device != student.device:
         raise ValueError(f"teacher is on {teacher.device} but student is on {student.device}")
-    lead = student.shape[:-1]
+    _check_row_inputs(student.shape[:-1], student.dtype, student.device, weight, target)
+
+
+def _check_row_inputs(
+    lead: torch.Size, dtype: torch.dtype, device: torch.device, weight: torch.Tensor | None,
+    target: torch.Tensor | None,
+) -> None:
     if weight is not None:
         if weight.shape != lead:
             raise ValueError(
                 f"weight shape {tuple(weight.shape)} must be the leading shape {tuple(lead)}"
             )
-        if weight.dtype not in (torch.float32, student.dtype):
-            raise TypeError(f"weight must be float32 or {student.dtype}, got {weight.dtype}")
-        if weight.device != student.device:
-            raise ValueError(f"weight is on {weight.device} but student is on {student.device}")
+        if weight.dtype not in (torch.float32, dtype):
+            raise TypeError(f"weight must be float32 or {dtype}, got {weight.dtype}")
+        if weight.device != device:
+            raise ValueError(f"weight is on {weight.device} but student is on {device}")
     if target is not None:
         if target.shape != lead:
             raise ValueError(
@@ -79,8 +85,8 @@ def _check_tensors(
             )
         if target.dtype != torch.int64:
             raise TypeError(f"target must be int64 class indices, got {target.dtype}")
-        if target.device != student.device:
-            raise ValueError(f"target is on {target.device} but student is on {student.device}")
+        if target.device != device:
+            raise ValueError(f"target is on {target.device} but student is on {device}")
 
 
 def distillation_loss(
@@ -150,4 +156,90 @@ def distillation_loss(
         student, teacher, weight, target,
         divergence=divergence, temperature=float(temperature), alpha=float(alpha),
         beta=float(beta), ignore_index=int(ignore_index), reduction=reduction,
+    )
+
+
+def fused_linear_distillation_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    *,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    target: torch.Tensor | None = None,
+    divergence: str = "kl",
+    temperature: float = 1.0,
+    alpha: float = 1.0,
+    beta: float = 0.5,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """Distillation loss of two linear heads without ever materialising the [N, V] logits.
+
+    Computes exactly ``distillation_loss(student_hidden @ student_weight.T + student_bias,
+    teacher_hidden @ teacher_weight.T + teacher_bias, ...)`` (same options, same semantics), but
+    ``chunk_size`` rows at a time: per chunk the two projections, the fused loss and gradient
+    kernel, and the chunk's share of the student's hidden, weight and bias gradients. Peak extra
+    memory is three ``chunk_size x V`` buffers whatever N is. The teacher is frozen: its hidden
+    states and head get no gradient. ``reduction="none"`` is not supported (use ``"sum"`` with
+    per-row weights).
+
+    Args:
+        student_hidden: ``(*, Hs)`` student hidden states (the input of its LM head).
+        student_weight: ``[V, Hs]`` student head weight (``nn.Linear.weight``).
+        teacher_hidden: ``(*, Ht)`` teacher hidden states, same leading dims.
+        teacher_weight: ``[V, Ht]`` teacher head weight.
+        student_bias, teacher_bias: optional ``[V]`` head biases.
+        weight, target, divergence, temperature, alpha, beta, ignore_index, reduction: as in
+            :func:`distillation_loss`.
+        chunk_size: rows per chunk; larger is faster until the chunk's logits stop fitting.
+
+    Example:
+        >>> import torch, pykd
+        >>> hs = torch.randn(64, 32, requires_grad=True)
+        >>> head = torch.nn.Linear(32, 1000)
+        >>> ht, teacher_head = torch.randn(64, 48), torch.nn.Linear(48, 1000)
+        >>> loss = pykd.functional.fused_linear_distillation_loss(
+        ...     hs, head.weight, ht, teacher_head.weight.detach(), student_bias=head.bias,
+        ...     temperature=2.0, chunk_size=16)
+        >>> loss.backward()
+    """
+    require_extension()
+    check_loss_options(divergence, temperature, alpha, beta, reduction, target is not None)
+    if reduction == "none":
+        raise ValueError("reduction='none' is not supported by the fused linear loss; "
+                         "use reduction='sum' with per-row weights")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    for name, x in (("student_weight", student_weight), ("teacher_weight", teacher_weight)):
+        if x.dim() != 2:
+            raise ValueError(f"{name} must be [V, H], got {tuple(x.shape)}")
+    if student_weight.shape[1] != student_hidden.shape[-1]:
+        raise ValueError(f"student_weight {tuple(student_weight.shape)} must be [V, Hs] with "
+                         f"Hs = student_hidden.shape[-1] = {student_hidden.shape[-1]}")
+    if teacher_weight.shape != (student_weight.shape[0], teacher_hidden.shape[-1]):
+        raise ValueError(f"teacher_weight {tuple(teacher_weight.shape)} must be [V, Ht] = "
+                         f"{(student_weight.shape[0], teacher_hidden.shape[-1])}")
+    if teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
+        raise ValueError(f"teacher_hidden {tuple(teacher_hidden.shape)} and student_hidden "
+                         f"{tuple(student_hidden.shape)} must share the leading dims")
+    for name, x in (("student_weight", student_weight), ("teacher_hidden", teacher_hidden),
+                    ("teacher_weight", teacher_weight), ("student_bias", student_bias),
+                    ("teacher_bias", teacher_bias)):
+        if x is not None and (x.dtype != student_hidden.dtype or x.device != student_hidden.device):
+            raise TypeError(f"{name} must have student_hidden's dtype {student_hidden.dtype} and "
+                            f"device {student_hidden.device}, got {x.dtype} on {x.device}")
+    if student_hidden.dtype not in _LOGIT_DTYPES:
+        raise TypeError(f"student_hidden must be float32, float64, float16 or bfloat16, got "
+                        f"{student_hidden.dtype}")
+    _check_row_inputs(student_hidden.shape[:-1], student_hidden.dtype, student_hidden.device,
+                      weight, target)
+    return torch.ops.pykd.fused_linear_distill_loss(
+        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+        teacher_bias, weight, target, divergence=divergence, temperature=float(temperature),
+        alpha=float(alpha), beta=float(beta), ignore_index=int(ignore_index),
+        reduction=reduction, chunk_size=chunk_size,
     )

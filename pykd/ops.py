@@ -104,3 +104,58 @@ def _backward(ctx: Any, d_loss: torch.Tensor | None, *_unused: Any) -> tuple:
 
 
 torch.library.register_autograd(_FUSED, _backward, setup_context=_setup_context)
+
+
+_FUSED_LINEAR = "pykd::_fused_linear_distill_loss"
+
+
+@torch.library.register_fake(_FUSED_LINEAR)
+def _fused_linear_fake(
+    student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+    weight, target, divergence, temperature, alpha, beta, ignore_index, reduction, chunk_size,
+    grad_mask,
+):
+    acc = _acc_dtype(student_hidden.dtype)
+    loss = student_hidden.new_empty((), dtype=acc)
+    grad_h = student_hidden.new_empty(student_hidden.shape if grad_mask[0] else (0,))
+    grad_w_head = student_weight.new_empty(student_weight.shape if grad_mask[1] else (0,))
+    bias_like = student_bias if student_bias is not None else student_hidden
+    want_bias = grad_mask[2] and student_bias is not None
+    grad_b = bias_like.new_empty(bias_like.shape if want_bias else (0,))
+    if weight is not None:
+        grad_w = weight.new_empty(weight.shape if grad_mask[3] else (0,))
+    else:
+        grad_w = student_hidden.new_empty((0,), dtype=acc)
+    return loss, grad_h, grad_w_head, grad_b, grad_w
+
+
+def _fused_linear_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    grads = output[1:]
+    ctx.save_for_backward(*grads)
+    ctx.mark_non_differentiable(*grads)
+    ctx.set_materialize_grads(False)
+    # Inputs in the order of the schema's differentiable ones: hidden, head weight, bias, weight.
+    ctx.grad_inputs = (0, 1, 2, 6)
+    ctx.grad_mask = tuple(inputs[15])
+
+
+def _fused_linear_backward(ctx: Any, d_loss: torch.Tensor | None, *_unused: Any) -> tuple:
+    out: list = [None] * 16
+    if d_loss is None:
+        return tuple(out)
+    # The gradients are parameter- and hidden-sized (never [N, V]): scaling them is cheap, and
+    # out of place, so a second backward through the same graph sees them untouched.
+    for grad, index, wanted in zip(ctx.saved_tensors, ctx.grad_inputs, ctx.grad_mask):
+        if ctx.needs_input_grad[index]:
+            if not wanted:
+                raise RuntimeError(
+                    "pykd._fused_linear_distill_loss: an input needs a gradient that grad_mask "
+                    "did not ask for; call torch.ops.pykd.fused_linear_distill_loss instead."
+                )
+            out[index] = (grad * d_loss).to(grad.dtype)
+    return tuple(out)
+
+
+torch.library.register_autograd(
+    _FUSED_LINEAR, _fused_linear_backward, setup_context=_fused_linear_setup_context
+)

@@ -7,6 +7,7 @@
 
 #include "cpu/distill_loss_kernel.h"
 #include "distill_loss_common.h"
+#include "fused_linear_distill_loss.h"
 
 namespace pykd::cpu {
 
@@ -46,6 +47,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_loss_fused_cp
                                  /*value_checks=*/true);
 }
 
+// student_hidden (*, Hs), student_weight [V, Hs], teacher_hidden (*, Ht), teacher_weight [V, Ht].
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+fused_linear_distill_loss_cpu(const at::Tensor& hs, const at::Tensor& ws,
+                              const std::optional<at::Tensor>& bs, const at::Tensor& ht,
+                              const at::Tensor& wt, const std::optional<at::Tensor>& bt,
+                              const std::optional<at::Tensor>& weight,
+                              const std::optional<at::Tensor>& target, c10::string_view divergence,
+                              double temperature, double alpha, double beta, int64_t ignore_index,
+                              c10::string_view reduction, int64_t chunk_size,
+                              std::array<bool, 4> grad_mask) {
+  return fused_linear_distill_loss_impl(hs, ws, bs, ht, wt, bt, weight, target, divergence,
+                                        temperature, alpha, beta, ignore_index, reduction,
+                                        chunk_size, grad_mask, &launch_rows,
+                                        /*value_checks=*/true);
+}
+
 // grad: (*, V), scaled in place by scale: [] or (*). Reading a CPU scalar costs no sync, so the
 // common d loss = 1 case returns without touching the gradient.
 void scale_grad_cpu(const at::Tensor& grad, const at::Tensor& scale) {
@@ -64,6 +81,7 @@ const char* active_cpu_isa() { return isa_choice().name; }
 TORCH_LIBRARY_IMPL(pykd, CPU, m) {
   m.impl("_distill_loss_fused", &distill_loss_fused_cpu);
   m.impl("_scale_grad_", &scale_grad_cpu);
+  m.impl("_fused_linear_distill_loss", &fused_linear_distill_loss_cpu);
 }
 
 }  // namespace pykd::cpu

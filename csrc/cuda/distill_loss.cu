@@ -23,6 +23,7 @@
 #include <type_traits>
 
 #include "distill_loss_common.h"
+#include "fused_linear_distill_loss.h"
 #include "pykd/distill_math.h"
 
 namespace pykd::cuda {
@@ -374,6 +375,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_loss_fused_cu
                                  /*value_checks=*/debug_checks_enabled());
 }
 
+// The fused linear op on CUDA: cuBLAS matmuls (through ATen) around the same row kernel.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+fused_linear_distill_loss_cuda(const at::Tensor& hs, const at::Tensor& ws,
+                               const std::optional<at::Tensor>& bs, const at::Tensor& ht,
+                               const at::Tensor& wt, const std::optional<at::Tensor>& bt,
+                               const std::optional<at::Tensor>& weight,
+                               const std::optional<at::Tensor>& target, c10::string_view divergence,
+                               double temperature, double alpha, double beta, int64_t ignore_index,
+                               c10::string_view reduction, int64_t chunk_size,
+                               std::array<bool, 4> grad_mask) {
+  const c10::cuda::CUDAGuard guard(hs.device());
+  return fused_linear_distill_loss_impl(hs, ws, bs, ht, wt, bt, weight, target, divergence,
+                                        temperature, alpha, beta, ignore_index, reduction,
+                                        chunk_size, grad_mask, &launch_rows,
+                                        /*value_checks=*/debug_checks_enabled());
+}
+
 // grad (rows, classes) *= scale: one scalar (a thread returns at once when it is exactly 1, so the
 // usual d loss = 1 costs a launch and no traffic) or one value per row.
 template <typename S, typename A>
@@ -414,6 +432,7 @@ void scale_grad_cuda(const at::Tensor& grad, const at::Tensor& scale) {
 TORCH_LIBRARY_IMPL(pykd, CUDA, m) {
   m.impl("_distill_loss_fused", &distill_loss_fused_cuda);
   m.impl("_scale_grad_", &scale_grad_cuda);
+  m.impl("_fused_linear_distill_loss", &fused_linear_distill_loss_cuda);
 }
 
 }  // namespace pykd::cuda
