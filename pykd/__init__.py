@@ -16,8 +16,8 @@ if LOAD_ERROR is None:
 from pykd import functional, schedules
 from pykd.callbacks import Callback
 from pykd.distiller import Distiller, HiddenMatch, NonFiniteLossError
-from pykd.functional import distillation_loss
-from pykd.losses import DistillationLoss
+from pykd.functional import distillation_loss, fused_linear_distillation_loss
+from pykd.losses import DistillationLoss, FusedLinearDistillationLoss
 from pykd.teachers import adaptive_weights, combine_teachers
 
 try:
@@ -26,7 +26,18 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0+unknown"
 
 __all__ = [
-    "Callback", "DistillationLoss", "Distiller", "HiddenMatch", "NonFiniteLossError",
-    "adaptive_weights", "build_info", "combine_teachers", "distillation_loss", "functional",
-    "schedules", "__version__",
+    "Callback",
+    "DistillationLoss",
+    "Distiller",
+    "FusedLinearDistillationLoss",
+    "HiddenMatch",
+    "NonFiniteLossError",
+    "adaptive_weights",
+    "build_info",
+    "combine_teachers",
+    "distillation_loss",
+    "functional",
+    "fused_linear_distillation_loss",
+    "schedules",
+    "__version__",
 ]

@@ -174,3 +174,20 @@ def test_torch_compile_fullgraph():
     loss.backward()
     torch.testing.assert_close(loss, eager)
     torch.testing.assert_close(head.weight.grad, expected)
+
+
+def test_module_face_matches_functional():
+    import pykd
+
+    hs, ws, bs, ht, wt, bt, w, y = make_heads((9,), 8, 6, 15, torch.float32)
+    loss_fn = pykd.FusedLinearDistillationLoss(divergence="reverse_kl", temperature=1.5,
+                                               alpha=0.4, reduction="sum", chunk_size=4)
+    assert "chunk_size=4" in repr(loss_fn)
+    expected = fused_linear_distillation_loss(hs, ws, ht, wt, student_bias=bs, teacher_bias=bt,
+                                              weight=w, target=y, divergence="reverse_kl",
+                                              temperature=1.5, alpha=0.4, reduction="sum",
+                                              chunk_size=4)
+    got = loss_fn(hs, ws, ht, wt, target=y, weight=w, student_bias=bs, teacher_bias=bt)
+    torch.testing.assert_close(got, expected)
+    with pytest.raises(ValueError, match="none"):
+        pykd.FusedLinearDistillationLoss(reduction="none")
