@@ -16,7 +16,11 @@ if LOAD_ERROR is None:
 from pykd import functional, schedules
 from pykd.callbacks import Callback
 from pykd.distiller import Distiller, HiddenMatch, NonFiniteLossError
-from pykd.functional import distillation_loss, fused_linear_distillation_loss
+from pykd.functional import (
+    distillation_loss,
+    distillation_loss_topk,
+    fused_linear_distillation_loss,
+)
 from pykd.losses import DistillationLoss, FusedLinearDistillationLoss
 from pykd.teachers import adaptive_weights, combine_teachers
 
@@ -36,6 +40,7 @@ __all__ = [
     "build_info",
     "combine_teachers",
     "distillation_loss",
+    "distillation_loss_topk",
     "functional",
     "fused_linear_distillation_loss",
     "schedules",

@@ -243,3 +243,75 @@ def fused_linear_distillation_loss(
         alpha=float(alpha), beta=float(beta), ignore_index=int(ignore_index),
         reduction=reduction, chunk_size=chunk_size,
     )
+
+
+def distillation_loss_topk(
+    student: torch.Tensor,
+    teacher_indices: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    weight: torch.Tensor | None = None,
+    target: torch.Tensor | None = None,
+    divergence: str = "kl",
+    temperature: float = 1.0,
+    alpha: float = 1.0,
+    beta: float = 0.5,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Distillation loss against a teacher stored as its top-k logits (a teacher-output cache).
+
+    The teacher's distribution is the softmax of its k logits at temperature T, with **zero mass
+    on every other class** (the k entries are renormalised, not padded with the missing tail).
+    So the loss equals :func:`distillation_loss` with dense teacher logits
+    ``T * log(scatter(softmax(teacher_logits / T)))`` (``-inf`` off the top-k), and with k = V it
+    is the dense loss exactly. Only ``"kl"`` and ``"jsd"`` are allowed: reverse KL is infinite
+    where the teacher has no mass, and mse/cosine need values the cache does not hold.
+    Indices in a row must be distinct. The teacher gets no gradient.
+
+    Args:
+        student: ``(*, V)`` student logits.
+        teacher_indices: ``(*, k)`` int64 or int32 class indices in ``[0, V)``.
+        teacher_logits: ``(*, k)`` the teacher's logits at those indices (any float dtype, e.g.
+            the float16 of a cache); ``-inf`` marks unused slots.
+        weight, target, divergence, temperature, alpha, beta, ignore_index, reduction: as in
+            :func:`distillation_loss`.
+
+    Example:
+        >>> import torch, pykd
+        >>> student = torch.randn(6, 100, requires_grad=True)
+        >>> top = torch.randn(6, 100).topk(8, dim=-1)
+        >>> loss = pykd.functional.distillation_loss_topk(
+        ...     student, top.indices, top.values.half(), temperature=2.0)
+        >>> loss.backward()
+    """
+    require_extension()
+    check_loss_options(divergence, temperature, alpha, beta, reduction, target is not None)
+    if divergence not in ("kl", "jsd"):
+        raise ValueError(f"divergence must be 'kl' or 'jsd' with a top-k teacher, got "
+                         f"{divergence!r} (reverse KL is infinite off the teacher's top-k)")
+    if student.dtype not in _LOGIT_DTYPES:
+        raise TypeError(f"student must be float32, float64, float16 or bfloat16, got "
+                        f"{student.dtype}")
+    lead = student.shape[:-1]
+    if student.dim() < 1 or student.shape[-1] < 1:
+        raise ValueError(f"student must be shaped (*, V) with V >= 1, got {tuple(student.shape)}")
+    if teacher_indices.shape[:-1] != lead or teacher_indices.dim() != student.dim():
+        raise ValueError(f"teacher_indices {tuple(teacher_indices.shape)} must be (*, k) with the "
+                         f"student's leading dims {tuple(lead)}")
+    if teacher_logits.shape != teacher_indices.shape:
+        raise ValueError(f"teacher_logits shape {tuple(teacher_logits.shape)} must equal "
+                         f"teacher_indices shape {tuple(teacher_indices.shape)}")
+    if teacher_indices.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"teacher_indices must be int64 or int32, got {teacher_indices.dtype}")
+    if not teacher_logits.is_floating_point():
+        raise TypeError(f"teacher_logits must be floating point, got {teacher_logits.dtype}")
+    for name, x in (("teacher_indices", teacher_indices), ("teacher_logits", teacher_logits)):
+        if x.device != student.device:
+            raise ValueError(f"{name} is on {x.device} but student is on {student.device}")
+    _check_row_inputs(lead, student.dtype, student.device, weight, target)
+    return torch.ops.pykd.distill_loss_topk(
+        student, teacher_indices, teacher_logits, weight, target, divergence=divergence,
+        temperature=float(temperature), alpha=float(alpha), beta=float(beta),
+        ignore_index=int(ignore_index), reduction=reduction,
+    )

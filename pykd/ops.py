@@ -159,3 +159,49 @@ def _fused_linear_backward(ctx: Any, d_loss: torch.Tensor | None, *_unused: Any)
 torch.library.register_autograd(
     _FUSED_LINEAR, _fused_linear_backward, setup_context=_fused_linear_setup_context
 )
+
+
+_TOPK = "pykd::_distill_loss_topk_fused"
+
+
+@torch.library.register_fake(_TOPK)
+def _topk_fake(student, teacher_indices, teacher_logits, weight, target, divergence, temperature,
+               alpha, beta, ignore_index, reduction, grad_mask):
+    acc = _acc_dtype(student.dtype)
+    lead = student.shape[:-1]
+    loss = student.new_empty(lead if reduction == "none" else (), dtype=acc)
+    grad_s = student.new_empty(student.shape if grad_mask[0] else (0,))
+    if weight is not None:
+        grad_w = weight.new_empty(weight.shape if grad_mask[1] else (0,))
+    else:
+        grad_w = student.new_empty((0,), dtype=acc)
+    return loss, grad_s, grad_w
+
+
+def _topk_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    _, grad_s, grad_w = output
+    ctx.save_for_backward(grad_s, grad_w)
+    ctx.mark_non_differentiable(grad_s, grad_w)
+    ctx.set_materialize_grads(False)
+    ctx.grad_mask = tuple(inputs[11])
+
+
+def _topk_backward(ctx: Any, d_loss: torch.Tensor | None, *_unused: Any) -> tuple:
+    out: list = [None] * 12
+    if d_loss is None:
+        return tuple(out)
+    grad_s, grad_w = ctx.saved_tensors
+    for index, grad, wanted in ((0, grad_s, ctx.grad_mask[0]), (3, grad_w, ctx.grad_mask[1])):
+        if not ctx.needs_input_grad[index]:
+            continue
+        if not wanted:
+            raise RuntimeError("pykd._distill_loss_topk_fused: an input needs a gradient that "
+                               "grad_mask did not ask for; call torch.ops.pykd.distill_loss_topk.")
+        # Out of place: a top-k loss is mostly used on cached teachers at modest sizes, and this
+        # keeps a second backward through the same graph exact.
+        scale = d_loss if d_loss.dim() == 0 or index == 3 else d_loss.unsqueeze(-1)
+        out[index] = (grad * scale).to(grad.dtype)
+    return tuple(out)
+
+
+torch.library.register_autograd(_TOPK, _topk_backward, setup_context=_topk_setup_context)

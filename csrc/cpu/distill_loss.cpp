@@ -15,6 +15,7 @@ namespace {
 
 struct IsaChoice {
   RowKernelLauncher fn;
+  TopkKernelLauncher topk;
   const char* name;
 };
 
@@ -22,17 +23,22 @@ const IsaChoice& isa_choice() {
   static const IsaChoice choice = []() -> IsaChoice {
     const std::string cap = at::get_cpu_capability();
 #ifdef PYKD_HAVE_CPU_AVX512
-    if (cap == "AVX512") return {&AVX512::distill_loss_rows, "AVX512"};
+    if (cap == "AVX512") {
+      return {&AVX512::distill_loss_rows, &AVX512::distill_loss_topk_rows, "AVX512"};
+    }
 #endif
 #ifdef PYKD_HAVE_CPU_AVX2
-    if (cap == "AVX512" || cap == "AVX2") return {&AVX2::distill_loss_rows, "AVX2"};
+    if (cap == "AVX512" || cap == "AVX2") {
+      return {&AVX2::distill_loss_rows, &AVX2::distill_loss_topk_rows, "AVX2"};
+    }
 #endif
-    return {&DEFAULT::distill_loss_rows, "DEFAULT"};
+    return {&DEFAULT::distill_loss_rows, &DEFAULT::distill_loss_topk_rows, "DEFAULT"};
   }();
   return choice;
 }
 
 void launch_rows(const KernelArgs& a) { isa_choice().fn(a); }
+void launch_topk_rows(const TopkKernelArgs& a) { isa_choice().topk(a); }
 
 // student, teacher: (*, V); weight: (*) or None; target: (*) int64 or None.
 // Returns (loss: [] or (*), grad_student: (*, V) or [0], grad_teacher: (*, V) or [0],
@@ -63,6 +69,17 @@ fused_linear_distill_loss_cpu(const at::Tensor& hs, const at::Tensor& ws,
                                         /*value_checks=*/true);
 }
 
+// student (*, V); teacher_indices, teacher_logits (*, k).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_loss_topk_cpu(
+    const at::Tensor& student, const at::Tensor& index, const at::Tensor& logit,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& target,
+    c10::string_view divergence, double temperature, double alpha, double beta,
+    int64_t ignore_index, c10::string_view reduction, std::array<bool, 2> grad_mask) {
+  return distill_loss_topk_impl(student, index, logit, weight, target, divergence, temperature,
+                                alpha, beta, ignore_index, reduction, grad_mask, &launch_topk_rows,
+                                /*value_checks=*/true);
+}
+
 // grad: (*, V), scaled in place by scale: [] or (*). Reading a CPU scalar costs no sync, so the
 // common d loss = 1 case returns without touching the gradient.
 void scale_grad_cpu(const at::Tensor& grad, const at::Tensor& scale) {
@@ -82,6 +99,7 @@ TORCH_LIBRARY_IMPL(pykd, CPU, m) {
   m.impl("_distill_loss_fused", &distill_loss_fused_cpu);
   m.impl("_scale_grad_", &scale_grad_cpu);
   m.impl("_fused_linear_distill_loss", &fused_linear_distill_loss_cpu);
+  m.impl("_distill_loss_topk_fused", &distill_loss_topk_cpu);
 }
 
 }  // namespace pykd::cpu

@@ -3,14 +3,16 @@
 #pragma once
 
 #include "distill_loss_common.h"
+#include "distill_loss_topk.h"
 
 namespace pykd::cpu {
 
 using KernelArgs = RowKernelArgs;
 
-#define PYKD_DECLARE_ISA(isa)                     \
-  namespace isa {                                 \
-  void distill_loss_rows(const KernelArgs& args); \
+#define PYKD_DECLARE_ISA(isa)                              \
+  namespace isa {                                          \
+  void distill_loss_rows(const KernelArgs& args);          \
+  void distill_loss_topk_rows(const TopkKernelArgs& args); \
   }
 PYKD_DECLARE_ISA(DEFAULT)
 PYKD_DECLARE_ISA(AVX2)

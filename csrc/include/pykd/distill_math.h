@@ -219,14 +219,19 @@ PYKD_HD void finish_row(const Options<T>& o, const RowStats<T>& st, RowConsts<T>
   hard = o.hard ? (k.m1 - st.target_logit) + k.l1 : T(0);
 }
 
-// Scale each gradient term by the row's share of the reduced loss (c = w_i / normaliser).
+// The row scales of the student's soft and hard gradient terms, c = w_i / normaliser. d/ds of
+// the softmax divergences carries 1/T from s' = s/T and T^2 from the loss.
+template <typename T>
+PYKD_HD void grad_scales(const Options<T>& o, T c, T& soft, T& hard) {
+  const T soft_c = o.hard ? c * o.alpha : c;
+  soft = uses_softmax(o.div) ? soft_c * o.temperature : soft_c;
+  hard = o.hard ? c * (T(1) - o.alpha) : T(0);
+}
+
 template <typename T>
 PYKD_HD void set_grad_scales(const Options<T>& o, T c, RowConsts<T>& k) {
-  const T soft_c = o.hard ? c * o.alpha : c;
-  // d/ds of the softmax divergences carries 1/T from s' = s/T and T^2 from the loss.
-  k.gs_soft = uses_softmax(o.div) ? soft_c * o.temperature : soft_c;
+  grad_scales(o, c, k.gs_soft, k.gs_hard);
   k.gt_soft = k.gs_soft;
-  k.gs_hard = o.hard ? c * (T(1) - o.alpha) : T(0);
 }
 
 // Before a chunk is added: move each streaming maximum to include the chunk's raw maxima (of
@@ -365,6 +370,78 @@ PYKD_HD void grad_lanes(V s, V t, const Probs<V>& pr, const Options<T>& o, const
 template <typename T>
 PYKD_HD T row_scale(T w, T norm) {
   return norm == T(0) ? T(0) : w / norm;
+}
+
+// ---- distill_loss_topk: the teacher is k (index, logit) pairs per row ----------------------
+// p is the softmax of the k teacher logits at T, with zero mass on every other column; q is the
+// student's full softmax at T. kl: T^2 sum_j p_j (log p_j - log q_{i_j}). jsd: KL(p||m) over the
+// k entries, and KL(q||m) = sum over the k entries + (1 - sum_j q_{i_j}) (-log(1 - beta)), since
+// m = (1 - beta) q off the top-k.
+
+template <typename T>
+struct TopkConsts {
+  T ms, ls, m1, l1;    // student's streaming max and log-sum at T, and at 1 (hard term)
+  T kq;                // jsd: KL(q || m)
+  T off_topk;          // jsd: d soft / d s' per unit q off the top-k: -log(1 - beta) - KL(q||m)
+  T gs_soft, gs_hard;  // row scales (weight / normaliser, alpha, T folded in)
+};
+
+// Gradient of a column that is neither a top-k index nor the target, in any value type.
+template <Divergence D, bool kHard, typename V, typename T>
+PYKD_HD V topk_plain_grad(V s, const Options<T>& o, const TopkConsts<T>& k) {
+  using M = VMath<V>;
+  const V q = M::exp((s * V(o.inv_temperature) - V(k.ms)) - V(k.ls));
+  V g = D == Divergence::KL ? V(k.gs_soft) * q : V(k.gs_soft * (T(1) - o.beta) * k.off_topk) * q;
+  if constexpr (kHard) g = g + V(k.gs_hard) * M::exp((s - V(k.m1)) - V(k.l1));
+  return g;
+}
+
+// Gradient of a top-k column (p > 0 possible) or of the target column, written whole so the
+// value is rounded once: `p` is the teacher's mass there (0 off the top-k), `is_target` adds -1.
+template <Divergence D, bool kHard, typename T>
+PYKD_HD T topk_special_grad(T s, T p, bool in_topk, bool is_target, const Options<T>& o,
+                            const TopkConsts<T>& k) {
+  T g;
+  const T lq = (s * o.inv_temperature - k.ms) - k.ls;
+  const T q = ::exp(lq);
+  if (D == Divergence::KL) {
+    g = k.gs_soft * (q - p);
+  } else if (!in_topk) {
+    g = k.gs_soft * (T(1) - o.beta) * k.off_topk * q;
+  } else {
+    const T lm = ::log(o.beta * p + (T(1) - o.beta) * q);
+    g = q > T(0) ? k.gs_soft * (T(1) - o.beta) * q * ((lq - lm) - k.kq) : T(0);
+  }
+  if (kHard) g += k.gs_hard * (::exp((s - k.m1) - k.l1) - (is_target ? T(1) : T(0)));
+  return g;
+}
+
+// One top-k entry's share of the row loss: p_j, log p_j and the student's logit at i_j.
+template <Divergence D, typename T>
+PYKD_HD void topk_entry(const Options<T>& o, const TopkConsts<T>& k, T p, T lp, T s_at, T& acc_p,
+                        T& acc_q, T& q_mass) {
+  const T lq = (s_at * o.inv_temperature - k.ms) - k.ls;
+  const T q = ::exp(lq);
+  if (D == Divergence::KL) {
+    acc_p += p > T(0) ? p * (lp - lq) : T(0);
+  } else {
+    const T lm = ::log(o.beta * p + (T(1) - o.beta) * q);
+    acc_p += p > T(0) ? p * (lp - lm) : T(0);
+    acc_q += q > T(0) ? q * (lq - lm) : T(0);
+    q_mass += q;
+  }
+}
+
+// The soft term from the entries' sums; sets kq and off_topk for the gradient.
+template <Divergence D, typename T>
+PYKD_HD T topk_finish(const Options<T>& o, T acc_p, T acc_q, T q_mass, TopkConsts<T>& k) {
+  const T t2 = o.temperature * o.temperature;
+  if (D == Divergence::KL) return t2 * acc_p;
+  const T off = -::log(T(1) - o.beta);  // log q - log m where m = (1 - beta) q
+  const T rest = T(1) - q_mass;
+  k.kq = acc_q + (rest > T(0) ? rest : T(0)) * off;
+  k.off_topk = off - k.kq;
+  return t2 * (o.beta * acc_p + (T(1) - o.beta) * k.kq);
 }
 
 }  // namespace PYKD_ISA_NAMESPACE
