@@ -235,6 +235,7 @@ void run_rows(const KernelArgs& a, int64_t begin, int64_t end) {
   const bool want_grad = a.grad_student || a.grad_teacher;
   KeptExps<A> kept;
   if (want_grad || D == Divergence::JSD) kept.resize(V);
+  std::vector<A> zeros(D == Divergence::KL && want_grad ? kChunk : 0, A(0));
   KeptExps<A>* const keep = kept.V ? &kept : nullptr;
 
   for (int64_t i = begin; i < end; ++i) {
@@ -301,7 +302,11 @@ void run_rows(const KernelArgs& a, int64_t begin, int64_t end) {
         gs = gs_row ? gs_buf : nullptr;
         gt = gt_row ? gt_buf : nullptr;
       }
-      grad_chunk<D, kHard>(widen(srow + off, n, s_buf), widen(trow + off, n, t_buf), n, o, k,
+      // The student's KL gradient needs only the kept probabilities: skip reading (and, for
+      // bf16/fp16, widening) the logits again; zeros stand in for them.
+      const bool need_logits = D != Divergence::KL || gt_row;
+      grad_chunk<D, kHard>(need_logits ? widen(srow + off, n, s_buf) : zeros.data(),
+                           need_logits ? widen(trow + off, n, t_buf) : zeros.data(), n, o, k,
                            ChunkProbs<D, kHard, A>(kept, off, k), gs, gt);
       // The hard term's -1 at the target class, applied in the accumulation type before rounding.
       if (kHard && gs && y >= off && y < off + n) gs[y - off] -= k.gs_hard;
