@@ -79,6 +79,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_loss_topk_impl(
                              "] = " + std::to_string(idx[r][j].item<int64_t>()) +
                              " is outside [0, " + std::to_string(cfg.classes) + ")");
     }
+    if (k > 1) {
+      const auto sorted = std::get<0>(idx.sort(-1));
+      const auto dup = (sorted.narrow(1, 1, k - 1) == sorted.narrow(1, 0, k - 1)).any(1);
+      if (dup.any().item<bool>()) {
+        const int64_t r = dup.nonzero()[0][0].item<int64_t>();
+        TORCH_CHECK(false, std::string(kOp) + ": teacher_indices row " + std::to_string(r) +
+                               " repeats an index; the k indices of a row must be distinct");
+      }
+    }
   }
   auto s = student.reshape({cfg.rows, cfg.classes});
   if (s.stride(1) != 1) s = s.contiguous();

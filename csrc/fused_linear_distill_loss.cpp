@@ -122,6 +122,10 @@ fused_linear_distill_loss_impl(const at::Tensor& student_hidden, const at::Tenso
     auto g = want_logit_grad ? logits_g.narrow(0, 0, c) : at::Tensor();
     launch(row_kernel_args(cfg, ls, lt, y, rw, u, g.defined() ? g.data_ptr() : nullptr, nullptr,
                            bad_row, first, c));
+    if (value_checks) {  // the kernel names the row within the chunk
+      const int64_t bad = bad_row.item<int64_t>();
+      raise_bad_row(bad < 0 ? bad : first + bad);
+    }
     if (!want_logit_grad) continue;
     if (grad_mask[0]) {
       auto gh = grad_h.narrow(0, first, c);
@@ -130,8 +134,6 @@ fused_linear_distill_loss_impl(const at::Tensor& student_hidden, const at::Tenso
     if (grad_mask[1]) grad_w_head.addmm_(g.t(), hs_c);
     if (want_bias) grad_b.add_(g.sum(0, /*keepdim=*/false, acc.dtype().toScalarType()));
   }
-  if (value_checks) raise_bad_row(bad_row.item<int64_t>());
-
   const auto lead = student_hidden.sizes().slice(0, student_hidden.dim() - 1);
   const bool want_w = grad_mask[3] && weight.has_value();
   auto [loss, grad_w] = reduce_rows(cfg, u, rw, lead, weight, want_w);

@@ -19,8 +19,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <map>
+#include <mutex>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 #include "distill_loss_common.h"
 #include "distill_loss_topk.h"
@@ -282,7 +285,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % kPackBytes == 0; }
 
-Layout plan(const RowKernelArgs& a, int64_t elem_bytes, bool clusters_ok) {
+Layout plan(const RowKernelArgs& a, int64_t elem_bytes, bool clusters_ok, int64_t max_cached) {
   Layout L;
   const int64_t pack = kPackBytes / elem_bytes;
   L.packed = aligned16(a.student) && aligned16(a.teacher) &&
@@ -300,26 +303,50 @@ Layout plan(const RowKernelArgs& a, int64_t elem_bytes, bool clusters_ok) {
   int64_t slice = (a.classes + L.cluster - 1) / L.cluster;
   if (L.packed) slice = (slice + pack - 1) / pack * pack;
   L.slice = slice;
-  L.cached = 2 * slice * elem_bytes <= kMaxCachedBytes;
+  L.cached = 2 * slice * elem_bytes <= std::min(kMaxCachedBytes, max_cached);
   return L;
 }
 
-bool has_clusters(int device) {
-  int major = 0;  // an attribute query, not the (slow) full property struct, on every call
+// What one kernel instantiation can do on one device, asked once. Clusters need a cluster-capable
+// device *and* sm_90 code in this kernel (built from compute_80 PTX, cluster_merge would trap);
+// the shared memory a block may opt into is the device's limit less the kernel's static usage.
+struct KernelLimits {
+  bool clusters = false;
+  int64_t max_dynamic_smem = 0;
+  int64_t static_smem = 0;
+};
+
+template <typename Kernel>
+const KernelLimits& kernel_limits(Kernel kernel, int device) {
+  static std::mutex mu;
+  static std::map<std::pair<const void*, int>, KernelLimits> cache;
+  const std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), device);
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  cudaFuncAttributes fa{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&fa, kernel));
+  int major = 0, optin = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  return major >= 9;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  KernelLimits lim;
+  lim.clusters = major >= 9 && fa.ptxVersion >= 90;
+  lim.static_smem = static_cast<int64_t>(fa.sharedSizeBytes);
+  lim.max_dynamic_smem = optin - lim.static_smem;
+  // Raise the kernel's dynamic limit once to all it may use; the default stops at 48 KB of
+  // static + dynamic, so near-48 KB slices would otherwise fail to launch.
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(lim.max_dynamic_smem)));
+  return cache.emplace(key, lim).first->second;
 }
 
 template <typename S, Divergence D, bool kHard>
 void launch_typed(const RowKernelArgs& a) {
   const int device = c10::cuda::current_device();
-  const Layout L = plan(a, sizeof(S), has_clusters(device));
   auto kernel = distill_loss_kernel<S, D, kHard>;
+  const KernelLimits& lim = kernel_limits(kernel, device);
+  const Layout L = plan(a, sizeof(S), lim.clusters, lim.max_dynamic_smem);
   const size_t smem = L.cached ? 2 * L.slice * sizeof(S) : 0;
-  if (smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem)));
-  }
   // Enough threads for the slice in 16-byte packs, a whole number of warps, at most 512.
   const int64_t work = L.packed ? (L.slice * sizeof(S) + kPackBytes - 1) / kPackBytes : L.slice;
   const int threads = static_cast<int>(std::clamp<int64_t>((work + 31) / 32 * 32, 32, kMaxThreads));
@@ -578,6 +605,9 @@ __global__ void scale_grad_kernel(S* grad, const A* scale, int64_t classes, int6
 void scale_grad_cuda(const at::Tensor& grad, const at::Tensor& scale) {
   if (grad.numel() == 0) return;
   TORCH_CHECK(grad.is_contiguous(), "_scale_grad_: grad must be contiguous");
+  TORCH_CHECK(scale.device() == grad.device(), "_scale_grad_: scale must be on grad's device");
+  TORCH_CHECK(scale.dim() == 0 || scale.numel() * grad.size(-1) == grad.numel(),
+              "_scale_grad_: scale must be a scalar or hold one value per row of grad");
   const c10::cuda::CUDAGuard guard(grad.device());
   const bool per_row = scale.dim() > 0;
   const int64_t classes = grad.size(-1);

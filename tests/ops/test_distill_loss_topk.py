@@ -120,6 +120,10 @@ def test_bad_arguments():
     bad[2, 1] = 12
     with pytest.raises(RuntimeError, match=r"teacher_indices\[2, 1\] = 12 is outside \[0, 12\)"):
         pykd.distillation_loss_topk(s, bad, top.values)
+    dup = top.indices.clone()
+    dup[3, 2] = dup[3, 0]
+    with pytest.raises(RuntimeError, match="row 3 repeats an index"):
+        pykd.distillation_loss_topk(s, dup, top.values)
     with pytest.raises(RuntimeError, match="row 1 has no finite logit"):
         v = top.values.clone()
         v[1] = float("-inf")
