@@ -3,7 +3,9 @@
 The core is one fused, weighted distillation loss (KL with temperature, reverse KL, JSD, MSE,
 cosine; hard-label mix; per-row weights) with its backward, in C++ and CUDA, registered as
 ``torch.ops.pykd.distill_loss``. On top of it, :class:`pykd.Distiller` trains a student from one
-or more frozen teachers (docs/guide.md).
+or more frozen teachers (or a :class:`pykd.TeacherCache` of their outputs), and
+:class:`pykd.MutualDistiller` and :func:`pykd.propagate` train models together or down a chain
+(docs/guide.md).
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -14,6 +16,7 @@ if LOAD_ERROR is None:
     from pykd import ops  # noqa: F401  (registers fake kernels and autograd)
 
 from pykd import functional, schedules
+from pykd.cache import CacheError, CorruptCacheError, StaleCacheError, TeacherCache
 from pykd.callbacks import Callback
 from pykd.distiller import Distiller, HiddenMatch, NonFiniteLossError
 from pykd.functional import (
@@ -22,6 +25,7 @@ from pykd.functional import (
     fused_linear_distillation_loss,
 )
 from pykd.losses import DistillationLoss, FusedLinearDistillationLoss
+from pykd.propagation import MutualDistiller, propagate
 from pykd.teachers import adaptive_weights, combine_teachers
 
 try:
@@ -30,12 +34,17 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0+unknown"
 
 __all__ = [
+    "CacheError",
     "Callback",
+    "CorruptCacheError",
     "DistillationLoss",
     "Distiller",
     "FusedLinearDistillationLoss",
     "HiddenMatch",
+    "MutualDistiller",
     "NonFiniteLossError",
+    "StaleCacheError",
+    "TeacherCache",
     "adaptive_weights",
     "build_info",
     "combine_teachers",
@@ -43,6 +52,7 @@ __all__ = [
     "distillation_loss_topk",
     "functional",
     "fused_linear_distillation_loss",
+    "propagate",
     "schedules",
     "__version__",
 ]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 import random
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, BinaryIO, Union
 
 import numpy as np
 import torch
@@ -15,18 +15,18 @@ import torch
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-def save_atomic(obj: Any, path: PathLike) -> None:
-    """``torch.save`` to ``path`` so that a crash at any point leaves the old file or the new one.
+def write_atomic(path: PathLike, write: Callable[[BinaryIO], None]) -> None:
+    """Write a file so that a crash at any point leaves the old file or the new one.
 
-    The data goes to a temporary file in the same folder (so the rename cannot cross file
-    systems), is flushed and fsynced, and then replaces ``path`` with ``os.replace``.
+    ``write(f)`` fills a temporary file in the same folder (so the rename cannot cross file
+    systems), which is flushed and fsynced and then replaces ``path`` with ``os.replace``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -34,6 +34,11 @@ def save_atomic(obj: Any, path: PathLike) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def save_atomic(obj: Any, path: PathLike) -> None:
+    """``torch.save`` to ``path`` atomically (see :func:`write_atomic`)."""
+    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -1,9 +1,9 @@
 """``pykd.Distiller``: teacher-to-student training on top of the fused distillation loss.
 
-Every loss term goes through :func:`pykd.distillation_loss` with ``reduction="sum"`` and per-row
-weights that already hold the normaliser (and any loss scale), so ``loss.backward()`` reaches the
-op with an incoming gradient of exactly 1 and the op's gradient is used without another pass.
-See ``docs/guide.md`` for a tour.
+Every loss term goes through :func:`pykd.distillation_loss` (or its fused LM-head form) with
+``reduction="sum"`` and per-row weights that already hold the normaliser (and any loss scale), so
+``loss.backward()`` reaches the op with an incoming gradient of exactly 1 and the op's gradient is
+used without another pass. See ``docs/guide.md`` for a tour.
 """
 
 from __future__ import annotations
@@ -23,12 +23,30 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, IterableDataset, RandomSampler, Sampler, SequentialSampler
+from torch.utils.data import RandomSampler, Sampler
 from tqdm.auto import tqdm
 
+from pykd._batches import (
+    Batch,
+    Outputs,
+    call_model,
+    loader_like,
+    logits_and_hidden,
+    parse_batch,
+    rebuildable,
+    to_device,
+    token_positions,
+)
+from pykd.cache import TeacherCache, TopKRows
 from pykd.callbacks import Callback
 from pykd.checkpoint import PathLike, load_checked, rng_state, save_atomic, set_rng_state
-from pykd.functional import check_loss_options, distillation_loss
+from pykd.functional import (
+    check_loss_options,
+    distillation_loss,
+    distillation_loss_topk,
+    fused_linear_distillation_loss,
+)
+from pykd.heads import HeadCapture, HeadLike, LinearRows, resolve_head
 from pykd.schedules import ScheduleLike, as_schedule
 from pykd.teachers import (
     WEIGHTINGS,
@@ -44,10 +62,7 @@ SchedulerLike = Union[
     Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler],
 ]
 
-_Outputs = tuple[torch.Tensor, Union[Sequence[torch.Tensor], None]]  # logits, hidden states
-
 _PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-_FORMAT = "pykd.distiller/1"
 _CHECKPOINT_KEYS = (
     "format", "student", "projections", "optimizer", "scheduler", "scaler", "global_step", "epoch",
     "batch_in_epoch", "rng", "world_size",
@@ -101,51 +116,32 @@ class _Layout:
 
 
 @dataclasses.dataclass
-class _Batch:
-    inputs: Any
-    labels: torch.Tensor | None
-    sample_weight: torch.Tensor | None
-    attention_mask: torch.Tensor | None
-    positions_like: torch.Tensor | None  # an input shaped [B, T, ...] where there is no mask
-    size: int
-
-
-@dataclasses.dataclass
 class _Prepared:
     """A micro-batch on the student's device with its rows worked out before any forward."""
 
-    batch: _Batch
+    batch: Batch
     target: torch.Tensor | None
     valid: torch.Tensor  # (*) bool, the rows of the logits that count
     logit_w: torch.Tensor  # (*) float32: valid * sample weight, summed into the normaliser
     hidden_w: torch.Tensor | None  # the same for the rows of the hidden states
 
 
+# Rows of logits as the loss takes them: dense logits, or a linear head's input and weights
+# (fused_lm_head); the teacher's may also be its cached top-k.
+_Logits = Union[torch.Tensor, LinearRows]
+_TeacherLogits = Union[torch.Tensor, LinearRows, TopKRows]
+
+
 @dataclasses.dataclass
 class _Rows:
     """What the loss sees for one micro-batch."""
 
-    student: torch.Tensor
-    teacher: torch.Tensor
+    student: _Logits
+    teacher: _TeacherLogits
     target: torch.Tensor | None
     valid: torch.Tensor
     weight: torch.Tensor  # logit_w times the adaptive weights
     hidden: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # (student, teacher, weight)
-
-
-def _logits_and_hidden(output: Any) -> _Outputs:
-    if isinstance(output, torch.Tensor):
-        return output, None
-    if isinstance(output, Mapping):
-        logits, hidden = output.get("logits"), output.get("hidden_states")
-    else:
-        logits, hidden = getattr(output, "logits", None), getattr(output, "hidden_states", None)
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(
-            "a model must return a logits tensor, a dict with 'logits' or an object with .logits, "
-            f"got {type(output).__name__}"
-        )
-    return logits, hidden
 
 
 def _require_hidden(hidden: Sequence[torch.Tensor] | None, who: str) -> Sequence[torch.Tensor]:
@@ -155,73 +151,6 @@ def _require_hidden(hidden: Sequence[torch.Tensor] | None, who: str) -> Sequence
             "attribute next to logits)"
         )
     return hidden
-
-
-def _call(model: nn.Module, inputs: Any, extra: Mapping[str, Any]) -> Any:
-    if isinstance(inputs, Mapping):
-        return model(**inputs, **extra)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs, **extra)
-    return model(inputs, **extra)
-
-
-def _to(obj: Any, device: torch.device, float_dtype: torch.dtype | None = None) -> Any:
-    if isinstance(obj, torch.Tensor):
-        dtype = float_dtype if float_dtype is not None and obj.is_floating_point() else None
-        return obj.to(device=device, dtype=dtype, non_blocking=True)
-    if isinstance(obj, Mapping):
-        return {k: _to(v, device, float_dtype) for k, v in obj.items()}
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(v, device, float_dtype) for v in obj)
-    return obj
-
-
-def _first_tensor(obj: Any) -> torch.Tensor | None:
-    if isinstance(obj, torch.Tensor):
-        return obj
-    values = obj.values() if isinstance(obj, Mapping) else obj
-    if isinstance(values, Iterable) and not isinstance(obj, (str, bytes)):
-        for value in values:
-            found = _first_tensor(value)
-            if found is not None:
-                return found
-    return None
-
-
-def _parse_batch(batch: Any) -> _Batch:
-    """Split a batch into model inputs, labels and sample weights.
-
-    Dict batches are Hugging Face style: model keyword inputs plus optional ``"labels"`` and
-    ``"sample_weight"``. Tuples are ``(inputs,)``, ``(inputs, labels)`` or
-    ``(inputs, labels, sample_weight)``. A bare tensor is the input.
-    """
-    if isinstance(batch, Mapping):
-        inputs = dict(batch)
-        labels, weight = inputs.pop("labels", None), inputs.pop("sample_weight", None)
-    elif isinstance(batch, (tuple, list)):
-        if not 1 <= len(batch) <= 3:
-            raise ValueError(
-                "a tuple batch is (inputs, labels, sample_weight) or a prefix of it, "
-                f"got {len(batch)} items"
-            )
-        inputs, labels, weight = (*batch, None, None)[:3]
-    elif isinstance(batch, torch.Tensor):
-        inputs, labels, weight = batch, None, None
-    else:
-        raise TypeError(f"batches must be dicts, tuples or tensors, got {type(batch).__name__}")
-    mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
-    if isinstance(inputs, Mapping) and isinstance(inputs.get("input_ids"), torch.Tensor):
-        positions_like = inputs["input_ids"]
-    else:
-        positions_like = _first_tensor(inputs)
-    sized = next((t for t in (labels, positions_like, mask) if t is not None), None)
-    if sized is None:
-        raise ValueError("a batch must hold at least one tensor")
-    if weight is not None and tuple(weight.shape) != (sized.shape[0],):
-        raise ValueError(
-            f"sample_weight must be shaped ({sized.shape[0]},), got {tuple(weight.shape)}"
-        )
-    return _Batch(inputs, labels, weight, mask, positions_like, sized.shape[0])
 
 
 def _shift_left(x: torch.Tensor, fill: Any) -> torch.Tensor:
@@ -234,6 +163,32 @@ def _row_weights(rows: torch.Tensor, sample_weight: torch.Tensor | None) -> torc
     if sample_weight is not None:
         weights = weights * sample_weight.float().view(-1, *([1] * (rows.dim() - 1)))
     return weights
+
+
+def _logit_loss(student: _Logits, teacher: _TeacherLogits, *, weight: torch.Tensor,
+                target: torch.Tensor | None, divergence: str, temperature: float, alpha: float,
+                beta: float, ignore_index: int, chunk_size: int) -> torch.Tensor:
+    """The op's loss with ``reduction="sum"``, in the form that fits the rows."""
+    options = {"weight": weight, "target": target, "divergence": divergence,
+               "temperature": temperature, "alpha": alpha, "beta": beta,
+               "ignore_index": ignore_index, "reduction": "sum"}
+    if isinstance(teacher, TopKRows):
+        return distillation_loss_topk(student, teacher.index, teacher.logits, **options)
+    if isinstance(student, LinearRows):
+        return fused_linear_distillation_loss(
+            student.hidden, student.weight, teacher.hidden, teacher.weight,
+            student_bias=student.bias, teacher_bias=teacher.bias, chunk_size=chunk_size,
+            **options,
+        )
+    return distillation_loss(student, teacher, **options)
+
+
+def _argmax(logits: _TeacherLogits, chunk_size: int) -> torch.Tensor:
+    if isinstance(logits, LinearRows):
+        return logits.argmax(chunk_size)
+    if isinstance(logits, TopKRows):
+        return logits.argmax()
+    return logits.argmax(dim=-1)
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -267,17 +222,6 @@ class _OrderSampler(Sampler[int]):
         return len(self.indices)
 
 
-def _rebuildable(data: Any) -> bool:
-    """A DataLoader the Distiller can re-create with its own sampler."""
-    return (
-        isinstance(data, DataLoader)
-        and data.batch_size is not None
-        and not isinstance(data.dataset, IterableDataset)
-        and (type(data.sampler) is SequentialSampler
-             or (type(data.sampler) is RandomSampler and not data.sampler.replacement))
-    )
-
-
 def _accepts(model: nn.Module, name: str) -> bool:
     try:
         return name in inspect.signature(model.forward).parameters
@@ -296,17 +240,29 @@ def _model_width(model: nn.Module, given: int | None, who: str) -> int:
     return width
 
 
+def _run(model: nn.Module, inputs: Any, extra: Mapping[str, Any], head: nn.Linear | None,
+         who: str) -> Outputs:
+    """The model's logits and hidden states; with a fused ``head``, the head's input instead of
+    the logits (which are never computed)."""
+    if head is None:
+        return logits_and_hidden(call_model(model, inputs, extra))
+    with HeadCapture(head, who) as capture:
+        logits, hidden = logits_and_hidden(call_model(model, inputs, extra))
+    return capture.hidden(logits), hidden
+
+
 class _StudentStack(nn.Module):
     """The student and its hidden-state projections as one module, so that DDP syncs both."""
 
     def __init__(self, student: nn.Module, projections: nn.ModuleDict, layers: list[int],
-                 extra: Mapping[str, Any]) -> None:
+                 extra: Mapping[str, Any], head: nn.Linear | None) -> None:
         super().__init__()
         self.student, self.projections = student, projections
         self.layers, self.extra = layers, dict(extra)
+        self._head = (head,)  # in a tuple: the student already registers it as a submodule
 
     def forward(self, inputs: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        logits, hidden = _logits_and_hidden(_call(self.student, inputs, self.extra))
+        logits, hidden = _run(self.student, inputs, self.extra, self._head[0], "student")
         if not self.layers:
             return logits, []
         hidden = _require_hidden(hidden, "student")
@@ -328,7 +284,9 @@ class Distiller:
 
     Args:
         teacher: a teacher module, or a sequence of them for a mixture (``teacher_weights``).
-            Teachers are put in eval mode, frozen and run under ``torch.no_grad()``.
+            Teachers are put in eval mode, frozen and run under ``torch.no_grad()``. Or a
+            :class:`pykd.TeacherCache` of one teacher's outputs, to train without the teacher
+            (batches from :meth:`~pykd.TeacherCache.attach`).
         student: the model to train.
         teacher_weights: mixing weights ``c_k`` of several teachers (rescaled to sum 1;
             uniform by default). The student matches ``p = sum_k c_k softmax(t_k / T)``.
@@ -343,6 +301,17 @@ class Distiller:
             (see :func:`pykd.teachers.adaptive_weights`).
         incorrect_weight: weight of rows the teacher gets wrong under ``"correctness"``.
         hidden: intermediate hidden-state matching, see :class:`HiddenMatch`.
+        fused_lm_head: compute the logits loss from the final hidden states and the weights of
+            the two models' linear heads with
+            :func:`pykd.functional.fused_linear_distillation_loss`, so that neither model's
+            ``[N, V]`` logits are ever materialised (the heads' inputs are captured while the
+            heads themselves are skipped, see :mod:`pykd.heads`). Each model must return its
+            head's output unchanged as its logits. One teacher only; not with
+            ``sample_weighting`` (which needs the teacher's logits).
+        student_head, teacher_head: where the heads are for ``fused_lm_head``: a dotted
+            submodule name (``"lm_head"``, ``"cls.predictions.decoder"``) or a function
+            ``fn(model) -> nn.Linear``.
+        lm_head_chunk_size: rows of logits computed at a time under ``fused_lm_head``.
         optimizer: an optimizer over the student's parameters (the projections of ``hidden``
             are added as a parameter group) or a factory ``fn(params) -> optimizer``; default
             ``AdamW(lr=lr)``.
@@ -372,6 +341,8 @@ class Distiller:
         student, teachers, projections, optimizer, scheduler, scaler: the pieces above
             (``projections`` is a ``ModuleDict`` keyed by student layer, empty without
             ``hidden``; ``scaler`` is None unless ``precision="fp16"``).
+        cache: the :class:`pykd.TeacherCache` given as the teacher (``teachers`` is then
+            empty), or None.
         global_step: optimizer steps taken; the schedules are evaluated at it.
         epoch, batch_in_epoch: the epoch in progress and the batches of it already consumed.
         rank, world_size, device: this process's place under ``torch.distributed`` and the
@@ -389,9 +360,11 @@ class Distiller:
         ['accuracy', 'agreement', 'ce']
     """
 
+    _format = "pykd.distiller/2"  # the kind of checkpoint, checked when one is loaded
+
     def __init__(
         self,
-        teacher: nn.Module | Sequence[nn.Module],
+        teacher: nn.Module | Sequence[nn.Module] | TeacherCache,
         student: nn.Module,
         *,
         teacher_weights: Sequence[float] | None = None,
@@ -404,6 +377,10 @@ class Distiller:
         sample_weighting: str | WeightFn | None = None,
         incorrect_weight: float = 0.1,
         hidden: HiddenMatch | None = None,
+        fused_lm_head: bool = False,
+        student_head: HeadLike = "lm_head",
+        teacher_head: HeadLike = "lm_head",
+        lm_head_chunk_size: int = 1024,
         optimizer: OptimizerLike | None = None,
         lr: float = 1e-4,
         scheduler: SchedulerLike | None = None,
@@ -422,11 +399,6 @@ class Distiller:
         callbacks: Sequence[Callback] = (),
         ddp_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
-        single = isinstance(teacher, nn.Module) and not isinstance(teacher, nn.ModuleList)
-        self.teachers = [teacher] if single else list(teacher)
-        if not self.teachers:
-            raise ValueError("give at least one teacher")
-        self.teacher_weights = normalize_teacher_weights(teacher_weights, len(self.teachers))
         check_loss_options(divergence, 1.0, 1.0, beta, "sum", has_target=True)
         if sample_weighting is not None and not callable(sample_weighting) \
                 and sample_weighting not in WEIGHTINGS:
@@ -442,10 +414,17 @@ class Distiller:
             raise ValueError(f"precision must be one of {tuple(_PRECISIONS)}, got {precision!r}")
         if metrics_path is not None and log_every < 1:
             raise ValueError("metrics_path needs log_every >= 1")
+        if not isinstance(lm_head_chunk_size, int) or lm_head_chunk_size < 1:
+            raise ValueError(f"lm_head_chunk_size must be a positive int, got "
+                             f"{lm_head_chunk_size!r}")
+        if fused_lm_head and sample_weighting is not None:
+            raise ValueError("sample_weighting needs the teacher's logits, which fused_lm_head "
+                             "never computes; use one or the other")
         self.divergence, self.beta, self.ignore_index = divergence, float(beta), int(ignore_index)
         self.temperature, self.alpha = as_schedule(temperature), as_schedule(alpha)
         self.causal_lm, self.hidden = causal_lm, hidden
         self.sample_weighting, self.incorrect_weight = sample_weighting, float(incorrect_weight)
+        self.fused_lm_head, self.lm_head_chunk_size = bool(fused_lm_head), lm_head_chunk_size
         self.accumulation_steps, self.max_grad_norm = int(accumulation_steps), max_grad_norm
         self.seed, self.log_every, self.progress = int(seed), int(log_every), progress
         self.checkpoint_path, self.checkpoint_every = checkpoint_path, checkpoint_every
@@ -462,8 +441,9 @@ class Distiller:
         self.teacher_dtype = teacher_dtype
         # Asked of the models only when hidden states are matched and their forward takes it.
         self._hidden_kwarg = {"output_hidden_states": True} if hidden is not None else {}
-        self._init_teachers(teacher_device)
-        self._init_student(ddp_kwargs)
+        self._layout: _Layout | None = None
+        self._init_teachers(teacher, teacher_weights, teacher_device, teacher_head)
+        self._init_student(ddp_kwargs, student_head)
         self._init_optimizer(optimizer, lr, scheduler)
         self._amp_dtype = _PRECISIONS[precision]
         self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
@@ -471,12 +451,31 @@ class Distiller:
         self.global_step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
-        self._layout: _Layout | None = None
         self._clock = time.perf_counter()
         self._samples_since_log = 0
 
-    def _init_teachers(self, device: torch.device | str | None) -> None:
+    def _init_teachers(self, teacher: nn.Module | Sequence[nn.Module] | TeacherCache,
+                       weights: Sequence[float] | None, device: torch.device | str | None,
+                       head: HeadLike) -> None:
+        self.cache = teacher if isinstance(teacher, TeacherCache) else None
         self._teacher_devices, self._teacher_extra = [], []
+        self._teacher_head: nn.Linear | None = None
+        if self.cache is not None:
+            self._check_cache(weights)
+            self.teachers, self.teacher_weights = [], [1.0]
+            return
+        single = isinstance(teacher, nn.Module) and not isinstance(teacher, nn.ModuleList)
+        self.teachers = [teacher] if single else list(teacher)
+        if not self.teachers:
+            raise ValueError("give at least one teacher")
+        if any(isinstance(model, TeacherCache) for model in self.teachers):
+            raise TypeError("a TeacherCache is given on its own as the teacher, not in a list")
+        self.teacher_weights = normalize_teacher_weights(weights, len(self.teachers))
+        if self.fused_lm_head:
+            if len(self.teachers) > 1:
+                raise ValueError("fused_lm_head works with one teacher: a mixture of teachers "
+                                 "needs their logits")
+            self._teacher_head = resolve_head(self.teachers[0], head, "teacher")
         placement = {k: v for k, v in (("device", device), ("dtype", self.teacher_dtype))
                      if v is not None}
         for model in self.teachers:
@@ -488,7 +487,29 @@ class Distiller:
                 self._hidden_kwarg if _accepts(model, "output_hidden_states") else {}
             )
 
-    def _init_student(self, ddp_kwargs: Mapping[str, Any] | None) -> None:
+    def _check_cache(self, weights: Sequence[float] | None) -> None:
+        """What training from :attr:`cache` rules out, refused before anything runs."""
+        cache = self.cache
+        cache.require_complete()
+        refused = {
+            "teacher_weights": weights is not None,
+            "hidden (the cache holds no hidden states)": self.hidden is not None,
+            "fused_lm_head (the cache holds logits)": self.fused_lm_head,
+        }
+        if cache.top_k is not None:
+            refused["sample_weighting (a top-k cache lacks the full distribution)"] = \
+                self.sample_weighting is not None
+            refused[f"divergence={self.divergence!r} (a top-k cache takes 'kl' or 'jsd')"] = \
+                self.divergence not in ("kl", "jsd")
+        bad = [name for name, hit in refused.items() if hit]
+        if bad:
+            raise ValueError(f"training from a TeacherCache does not support {', '.join(bad)}")
+        if self.causal_lm and not cache.token_level:
+            raise ValueError("causal_lm=True needs token-level logits; the cache holds one row "
+                             "per sample")
+        self._layout = _Layout(token_logits=cache.token_level, token_hidden=False)
+
+    def _init_student(self, ddp_kwargs: Mapping[str, Any] | None, head: HeadLike) -> None:
         """Projections, the student stack and, under torch.distributed, its DDP wrapper."""
         self.projections = nn.ModuleDict()
         layers: list[int] = []
@@ -502,33 +523,31 @@ class Distiller:
                 )
             self.projections.to(self.device)
         self._teacher_layers = [self.hidden.layers[layer] for layer in layers]
+        self._student_head = (resolve_head(self.student, head, "student")
+                              if self.fused_lm_head else None)
         self._stack = _StudentStack(
             self.student, self.projections, layers,
             self._hidden_kwarg if _accepts(self.student, "output_hidden_states") else {},
+            self._student_head,
         )
-        self._model: nn.Module = self._stack
-        if self.world_size > 1:
-            device_ids = [self.device] if self.device.type == "cuda" else None
-            self._model = DistributedDataParallel(self._stack, device_ids=device_ids,
-                                                  **dict(ddp_kwargs or {}))
+        self._model = self._wrap_ddp(self._stack, ddp_kwargs)
+
+    def _wrap_ddp(self, module: nn.Module, ddp_kwargs: Mapping[str, Any] | None) -> nn.Module:
+        if self.world_size == 1:
+            return module
+        device_ids = [self.device] if self.device.type == "cuda" else None
+        return DistributedDataParallel(module, device_ids=device_ids, **dict(ddp_kwargs or {}))
 
     def _init_optimizer(self, optimizer: OptimizerLike | None, lr: float,
                         scheduler: SchedulerLike | None) -> None:
-        params = [p for p in self._stack.parameters() if p.requires_grad]
-        if optimizer is None:
-            self.optimizer = torch.optim.AdamW(params, lr=lr)
-        elif isinstance(optimizer, torch.optim.Optimizer):
-            self.optimizer = optimizer
-            known = {id(p) for group in optimizer.param_groups for p in group["params"]}
-            missing = [p for p in self.projections.parameters() if id(p) not in known]
-            if missing:
-                self.optimizer.add_param_group({"params": missing})
-        else:
-            self.optimizer = optimizer(params)
-        if scheduler is None or isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler):
-            self.scheduler = scheduler
-        else:
-            self.scheduler = scheduler(self.optimizer)
+        self.optimizer = _make_optimizer(optimizer, self._stack, lr, extra=self.projections)
+        self.scheduler = _make_scheduler(scheduler, self.optimizer)
+
+    def _optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.optimizer]
+
+    def _schedulers(self) -> list[torch.optim.lr_scheduler.LRScheduler | None]:
+        return [self.scheduler]
 
     # ----------------------------------------------------------------------------- public API
 
@@ -559,7 +578,8 @@ class Distiller:
         if resume_from is not None:
             self.load_checkpoint(resume_from)
         self._emit("on_fit_start")
-        self.optimizer.zero_grad(set_to_none=True)
+        for optimizer in self._optimizers():
+            optimizer.zero_grad(set_to_none=True)
         self._clock, self._samples_since_log = time.perf_counter(), 0
         metrics: dict[str, float] = {}
         while self.epoch < epochs:
@@ -591,10 +611,10 @@ class Distiller:
         ``torch.distributed`` each process evaluates its shard and the sums are all-reduced, so
         every process must call it.
         """
-        was_training = self.student.training
+        was_training = self._stack.training
         self._stack.eval()
         temperature = self.temperature(self.global_step)
-        sums = torch.zeros(len(_STATS), dtype=torch.float64, device=self.device)
+        sums = self._zero_stats()
         labelled = False
         batches, total = self._epoch_batches(loader, epoch=0, skip=0, train=False)
         bar = tqdm(batches, total=total, desc="eval", unit="batch", leave=False,
@@ -620,11 +640,12 @@ class Distiller:
         if self.rank != 0:
             return
         save_atomic({
-            "format": _FORMAT,
+            "format": self._format,
             "student": self.student.state_dict(),
             "projections": self.projections.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+            "optimizer": [optimizer.state_dict() for optimizer in self._optimizers()],
+            "scheduler": [None if scheduler is None else scheduler.state_dict()
+                          for scheduler in self._schedulers()],
             "scaler": None if self.scaler is None else self.scaler.state_dict(),
             "global_step": self.global_step,
             "epoch": self.epoch,
@@ -640,21 +661,27 @@ class Distiller:
         with another number of processes, raises ``ValueError``.
         """
         state = load_checked(path, _CHECKPOINT_KEYS)
-        if state["format"] != _FORMAT:
-            raise ValueError(f"{path}: unknown checkpoint format {state['format']!r}")
+        if state["format"] != self._format:
+            raise ValueError(f"{path}: checkpoint format {state['format']!r}, expected "
+                             f"{self._format!r}")
         if state["world_size"] != self.world_size:
             raise ValueError(
                 f"{path} was saved by {state['world_size']} processes, this run has "
                 f"{self.world_size}: the data shards and position would not match"
             )
-        for name, target in (("scheduler", self.scheduler), ("scaler", self.scaler)):
-            if (state[name] is None) != (target is None):
+        optimizers, schedulers = self._optimizers(), self._schedulers()
+        for name, saved, target in (("optimizers", state["optimizer"], optimizers),
+                                    ("schedulers", state["scheduler"], schedulers),
+                                    ("scaler", [state["scaler"]], [self.scaler])):
+            if [x is None for x in saved] != [x is None for x in target]:
                 raise ValueError(f"{path}: the checkpoint and this Distiller disagree on {name}")
         self.student.load_state_dict(state["student"])
         self.projections.load_state_dict(state["projections"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
+        for optimizer, saved in zip(optimizers, state["optimizer"]):
+            optimizer.load_state_dict(saved)
+        for scheduler, saved in zip(schedulers, state["scheduler"]):
+            if scheduler is not None:
+                scheduler.load_state_dict(saved)
         if self.scaler is not None:
             self.scaler.load_state_dict(state["scaler"])
         self.global_step, self.epoch = int(state["global_step"]), int(state["epoch"])
@@ -698,7 +725,7 @@ class Distiller:
                       if self.scaler is not None else torch.ones((), device=self.device))
         inv = torch.where(denominators > 0, self.world_size / denominators,
                           torch.zeros_like(denominators)).float() * loss_scale
-        sums = torch.zeros(len(_STATS), dtype=torch.float64, device=self.device)
+        sums = self._zero_stats()
         losses = []
         for j, prep in enumerate(prepared):
             last = j == len(prepared) - 1
@@ -723,13 +750,14 @@ class Distiller:
                     "that batch, the learning rate, or use precision='bf16' instead of 'fp16'"
                 )
         self._optimizer_step()
-        lr = self.optimizer.param_groups[0]["lr"]
-        if self.scheduler is not None:
-            self.scheduler.step()
+        lr = self._optimizers()[0].param_groups[0]["lr"]
+        for scheduler in self._schedulers():
+            if scheduler is not None:
+                scheduler.step()
         self.global_step += 1
         self._samples_since_log += sum(p.batch.size for p in prepared) * self.world_size
         metrics = {"step": self.global_step, "epoch": epoch, "loss": sum(values), "lr": lr,
-                   "temperature": temperature, "alpha": alpha}
+                   **self._schedule_metrics(temperature, alpha)}
         if detailed:
             has_labels = any(p.target is not None for p in prepared)
             # The summary's loss is rebuilt from its parts; keep the exact one.
@@ -739,41 +767,43 @@ class Distiller:
             self._clock, self._samples_since_log = now, 0
         return metrics
 
+    def _schedule_metrics(self, temperature: float, alpha: Any) -> dict[str, float]:
+        return {"temperature": temperature, "alpha": alpha}
+
     def _optimizer_step(self) -> None:
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        if self.scaler is not None and self.max_grad_norm is not None:
-            self.scaler.unscale_(self.optimizer)
+        """Clip each optimizer's parameters, step them all, and clear the gradients."""
+        optimizers = self._optimizers()
         if self.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+            for optimizer in optimizers:
+                if self.scaler is not None:
+                    self.scaler.unscale_(optimizer)
+                params = [p for group in optimizer.param_groups for p in group["params"]]
+                torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        for optimizer in optimizers:
+            if self.scaler is not None:
+                self.scaler.step(optimizer)
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
-            self.scaler.step(self.optimizer)
             self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
 
     # ---------------------------------------------------------------------- batches and rows
 
     def _epoch_batches(self, data: Iterable[Any], epoch: int, skip: int,
                        train: bool) -> tuple[Iterator[Any], int | None]:
         """This process's batches of ``epoch`` after the first ``skip``, and how many remain."""
-        if _rebuildable(data):
+        if rebuildable(data):
             sampler = _OrderSampler(
                 len(data.dataset), shuffle=train and isinstance(data.sampler, RandomSampler),
                 seed=self.seed, epoch=epoch, rank=self.rank, world=self.world_size,
                 pad=train, skip=skip * data.batch_size,
             )
-            extra = {"prefetch_factor": data.prefetch_factor} if data.num_workers else {}
-            loader = DataLoader(
-                data.dataset, batch_size=data.batch_size, sampler=sampler,
-                collate_fn=data.collate_fn, drop_last=data.drop_last,
-                num_workers=data.num_workers, pin_memory=data.pin_memory, timeout=data.timeout,
-                worker_init_fn=data.worker_init_fn,
-                multiprocessing_context=data.multiprocessing_context,
+            loader = loader_like(
+                data, data.dataset, data.collate_fn, sampler=sampler,
                 # Its own generator: otherwise creating the iterator draws from the global RNG,
                 # which a resumed run would replay at a different point.
                 generator=torch.Generator().manual_seed(_epoch_seed(self.seed, epoch) + self.rank),
-                **extra,
             )
             return iter(loader), len(loader)
         set_epoch = getattr(getattr(data, "sampler", None), "set_epoch", None)
@@ -785,7 +815,7 @@ class Distiller:
         return itertools.islice(batches, skip, None), total
 
     def _prepare(self, raw: Any) -> _Prepared:
-        batch = _parse_batch(_to(raw, self.device))
+        batch = parse_batch(to_device(raw, self.device))
         layout = self._layout or self._probe(batch)
         if batch.labels is not None:
             target = batch.labels.long()
@@ -797,30 +827,19 @@ class Distiller:
             if not layout.token_logits:
                 valid = torch.ones(batch.size, dtype=torch.bool, device=self.device)
             else:
-                valid = self._positions(batch)
+                valid = token_positions(batch)
                 if self.causal_lm:
                     valid = valid & _shift_left(valid, False)
         hidden_w = None
         if self.hidden is not None:
-            rows = (self._positions(batch) if layout.token_hidden
+            rows = (token_positions(batch) if layout.token_hidden
                     else torch.ones(batch.size, dtype=torch.bool, device=self.device))
             hidden_w = _row_weights(rows, batch.sample_weight)
         return _Prepared(batch, target, valid, _row_weights(valid, batch.sample_weight), hidden_w)
 
-    def _positions(self, batch: _Batch) -> torch.Tensor:
-        """[B, T] bool: the token positions that are not padding."""
-        if batch.attention_mask is not None:
-            return batch.attention_mask != 0
-        if batch.positions_like is not None and batch.positions_like.dim() >= 2:
-            return torch.ones(batch.positions_like.shape[:2], dtype=torch.bool, device=self.device)
-        raise ValueError(
-            "token-level outputs without labels need an 'attention_mask' or 'input_ids' "
-            "in the batch to tell which positions count"
-        )
-
-    def _probe(self, batch: _Batch) -> _Layout:
-        """Learn from the first teacher's output whether rows are tokens (once per Distiller)."""
-        logits, hidden = self._run_teacher(0, batch.inputs)
+    def _probe(self, batch: Batch) -> _Layout:
+        """Learn from a model's output whether rows are tokens (once per Distiller)."""
+        logits, hidden = self._probe_outputs(batch.inputs)
         token_hidden = False
         if self.hidden is not None:
             token_hidden = _require_hidden(hidden, "teacher")[self._teacher_layers[0]].dim() >= 3
@@ -832,22 +851,39 @@ class Distiller:
         self._layout = layout
         return layout
 
-    def _run_teacher(self, k: int, inputs: Any) -> _Outputs:
+    def _probe_outputs(self, inputs: Any) -> Outputs:
+        return self._run_teacher(0, inputs)
+
+    def _run_teacher(self, k: int, inputs: Any) -> Outputs:
         with torch.no_grad():
-            out = _call(self.teachers[k], _to(inputs, self._teacher_devices[k], self.teacher_dtype),
-                        self._teacher_extra[k])
-        return _logits_and_hidden(out)
+            return _run(self.teachers[k],
+                        to_device(inputs, self._teacher_devices[k], self.teacher_dtype),
+                        self._teacher_extra[k], self._teacher_head, "teacher")
 
     def _forward(self, prep: _Prepared, model: nn.Module, temperature: float) -> _Rows:
         outputs = [self._run_teacher(k, prep.batch.inputs) for k in range(len(self.teachers))]
         student, projected = model(prep.batch.inputs)
-        teacher_logits = [logits.to(student.device) for logits, _ in outputs]
-        if len(teacher_logits) == 1:
-            teacher = plain = teacher_logits[0]
+        teacher: _TeacherLogits
+        if self._student_head is not None:
+            # The heads' inputs stand for the logits, which the op computes chunk by chunk; the
+            # heads' weights take the dtype of the student's hidden states, as under autocast.
+            student = LinearRows(student, self._student_head.weight, self._student_head.bias)
+            student = student.to(student.hidden.device, student.hidden.dtype)
+            teacher = LinearRows(outputs[0][0], self._teacher_head.weight,
+                                 self._teacher_head.bias).to(student.hidden.device,
+                                                             student.hidden.dtype)
+        elif self.cache is not None:
+            teacher = plain = self._cached_teacher(prep.batch, student)
         else:
-            teacher = combine_teachers(teacher_logits, self.teacher_weights, temperature)
-            plain = (combine_teachers(teacher_logits, self.teacher_weights, 1.0)
-                     if self.sample_weighting is not None else teacher)
+            teacher_logits = [logits.to(student.device) for logits, _ in outputs]
+            if len(teacher_logits) == 1:
+                plain = teacher_logits[0]
+                teacher = plain.to(student.dtype)
+            else:
+                teacher = combine_teachers(teacher_logits, self.teacher_weights,
+                                           temperature).to(student.dtype)
+                plain = (combine_teachers(teacher_logits, self.teacher_weights, 1.0)
+                         if self.sample_weighting is not None else teacher)
         weight = prep.logit_w
         if self.sample_weighting is not None:
             weight = weight * adaptive_weights(plain, prep.target, self.sample_weighting,
@@ -859,18 +895,30 @@ class Distiller:
             for s_h, t_layer in zip(projected, self._teacher_layers):
                 t_h = teacher_hidden[t_layer].to(device=s_h.device, dtype=s_h.dtype)
                 hidden.append((s_h, t_h, row_weight))
-        return _Rows(student, teacher.to(student.dtype), prep.target, prep.valid, weight, hidden)
+        return _Rows(student, teacher, prep.target, prep.valid, weight, hidden)
+
+    def _cached_teacher(self, batch: Batch, student: torch.Tensor) -> torch.Tensor | TopKRows:
+        """The cached teacher rows of ``batch``, laid out like the student's logits."""
+        if batch.index is None:
+            raise ValueError("training from a TeacherCache needs batches that carry their "
+                             "samples' indices: use cache.attach(loader)")
+        positions = token_positions(batch) if self.cache.token_level else None
+        values, index = self.cache.lookup(batch.index, positions)
+        if index is None:
+            return values.to(student.device, student.dtype)
+        # The top-k op reads the cached float16 logits as they are.
+        return TopKRows(index.to(student.device), values.to(student.device))
 
     # --------------------------------------------------------------------------------- losses
 
     def _loss(self, rows: _Rows, inv_logit: torch.Tensor, inv_hidden: torch.Tensor,
               temperature: float, alpha: float) -> torch.Tensor:
         """This micro-batch's share of the step's loss: weights already hold the normaliser."""
-        loss = distillation_loss(
+        loss = _logit_loss(
             rows.student, rows.teacher, weight=rows.weight * inv_logit, target=rows.target,
             divergence=self.divergence, temperature=temperature,
             alpha=alpha if rows.target is not None else 1.0, beta=self.beta,
-            ignore_index=self.ignore_index, reduction="sum",
+            ignore_index=self.ignore_index, chunk_size=self.lm_head_chunk_size,
         )
         for s_h, t_h, weight in rows.hidden:
             loss = loss + distillation_loss(s_h, t_h, weight=weight * inv_hidden,
@@ -880,20 +928,20 @@ class Distiller:
     @torch.no_grad()
     def _stats(self, rows: _Rows, prep: _Prepared, temperature: float) -> torch.Tensor:
         """The sums behind the metrics of one micro-batch, in the order of ``_STATS``."""
-        student = rows.student.detach()
-
+        # Under no_grad the op computes no gradient, so the student needs no detaching.
         def term(weight: torch.Tensor, divergence: str, alpha: float) -> torch.Tensor:
-            return distillation_loss(
-                student, rows.teacher, weight=weight, target=rows.target, divergence=divergence,
-                temperature=temperature, alpha=alpha, beta=self.beta,
-                ignore_index=self.ignore_index, reduction="sum",
+            return _logit_loss(
+                rows.student, rows.teacher, weight=weight, target=rows.target,
+                divergence=divergence, temperature=temperature, alpha=alpha, beta=self.beta,
+                ignore_index=self.ignore_index, chunk_size=self.lm_head_chunk_size,
             )
 
         zero = torch.zeros((), device=self.device)
         soft = term(rows.weight, self.divergence, 1.0)
         kl = term(rows.valid.float(), "kl", 1.0)
-        prediction = student.argmax(dim=-1)
-        agreement = ((prediction == rows.teacher.argmax(dim=-1)) & rows.valid).sum()
+        prediction = _argmax(rows.student, self.lm_head_chunk_size)
+        teacher_prediction = _argmax(rows.teacher, self.lm_head_chunk_size)
+        agreement = ((prediction == teacher_prediction) & rows.valid).sum()
         ce = correct = labelled = zero
         if rows.target is not None:
             ce = term(rows.weight, "kl", 0.0)
@@ -906,6 +954,9 @@ class Distiller:
         values = (soft, ce, hidden, kl, agreement, correct, prep.logit_w.sum(), d_hidden,
                   rows.valid.sum(), labelled)
         return torch.stack([v.to(self.device, torch.float64) for v in values])
+
+    def _zero_stats(self) -> torch.Tensor:
+        return torch.zeros(len(_STATS), dtype=torch.float64, device=self.device)
 
     def _summary(self, sums: torch.Tensor, alpha: float, has_labels: bool) -> dict[str, float]:
         s = dict(zip(_STATS, sums.tolist()))
@@ -948,6 +999,30 @@ class Distiller:
         self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def _make_optimizer(optimizer: OptimizerLike | None, module: nn.Module, lr: float,
+                    extra: nn.Module | None = None) -> torch.optim.Optimizer:
+    """The optimizer over ``module``'s trainable parameters: ``optimizer`` itself (the
+    parameters of ``extra`` it lacks added as a group), ``optimizer(params)`` or AdamW."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    if optimizer is None:
+        return torch.optim.AdamW(params, lr=lr)
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        return optimizer(params)
+    known = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [p for p in (extra.parameters() if extra is not None else ())
+               if id(p) not in known]
+    if missing:
+        optimizer.add_param_group({"params": missing})
+    return optimizer
+
+
+def _make_scheduler(scheduler: SchedulerLike | None, optimizer: torch.optim.Optimizer
+                    ) -> torch.optim.lr_scheduler.LRScheduler | None:
+    if scheduler is None or isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler):
+        return scheduler
+    return scheduler(optimizer)
 
 
 def _param_device(model: nn.Module, default: torch.device | None = None) -> torch.device:

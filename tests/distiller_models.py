@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
+import pykd
+
 VOCAB = 11
 
 
@@ -84,3 +86,16 @@ class TokenDataset(torch.utils.data.Dataset):
             ids[0] = int(np.random.randint(VOCAB))
             item["input_ids"] = ids
         return item
+
+
+class Killed(Exception):
+    """Stands in for a kill: raised from a callback to stop a run mid-training."""
+
+
+class Kill(pykd.Callback):
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_step_end(self, distiller, step, metrics):
+        if step == self.at:
+            raise Killed(f"killed at step {step}")

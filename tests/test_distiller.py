@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from distiller_models import VOCAB, TinyLM, TokenDataset, token_batch
+from distiller_models import VOCAB, Kill, Killed, TinyLM, TokenDataset, token_batch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -215,19 +215,6 @@ def test_gradient_clipping_bounds_the_update():
 
 
 # ------------------------------------------------------------------- checkpoints and errors
-
-
-class Killed(Exception):
-    pass
-
-
-class Kill(pykd.Callback):
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def on_step_end(self, distiller, step, metrics):
-        if step == self.at:
-            raise Killed(f"killed at step {step}")
 
 
 def _resumable_run(path: Path, callbacks=(), resume: bool = False, init_seed: int = 0):

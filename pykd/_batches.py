@@ -1,0 +1,171 @@
+"""Batches and model outputs as the Distiller and the teacher cache read them."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Union
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, SequentialSampler
+
+Outputs = tuple[torch.Tensor, Union[Sequence[torch.Tensor], None]]  # logits, hidden states
+
+
+@dataclasses.dataclass
+class IndexedBatch:
+    """A batch together with the dataset indices of its samples.
+
+    :meth:`pykd.TeacherCache.attach` makes loaders of these, so that the Distiller can look the
+    teacher's outputs up in the cache instead of running the teacher.
+    """
+
+    index: torch.Tensor  # [B] int64
+    batch: Any
+
+
+@dataclasses.dataclass
+class Batch:
+    inputs: Any
+    labels: torch.Tensor | None
+    sample_weight: torch.Tensor | None
+    attention_mask: torch.Tensor | None
+    positions_like: torch.Tensor | None  # an input shaped [B, T, ...] where there is no mask
+    size: int
+    index: torch.Tensor | None = None  # dataset indices, from an IndexedBatch
+
+
+def logits_and_hidden(output: Any) -> Outputs:
+    """The logits and (if any) hidden states of a model's output."""
+    if isinstance(output, torch.Tensor):
+        return output, None
+    if isinstance(output, Mapping):
+        logits, hidden = output.get("logits"), output.get("hidden_states")
+    else:
+        logits, hidden = getattr(output, "logits", None), getattr(output, "hidden_states", None)
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(
+            "a model must return a logits tensor, a dict with 'logits' or an object with .logits, "
+            f"got {type(output).__name__}"
+        )
+    return logits, hidden
+
+
+def call_model(model: nn.Module, inputs: Any, extra: Mapping[str, Any]) -> Any:
+    """``model(**inputs)``, ``model(*inputs)`` or ``model(inputs)``, plus keyword ``extra``."""
+    if isinstance(inputs, Mapping):
+        return model(**inputs, **extra)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs, **extra)
+    return model(inputs, **extra)
+
+
+def to_device(obj: Any, device: torch.device, float_dtype: torch.dtype | None = None) -> Any:
+    """Move the tensors of a nested batch (casting floating ones to ``float_dtype`` if given)."""
+    if isinstance(obj, torch.Tensor):
+        dtype = float_dtype if float_dtype is not None and obj.is_floating_point() else None
+        return obj.to(device=device, dtype=dtype, non_blocking=True)
+    if isinstance(obj, IndexedBatch):
+        return IndexedBatch(obj.index, to_device(obj.batch, device, float_dtype))
+    if isinstance(obj, Mapping):
+        return {k: to_device(v, device, float_dtype) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(to_device(v, device, float_dtype) for v in obj)
+    return obj
+
+
+def first_tensor(obj: Any) -> torch.Tensor | None:
+    if isinstance(obj, torch.Tensor):
+        return obj
+    values = obj.values() if isinstance(obj, Mapping) else obj
+    if isinstance(values, Iterable) and not isinstance(obj, (str, bytes)):
+        for value in values:
+            found = first_tensor(value)
+            if found is not None:
+                return found
+    return None
+
+
+def split_batch(batch: Any) -> tuple[Any, Any, Any]:
+    """``(inputs, labels, sample_weight)`` of a batch (or of one dataset item).
+
+    Dict batches are Hugging Face style: model keyword inputs plus optional ``"labels"`` and
+    ``"sample_weight"``. Tuples are ``(inputs,)``, ``(inputs, labels)`` or
+    ``(inputs, labels, sample_weight)``. A bare tensor is the input.
+    """
+    if isinstance(batch, Mapping):
+        inputs = dict(batch)
+        return inputs, inputs.pop("labels", None), inputs.pop("sample_weight", None)
+    if isinstance(batch, (tuple, list)):
+        if not 1 <= len(batch) <= 3:
+            raise ValueError(
+                "a tuple batch is (inputs, labels, sample_weight) or a prefix of it, "
+                f"got {len(batch)} items"
+            )
+        inputs, labels, weight = (*batch, None, None)[:3]
+        return inputs, labels, weight
+    if isinstance(batch, torch.Tensor):
+        return batch, None, None
+    raise TypeError(f"batches must be dicts, tuples or tensors, got {type(batch).__name__}")
+
+
+def parse_batch(batch: Any) -> Batch:
+    """Split a batch (see :func:`split_batch`) and find its size, mask and token positions."""
+    index = None
+    if isinstance(batch, IndexedBatch):
+        index, batch = batch.index, batch.batch
+    inputs, labels, weight = split_batch(batch)
+    mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+    if isinstance(inputs, Mapping) and isinstance(inputs.get("input_ids"), torch.Tensor):
+        positions_like = inputs["input_ids"]
+    else:
+        positions_like = first_tensor(inputs)
+    sized = next((t for t in (labels, positions_like, mask) if t is not None), None)
+    if sized is None:
+        raise ValueError("a batch must hold at least one tensor")
+    if weight is not None and tuple(weight.shape) != (sized.shape[0],):
+        raise ValueError(
+            f"sample_weight must be shaped ({sized.shape[0]},), got {tuple(weight.shape)}"
+        )
+    if index is not None and tuple(index.shape) != (sized.shape[0],):
+        raise ValueError(f"the sample indices must be shaped ({sized.shape[0]},), "
+                         f"got {tuple(index.shape)}")
+    return Batch(inputs, labels, weight, mask, positions_like, sized.shape[0], index)
+
+
+def token_positions(batch: Batch) -> torch.Tensor:
+    """[B, T] bool: the token positions that are not padding."""
+    if batch.attention_mask is not None:
+        return batch.attention_mask != 0
+    if batch.positions_like is not None and batch.positions_like.dim() >= 2:
+        return torch.ones(batch.positions_like.shape[:2], dtype=torch.bool,
+                          device=batch.positions_like.device)
+    raise ValueError(
+        "token-level outputs without labels need an 'attention_mask' or 'input_ids' "
+        "in the batch to tell which positions count"
+    )
+
+
+def rebuildable(data: Any) -> bool:
+    """A DataLoader that can be re-created with another sampler (see :func:`loader_like`)."""
+    return (
+        isinstance(data, DataLoader)
+        and data.batch_size is not None
+        and not isinstance(data.dataset, IterableDataset)
+        and (type(data.sampler) is SequentialSampler
+             or (type(data.sampler) is RandomSampler and not data.sampler.replacement))
+    )
+
+
+def loader_like(loader: DataLoader, dataset: Dataset, collate_fn: Any,
+                **options: Any) -> DataLoader:
+    """A DataLoader over ``dataset`` with ``loader``'s batch size, workers and other settings,
+    plus ``options`` (the sampler or ``shuffle``, a generator)."""
+    extra = {"prefetch_factor": loader.prefetch_factor} if loader.num_workers else {}
+    return DataLoader(
+        dataset, batch_size=loader.batch_size, collate_fn=collate_fn, drop_last=loader.drop_last,
+        num_workers=loader.num_workers, pin_memory=loader.pin_memory, timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        multiprocessing_context=loader.multiprocessing_context, **extra, **options,
+    )

@@ -1,0 +1,540 @@
+"""Teacher-output cache: run a teacher over a dataset once, then train from its stored outputs.
+
+A cache is a folder of plain data, never code::
+
+    manifest.json        the key, the layout and each finished shard's sizes and sha256 sums
+    shard-00000.values   [rows, width] float16 or float32, raw little-endian
+    shard-00000.indices  [rows, k] int32 vocabulary indices (top-k caches only)
+    shard-00000.offsets  [samples + 1] int64: where each sample's rows start in the shard
+
+A row is one sample (sequence classification) or one non-padding token (attention mask) of it.
+Shard ``j`` holds samples ``[j * shard_size, (j + 1) * shard_size)`` in dataset order. Every file
+is written atomically and the manifest is rewritten (atomically) after each shard, so a killed
+build resumes at the first shard the manifest lacks, after checking the ones it lists.
+
+The key is the sha256 of the teacher's weights (its ``state_dict``), the sha256 of the dataset's
+model inputs (labels and sample weights excluded) and the settings (``top_k``, ``dtype``): a
+cache built for other weights, data or settings is refused with :class:`StaleCacheError`, a
+shard whose bytes no longer match its checksum with :class:`CorruptCacheError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
+from tqdm.auto import tqdm
+
+from pykd._batches import (
+    IndexedBatch,
+    call_model,
+    loader_like,
+    logits_and_hidden,
+    parse_batch,
+    rebuildable,
+    split_batch,
+    to_device,
+    token_positions,
+)
+from pykd.checkpoint import PathLike, write_atomic
+
+_FORMAT = "pykd.teacher_cache/1"
+_MANIFEST = "manifest.json"
+_DTYPES = {"float16": np.float16, "float32": np.float32}
+_INDEX_DTYPE = np.int32
+_OFFSET_DTYPE = np.int64
+
+
+class CacheError(RuntimeError):
+    """A teacher cache cannot be used."""
+
+
+class StaleCacheError(CacheError):
+    """The cache was built for other teacher weights, data or settings."""
+
+
+class CorruptCacheError(CacheError):
+    """A cache file does not hold what its manifest says."""
+
+
+@dataclasses.dataclass
+class TopKRows:
+    """A teacher given by its top-k logits per row, no probability mass elsewhere (the input of
+    :func:`pykd.functional.distillation_loss_topk`)."""
+
+    index: torch.Tensor  # (*, k) int64 vocabulary indices
+    logits: torch.Tensor  # (*, k)
+
+    def argmax(self) -> torch.Tensor:
+        return self.index.gather(-1, self.logits.argmax(-1, keepdim=True)).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------- fingerprints
+
+
+def _hash_value(h: Any, value: Any) -> None:
+    """Feed a nested value of tensors, arrays, containers and scalars to ``h``, unambiguously."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().contiguous()
+        h.update(f"tensor {value.dtype} {tuple(value.shape)};".encode())
+        h.update(value.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(value, (np.ndarray, np.generic)):
+        value = np.asarray(value)
+        h.update(f"array {value.dtype.str} {value.shape};".encode())
+        h.update(np.ascontiguousarray(value).view(np.uint8))
+    elif isinstance(value, Mapping):
+        h.update(f"map {len(value)};".encode())
+        for key in sorted(value, key=str):
+            _hash_value(h, str(key))
+            _hash_value(h, value[key])
+    elif isinstance(value, (list, tuple)):
+        h.update(f"seq {len(value)};".encode())
+        for item in value:
+            _hash_value(h, item)
+    elif isinstance(value, (str, bytes, int, float, bool)) or value is None:
+        text = repr(value).encode()
+        h.update(f"{type(value).__name__} {len(text)};".encode() + text)
+    else:
+        raise TypeError(f"cannot fingerprint a {type(value).__name__} in the data; items must "
+                        "hold tensors, arrays, containers and plain scalars")
+
+
+def fingerprint_model(model: nn.Module) -> str:
+    """sha256 of a model's class and ``state_dict`` (names, dtypes, shapes and bytes)."""
+    h = hashlib.sha256(f"{type(model).__module__}.{type(model).__qualname__};".encode())
+    _hash_value(h, list(model.state_dict().items()))
+    return h.hexdigest()
+
+
+def fingerprint_data(dataset: Dataset) -> str:
+    """sha256 of the model inputs of every item of a map-style dataset, in order.
+
+    Labels and sample weights are left out (see :func:`pykd._batches.split_batch`): the
+    teacher's outputs do not depend on them.
+    """
+    h = hashlib.sha256(f"items {len(dataset)};".encode())
+    for i in range(len(dataset)):
+        _hash_value(h, split_batch(dataset[i])[0])
+    return h.hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------- the cache
+
+
+@dataclasses.dataclass
+class _Shard:
+    values: np.ndarray  # [rows, width]
+    indices: np.ndarray | None  # [rows, k]
+    offsets: np.ndarray  # [samples + 1]
+
+
+class _Indexed(Dataset):
+    """Items ``(i, dataset[i])``."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[int, Any]:
+        return i, self.dataset[i]
+
+
+class _IndexedCollate:
+    """The loader's own collate for the items, their indices alongside (picklable for workers)."""
+
+    def __init__(self, collate: Callable[[list[Any]], Any]) -> None:
+        self.collate = collate
+
+    def __call__(self, items: list[tuple[int, Any]]) -> IndexedBatch:
+        return IndexedBatch(torch.tensor([i for i, _ in items], dtype=torch.long),
+                            self.collate([item for _, item in items]))
+
+
+class TeacherCache:
+    """A teacher's outputs over a dataset, stored once and reused across epochs and runs.
+
+    Build it with :meth:`build` (which also resumes an interrupted build, or returns the finished
+    cache untouched) or open a finished one with :meth:`open`, then give it to
+    :class:`pykd.Distiller` as the teacher and train on :meth:`attach`-ed loaders: the teacher
+    is not needed at all. A full-logit cache (``top_k=None``, for small label sets) feeds the
+    cached logits to the loss as the teacher's; a top-k cache feeds the teacher's ``k`` largest
+    logits per row, whose tempered softmax is the teacher distribution (no mass elsewhere, see
+    :func:`pykd.functional.distillation_loss_topk`).
+
+    Token-level rows are the positions of the attention mask (all positions without one), and a
+    batch at training time must mask each sample exactly as when the cache was built; positions
+    outside the mask get zeros, so their labels must be ``ignore_index``. The data must be the
+    same, item for item (no random augmentation); :meth:`attach` checks it.
+
+    Attributes:
+        path: the cache folder.
+        top_k: ``k`` of a top-k cache, None for full logits.
+        dtype: ``"float16"`` or ``"float32"``, the stored logits' type.
+        num_samples, num_shards, shard_size: the dataset's size and how it is split.
+        token_level: whether rows are tokens (None until the first shard is built).
+        vocab_size: the teacher's number of classes (None until the first shard is built).
+    """
+
+    def __init__(self, path: PathLike, manifest: dict[str, Any]) -> None:
+        """Use :meth:`build` or :meth:`open`."""
+        self.path = Path(path)
+        self._manifest = manifest
+        self._shards: dict[int, _Shard] = {}
+
+    # ------------------------------------------------------------------------- properties
+
+    @property
+    def top_k(self) -> int | None:
+        return self._manifest["key"]["top_k"]
+
+    @property
+    def dtype(self) -> str:
+        return self._manifest["key"]["dtype"]
+
+    @property
+    def num_samples(self) -> int:
+        return self._manifest["num_samples"]
+
+    @property
+    def shard_size(self) -> int:
+        return self._manifest["shard_size"]
+
+    @property
+    def num_shards(self) -> int:
+        return math.ceil(self.num_samples / self.shard_size)
+
+    @property
+    def token_level(self) -> bool | None:
+        return self._manifest["token_level"]
+
+    @property
+    def vocab_size(self) -> int | None:
+        return self._manifest["vocab_size"]
+
+    @property
+    def complete(self) -> bool:
+        return len(self._manifest["shards"]) == self.num_shards
+
+    # ---------------------------------------------------------------------- build and open
+
+    @classmethod
+    def build(
+        cls,
+        path: PathLike,
+        teacher: nn.Module,
+        dataset: Dataset,
+        *,
+        top_k: int | None = None,
+        dtype: str = "float16",
+        batch_size: int = 32,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+        shard_size: int = 4096,
+        progress: bool = False,
+        on_shard: Callable[[int], None] | None = None,
+    ) -> TeacherCache:
+        """Run ``teacher`` over ``dataset`` and store its outputs under ``path`` (a folder).
+
+        A finished cache with the same key is returned as it is; an unfinished one is checked
+        shard by shard and completed from the first missing shard; one with another key raises
+        :class:`StaleCacheError`.
+
+        Args:
+            path: the cache folder (created if missing).
+            teacher: the teacher; run where its parameters are, in eval mode under
+                ``torch.no_grad()``, then put back in its mode.
+            dataset: a map-style dataset whose items collate into Distiller batches.
+            top_k: keep the ``k`` largest logits of each row (values and int32 indices); None
+                keeps all logits (for small label sets).
+            dtype: ``"float16"`` (default) or ``"float32"`` for the stored logits.
+            batch_size, collate_fn: how the teacher's batches are formed, as in a DataLoader.
+            shard_size: samples per shard file (ignored when resuming: the cache keeps its own).
+            progress: show a progress bar over the shards.
+            on_shard: called with each shard's number once it is stored.
+
+        Returns:
+            The finished cache.
+        """
+        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {tuple(_DTYPES)}, got {dtype!r}")
+        if shard_size < 1 or batch_size < 1:
+            raise ValueError("shard_size and batch_size must be >= 1")
+        key = {"teacher": fingerprint_model(teacher), "data": fingerprint_data(dataset),
+               "top_k": top_k, "dtype": dtype}
+        path = Path(path)
+        if (path / _MANIFEST).exists():
+            cache = cls(path, _read_manifest(path))
+            cache._check_key(key)
+            cache.verify()  # the shards kept from an interrupted build
+        else:
+            cache = cls(path, {"format": _FORMAT, "key": key, "num_samples": len(dataset),
+                               "shard_size": shard_size, "token_level": None,
+                               "vocab_size": None, "shards": []})
+        if cache.complete:
+            return cache
+        device = next((p.device for p in teacher.parameters()), torch.device("cpu"))
+        was_training = teacher.training
+        teacher.eval()
+        try:
+            first = len(cache._manifest["shards"])
+            for j in tqdm(range(first, cache.num_shards), desc="teacher cache", unit="shard",
+                          disable=not progress):
+                cache._build_shard(j, teacher, dataset, batch_size, collate_fn, device)
+                if on_shard is not None:
+                    on_shard(j)
+        finally:
+            teacher.train(was_training)
+        return cache
+
+    @classmethod
+    def open(cls, path: PathLike, *, teacher: nn.Module | None = None,
+             dataset: Dataset | None = None) -> TeacherCache:
+        """Open a cache folder; with ``teacher`` or ``dataset``, check it was built for them.
+
+        Shards are checked against their checksums as they are first read (:meth:`verify`
+        checks them all at once).
+
+        Raises:
+            StaleCacheError: ``teacher`` or ``dataset`` differs from what the cache was built for.
+            CorruptCacheError: the manifest cannot be read.
+        """
+        cache = cls(path, _read_manifest(Path(path)))
+        if teacher is not None and fingerprint_model(teacher) != cache._manifest["key"]["teacher"]:
+            raise StaleCacheError(f"{cache.path} was built for a teacher with other weights")
+        if dataset is not None:
+            cache.check_data(dataset)
+        return cache
+
+    def _check_key(self, key: dict[str, Any]) -> None:
+        stored = self._manifest["key"]
+        what = {"teacher": "the teacher's weights", "data": "the data's inputs",
+                "top_k": "top_k", "dtype": "dtype"}
+        diff = [f"{what[name]} ({stored[name]!r} in the cache, {key[name]!r} now)"
+                if name in ("top_k", "dtype") else what[name]
+                for name in what if stored[name] != key[name]]
+        if diff:
+            raise StaleCacheError(
+                f"{self.path} was built for other settings: {', '.join(diff)} differ; delete the "
+                "folder or build to another path"
+            )
+
+    def check_data(self, dataset: Dataset) -> None:
+        """Raise :class:`StaleCacheError` unless ``dataset`` has the cache's inputs."""
+        if fingerprint_data(dataset) != self._manifest["key"]["data"]:
+            raise StaleCacheError(
+                f"{self.path} was built on other data: the dataset's inputs (or their order) "
+                "differ from those the teacher saw"
+            )
+
+    def require_complete(self) -> None:
+        if not self.complete:
+            raise CacheError(f"{self.path} holds {len(self._manifest['shards'])} of "
+                             f"{self.num_shards} shards: finish it with TeacherCache.build")
+
+    def verify(self) -> None:
+        """Check every finished shard against its checksums (:class:`CorruptCacheError`)."""
+        for j in range(len(self._manifest["shards"])):
+            self._shard(j)
+
+    # -------------------------------------------------------------------------- training
+
+    def attach(self, loader: DataLoader) -> DataLoader:
+        """A loader like ``loader`` whose batches carry their samples' indices into the cache.
+
+        ``loader`` must be a DataLoader over the cached dataset with a batch size and a
+        sequential or shuffling sampler; its collate function, workers and other settings are
+        kept. The dataset is checked against the cache's key, which reads every item once.
+        """
+        if not rebuildable(loader):
+            raise TypeError("attach needs a DataLoader over a map-style dataset with a batch_size "
+                            "and a sequential or shuffling sampler")
+        self.check_data(loader.dataset)
+        return loader_like(loader, _Indexed(loader.dataset), _IndexedCollate(loader.collate_fn),
+                           shuffle=isinstance(loader.sampler, RandomSampler))
+
+    def lookup(self, index: torch.Tensor,
+               positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The cached rows of the samples ``index`` (``[B]``), on the CPU.
+
+        Returns ``(values, indices)``: ``values`` are ``[B, W]`` (one row per sample) or, given
+        the batch's ``[B, T]`` token ``positions``, ``[B, T, W]`` with each sample's rows at its
+        positions and zeros elsewhere; ``W`` is the vocabulary (full logits) or ``k``.
+        ``indices`` are the int64 vocabulary indices of a top-k cache, laid out alike
+        (``0..k-1`` off the positions), or None.
+        """
+        self.require_complete()
+        samples = index.tolist()
+        values, indices = [], []
+        for i in samples:
+            if not 0 <= i < self.num_samples:
+                raise IndexError(f"sample {i} is outside the cache's {self.num_samples} samples")
+            shard = self._shard(i // self.shard_size)
+            local = i % self.shard_size
+            lo, hi = int(shard.offsets[local]), int(shard.offsets[local + 1])
+            values.append(shard.values[lo:hi])
+            if shard.indices is not None:
+                indices.append(shard.indices[lo:hi])
+        counts = [len(v) for v in values]
+        if positions is None:
+            if self.token_level:
+                raise ValueError("a token-level cache needs the batch's token positions")
+            return _stacked(values), (_stacked(indices).long() if indices else None)
+        expected = positions.sum(1).tolist()
+        for i, have, want in zip(samples, counts, expected):
+            if have != want:
+                raise ValueError(
+                    f"sample {i}: the batch has {want} token positions but the cache holds {have} "
+                    "rows for it; mask and pad it as when the cache was built"
+                )
+        mask = positions.cpu()
+        out = torch.zeros(*mask.shape, self._width(), dtype=_torch_dtype(self.dtype))
+        out[mask] = _stacked(values)
+        out_index = None
+        if indices:
+            # Off the positions: k distinct classes with equal logits, a harmless uniform row.
+            out_index = torch.arange(self.top_k).expand(*mask.shape, self.top_k).clone()
+            out_index[mask] = _stacked(indices).long()
+        return out, out_index
+
+    # ------------------------------------------------------------------------------ shards
+
+    def _width(self) -> int:
+        return self.top_k if self.top_k is not None else self.vocab_size
+
+    def _files(self, j: int) -> dict[str, Path]:
+        names = ["values", "offsets"] + (["indices"] if self.top_k is not None else [])
+        return {name: self.path / f"shard-{j:05d}.{name}" for name in names}
+
+    def _layout(self, j: int) -> dict[str, tuple[Any, tuple[int, ...]]]:
+        """dtype and shape of each file of finished shard ``j``."""
+        entry = self._manifest["shards"][j]
+        rows, samples = entry["rows"], entry["samples"]
+        layout = {"values": (_DTYPES[self.dtype], (rows, self._width())),
+                  "offsets": (_OFFSET_DTYPE, (samples + 1,))}
+        if self.top_k is not None:
+            layout["indices"] = (_INDEX_DTYPE, (rows, self.top_k))
+        return layout
+
+    def _shard(self, j: int) -> _Shard:
+        """Finished shard ``j``, memory-mapped, checked against its checksums on first use."""
+        if j in self._shards:
+            return self._shards[j]
+        entry = self._manifest["shards"][j]
+        arrays: dict[str, np.ndarray] = {}
+        for name, file in self._files(j).items():
+            dtype, shape = self._layout(j)[name]
+            size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+            if not file.exists() or file.stat().st_size != size:
+                raise CorruptCacheError(f"{file} is missing or has the wrong size (expected "
+                                        f"{size} bytes); delete {self.path} and build it again")
+            if _sha256_file(file) != entry["sha256"][name]:
+                raise CorruptCacheError(f"{file} does not match its checksum: the cache is "
+                                        f"corrupted; delete {self.path} and build it again")
+            arrays[name] = (np.memmap(file, dtype=dtype, mode="r", shape=shape) if size
+                            else np.zeros(shape, dtype=dtype))
+        shard = _Shard(arrays["values"], arrays.get("indices"), arrays["offsets"])
+        self._shards[j] = shard
+        return shard
+
+    @torch.no_grad()
+    def _build_shard(self, j: int, teacher: nn.Module, dataset: Dataset, batch_size: int,
+                     collate_fn: Callable[[list[Any]], Any] | None,
+                     device: torch.device) -> None:
+        start = j * self.shard_size
+        stop = min(start + self.shard_size, self.num_samples)
+        options = {} if collate_fn is None else {"collate_fn": collate_fn}
+        loader = DataLoader(Subset(dataset, range(start, stop)), batch_size=batch_size, **options)
+        values, indices, counts = [], [], []
+        for raw in loader:
+            batch = parse_batch(to_device(raw, device))
+            logits, _ = logits_and_hidden(call_model(teacher, batch.inputs, {}))
+            rows, count = self._rows(logits, batch)
+            counts.append(count.cpu())
+            if self.top_k is not None:
+                top = rows.float().topk(self.top_k, dim=-1)
+                values.append(top.values)
+                indices.append(top.indices.to(torch.int32))
+            else:
+                values.append(rows)
+        arrays = {"values": torch.cat(values).float().cpu().numpy().astype(_DTYPES[self.dtype]),
+                  "offsets": np.concatenate([[0], torch.cat(counts).cumsum(0).numpy()])
+                  .astype(_OFFSET_DTYPE)}
+        if indices:
+            arrays["indices"] = torch.cat(indices).cpu().numpy().astype(_INDEX_DTYPE)
+        sums = {}
+        for name, file in self._files(j).items():
+            data = np.ascontiguousarray(arrays[name]).tobytes()
+            write_atomic(file, lambda f, data=data: f.write(data))
+            sums[name] = hashlib.sha256(data).hexdigest()
+        self._manifest["shards"].append({"samples": stop - start,
+                                         "rows": len(arrays["values"]), "sha256": sums})
+        _write_manifest(self.path, self._manifest)
+
+    def _rows(self, logits: torch.Tensor, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows to store of one batch's logits, and how many belong to each sample."""
+        token_level = logits.dim() >= 3
+        if logits.dim() > 3 or logits.dim() < 2:
+            raise ValueError(f"the teacher's logits must be [B, C] or [B, T, V], got "
+                             f"{tuple(logits.shape)}")
+        for name, value in (("token_level", token_level), ("vocab_size", logits.shape[-1])):
+            if self._manifest[name] is None:
+                self._manifest[name] = value
+            elif self._manifest[name] != value:
+                raise ValueError(f"the teacher's outputs changed {name} from "
+                                 f"{self._manifest[name]} to {value} within the dataset")
+        if self.top_k is not None and self.top_k > self.vocab_size:
+            raise ValueError(f"top_k={self.top_k} exceeds the teacher's {self.vocab_size} classes")
+        if not token_level:
+            return logits, torch.ones(len(logits), dtype=torch.long)
+        positions = token_positions(batch)
+        if positions.shape != logits.shape[:2]:
+            raise ValueError(f"token positions {tuple(positions.shape)} do not match the "
+                             f"teacher's logits {tuple(logits.shape)}")
+        return logits[positions], positions.sum(1)
+
+
+def _stacked(arrays: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.concatenate(arrays))
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    return {"float16": torch.float16, "float32": torch.float32}[name]
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    file = path / _MANIFEST
+    try:
+        manifest = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise CacheError(f"{path} is not a teacher cache (no {_MANIFEST})") from None
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CorruptCacheError(f"{file} cannot be read ({error}); delete {path} and build it "
+                                "again") from error
+    if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT:
+        raise CorruptCacheError(f"{file} is not a {_FORMAT} manifest")
+    return manifest
+
+
+def _write_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    text = json.dumps(manifest, indent=1).encode()
+    write_atomic(path / _MANIFEST, lambda f: f.write(text))
