@@ -225,7 +225,7 @@ std::tuple<at::Tensor, at::Tensor> reduce_rows(const LossConfig& cfg, const at::
     loss = at::where(rw.norm == 0, zero, weighted.sum() / rw.norm);
   }
   at::Tensor grad_w;
-  if (weight_grad) {
+  if (weight_grad && weight.has_value()) {
     at::Tensor g;
     switch (cfg.reduction) {
       case Reduction::Mean:
@@ -239,6 +239,8 @@ std::tuple<at::Tensor, at::Tensor> reduce_rows(const LossConfig& cfg, const at::
     }
     if (rw.valid.defined()) g = at::where(rw.valid, g, zero);
     grad_w = at::where(rw.norm == 0, zero, g).reshape(lead).to(weight->scalar_type());
+  } else {
+    grad_w = no_grad_output(weight.has_value() ? *weight : u);
   }
   return {loss, grad_w};
 }
@@ -327,9 +329,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_loss_fused_im
   if (cfg.rows > 0) launch(a);
   if (value_checks) raise_bad_row(bad_row.item<int64_t>());
   const auto lead = student.sizes().slice(0, student.dim() - 1);
-  const bool want_w = grad_mask[2] && weight.has_value();
-  auto [loss, grad_w] = reduce_rows(cfg, u, rw, lead, weight, want_w);
-  if (!want_w) grad_w = no_grad_output(weight.has_value() ? *weight : u);
+  auto [loss, grad_w] = reduce_rows(cfg, u, rw, lead, weight, grad_mask[2]);
   return {loss, grad_s, grad_t, grad_w};
 }
 

@@ -70,8 +70,8 @@ void check_row_values(const LossConfig& cfg, const std::optional<at::Tensor>& we
                       const std::optional<at::Tensor>& target);
 void raise_bad_row(int64_t row);
 
-// From the unweighted row losses u: the loss (shaped `lead` for reduction none) and, if asked,
-// d loss / d weight in the weight's dtype.
+// From the unweighted row losses u: the loss (shaped `lead` for reduction none) and, if asked and
+// a weight was given, d loss / d weight in the weight's dtype (else an empty stand-in).
 std::tuple<at::Tensor, at::Tensor> reduce_rows(const LossConfig& cfg, const at::Tensor& u,
                                                const RowWeights& rw, c10::IntArrayRef lead,
                                                const std::optional<at::Tensor>& weight,

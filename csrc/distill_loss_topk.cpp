@@ -121,9 +121,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_loss_topk_impl(
   if (value_checks) raise_bad_row(bad_row.item<int64_t>());
 
   const auto lead = student.sizes().slice(0, student.dim() - 1);
-  const bool want_w = grad_mask[1] && weight.has_value();
-  auto [loss, grad_w] = reduce_rows(cfg, u, rw, lead, weight, want_w);
-  if (!want_w) grad_w = no_grad_output(weight.has_value() ? *weight : u);
+  auto [loss, grad_w] = reduce_rows(cfg, u, rw, lead, weight, grad_mask[1]);
   return {loss, grad_s, grad_w};
 }
 

@@ -135,9 +135,7 @@ fused_linear_distill_loss_impl(const at::Tensor& student_hidden, const at::Tenso
     if (want_bias) grad_b.add_(g.sum(0, /*keepdim=*/false, acc.dtype().toScalarType()));
   }
   const auto lead = student_hidden.sizes().slice(0, student_hidden.dim() - 1);
-  const bool want_w = grad_mask[3] && weight.has_value();
-  auto [loss, grad_w] = reduce_rows(cfg, u, rw, lead, weight, want_w);
-  if (!want_w) grad_w = no_grad_output(weight.has_value() ? *weight : u);
+  auto [loss, grad_w] = reduce_rows(cfg, u, rw, lead, weight, grad_mask[3]);
   if (grad_mask[0]) grad_h = grad_h.reshape(student_hidden.sizes());
   grad_b = want_bias ? grad_b.to(student_bias->scalar_type())
                      : no_grad_output(student_bias.has_value() ? *student_bias : student_hidden);
