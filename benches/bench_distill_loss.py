@@ -8,14 +8,13 @@ inputs, as a multiple of the gradient's size (1.00 = nothing but the gradient).
 
 from __future__ import annotations
 
-import gc
-
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import RESULTS, device_name
 
 import pykd
+from pykd.bench import eager_kl as _eager_kl
+from pykd.bench import peak_extra_bytes
 
 T = 2.0
 CASES = [  # (N, V, dtype)
@@ -27,8 +26,7 @@ CASES = [  # (N, V, dtype)
 
 
 def eager_kl(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    return F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1), log_target=True,
-                    reduction="batchmean") * T * T
+    return _eager_kl(s, t, T)
 
 
 def pykd_kl(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -39,28 +37,8 @@ _compiled = torch.compile(eager_kl, dynamic=False)
 IMPLS = {"pykd": pykd_kl, "eager": eager_kl, "compile": _compiled}
 
 
-def _rss_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(ln.split()[1]) for ln in f if ln.startswith(field))
-
-
 def cpu_peak_extra_bytes(step) -> int:
-    """Peak resident memory during one step above what was resident before it (Linux)."""
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the high-water mark
-    before = _rss_kb("VmRSS:")
-    step()
-    return max(0, _rss_kb("VmHWM:") - before) * 1024
-
-
-def cuda_peak_extra_bytes(step) -> int:
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    step()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
+    return peak_extra_bytes(step, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
@@ -83,7 +61,7 @@ def test_kl_forward_backward(benchmark, impl, n, v, dtype, device):
     step()
     grad_bytes = s.numel() * s.element_size()
     s.grad = None
-    peak = (cuda_peak_extra_bytes if device == "cuda" else cpu_peak_extra_bytes)(step)
+    peak = peak_extra_bytes(step, torch.device(device))
     rounds = 3 if device == "cpu" and n * v > 10**7 else 20
     benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=0)
     ms = benchmark.stats.stats.median * 1e3

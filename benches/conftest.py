@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 import platform
 
 import torch
 
+from pykd.bench import fix_mmap_threshold
+
 RESULTS: list[dict] = []
 
 
-def _fixed_mmap_threshold() -> None:
-    """Peak memory is read from the process's resident high-water mark. glibc raises its mmap
-    threshold after large frees, so later buffers come from a heap that stays resident and their
-    peak goes unseen; a fixed 64 KB threshold maps (and returns) every large buffer."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
-    except OSError:
-        pass
-
-
-_fixed_mmap_threshold()
+fix_mmap_threshold()
 
 
 def device_name(device: str) -> str:

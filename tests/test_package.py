@@ -72,3 +72,16 @@ def test_cli_demo_distils():
     first = float(lines[0].split()[-1].rstrip("%"))
     last = float(lines[-1].split()[-1].rstrip("%"))
     assert last > first + 20, out.stdout
+
+
+def test_cli_version_and_bench():
+    out = run_cli("--version")
+    assert out.returncode == 0 and "pykd " in out.stdout and "built for torch" in out.stdout
+    out = run_cli("bench", "--rows", "64", "--vocab", "300", "--iters", "2", "--impl",
+                  "pykd,eager")
+    assert out.returncode == 0, out.stderr
+    rows = [ln for ln in out.stdout.splitlines() if ln.startswith("| pykd") or
+            ln.startswith("| eager")]
+    assert len(rows) == 2 and "1.00x" in rows[0], out.stdout
+    bad = run_cli("bench", "--impl", "nope")
+    assert bad.returncode != 0 and "unknown --impl" in bad.stderr
