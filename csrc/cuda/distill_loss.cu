@@ -129,11 +129,12 @@ __device__ void cluster_merge(RowStats<A>* block, RowStats<A>* row, int cluster)
 template <typename S, typename A, typename F>
 __device__ void for_each_group(const S* sp, const S* tp, int64_t first, int64_t n, bool packed,
                                S* cache_s, S* cache_t, F&& f) {
+  // tp == nullptr: a student-only sweep (the top-k op); f then sees the student values as t too.
   if (packed) {
     constexpr int P = Pack<S>::kSize;
     for (int64_t g = threadIdx.x; g * P < n; g += blockDim.x) {
       const Pack<S> ps = reinterpret_cast<const Pack<S>*>(sp)[g];
-      const Pack<S> pt = reinterpret_cast<const Pack<S>*>(tp)[g];
+      const Pack<S> pt = tp ? reinterpret_cast<const Pack<S>*>(tp)[g] : ps;
       if (cache_s) {
         reinterpret_cast<Pack<S>*>(cache_s)[g] = ps;
         reinterpret_cast<Pack<S>*>(cache_t)[g] = pt;
@@ -152,7 +153,7 @@ __device__ void for_each_group(const S* sp, const S* tp, int64_t first, int64_t 
         cache_s[j] = sp[j];
         cache_t[j] = tp[j];
       }
-      const A s = static_cast<A>(sp[j]), t = static_cast<A>(tp[j]);
+      const A s = static_cast<A>(sp[j]), t = tp ? static_cast<A>(tp[j]) : s;
       f(j, first + j, &s, &t, 1);
     }
   }
@@ -455,7 +456,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 
   // The student's streaming log-sum-exp at T (stream s) and at 1 (stream s1).
   RowStats<A> st;
-  for_each_group<S, A>(srow, srow, 0, V, packed, nullptr, nullptr,
+  for_each_group<S, A>(srow, nullptr, 0, V, packed, nullptr, nullptr,
                        [&](int64_t, int64_t, const A* s, const A*, int cnt) {
                          A m = s[0];
                          for (int e = 1; e < cnt; ++e)
@@ -517,7 +518,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   // Every column's plain gradient, then the k columns and the target rewritten whole (after a
   // barrier, so the later store wins): each element is rounded once.
   const TopkConsts<A> kc = *kc_shared;
-  for_each_group<S, A>(srow, srow, 0, V, packed, nullptr, nullptr,
+  for_each_group<S, A>(srow, nullptr, 0, V, packed, nullptr, nullptr,
                        [&](int64_t g, int64_t col, const A* s, const A*, int cnt) {
                          constexpr int P = Pack<S>::kSize;
                          if (cnt == 1) {
