@@ -65,7 +65,10 @@ def to_device(obj: Any, device: torch.device, float_dtype: torch.dtype | None = 
     """Move the tensors of a nested batch (casting floating ones to ``float_dtype`` if given)."""
     if isinstance(obj, torch.Tensor):
         dtype = float_dtype if float_dtype is not None and obj.is_floating_point() else None
-        return obj.to(device=device, dtype=dtype, non_blocking=True)
+        # Only a host-to-GPU copy may be asynchronous: the GPU's stream orders it before the
+        # kernels that read it, whereas nothing orders a copy into host memory before its reads.
+        non_blocking = torch.device(device).type == "cuda" and obj.device.type == "cpu"
+        return obj.to(device=device, dtype=dtype, non_blocking=non_blocking)
     if isinstance(obj, IndexedBatch):
         return IndexedBatch(obj.index, to_device(obj.batch, device, float_dtype))
     if isinstance(obj, Mapping):
@@ -73,6 +76,11 @@ def to_device(obj: Any, device: torch.device, float_dtype: torch.dtype | None = 
     if isinstance(obj, (tuple, list)):
         return type(obj)(to_device(v, device, float_dtype) for v in obj)
     return obj
+
+
+def floating_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of a model's first floating-point parameter, None if it has none."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
 
 
 def first_tensor(obj: Any) -> torch.Tensor | None:

@@ -13,17 +13,21 @@ is written atomically and the manifest is rewritten (atomically) after each shar
 build resumes at the first shard the manifest lacks, after checking the ones it lists.
 
 The key is the sha256 of the teacher's weights (its ``state_dict``), the sha256 of the dataset's
-model inputs (labels and sample weights excluded) and the settings (``top_k``, ``dtype``): a
-cache built for other weights, data or settings is refused with :class:`StaleCacheError`, a
-shard whose bytes no longer match its checksum with :class:`CorruptCacheError`.
+model inputs (labels and sample weights excluded), the name of the collate function that made the
+teacher's batches and the settings (``top_k``, ``dtype``): a cache built for other weights, data,
+collate function or settings is refused with :class:`StaleCacheError`, a shard whose bytes no
+longer match its checksum (or a manifest without the fields it needs) with
+:class:`CorruptCacheError`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -31,12 +35,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, default_collate
 from tqdm.auto import tqdm
 
 from pykd._batches import (
     IndexedBatch,
     call_model,
+    floating_dtype,
     loader_like,
     logits_and_hidden,
     parse_batch,
@@ -52,6 +57,9 @@ _MANIFEST = "manifest.json"
 _DTYPES = {"float16": np.float16, "float32": np.float32}
 _INDEX_DTYPE = np.int32
 _OFFSET_DTYPE = np.int64
+# Shards kept memory-mapped at once (each holds a file handle per array); the least recently
+# used one is unmapped beyond this.
+_MAPPED_SHARDS = 8
 
 
 class CacheError(RuntimeError):
@@ -127,6 +135,32 @@ def fingerprint_data(dataset: Dataset) -> str:
     return h.hexdigest()
 
 
+def fingerprint_collate(collate_fn: Callable[[list[Any]], Any] | None) -> str:
+    """A name for a collate function that stays the same across runs.
+
+    A function, method or class is named by its module and qualified name; a
+    ``functools.partial`` by its function's name and the repr of its arguments, a callable
+    object by its type's name and the repr of its attributes, each repr only where it holds no
+    memory address (which changes from run to run). ``None`` (a DataLoader's default) is
+    :func:`torch.utils.data.default_collate`.
+    """
+    if collate_fn is None or collate_fn is default_collate:
+        return "torch.utils.data.default_collate"  # not its private module, which may move
+    if isinstance(collate_fn, functools.partial):
+        return _with_state(f"functools.partial({fingerprint_collate(collate_fn.func)})",
+                           (collate_fn.args, collate_fn.keywords))
+    if hasattr(collate_fn, "__qualname__"):
+        return f"{collate_fn.__module__}.{collate_fn.__qualname__}"
+    kind = type(collate_fn)
+    return _with_state(f"{kind.__module__}.{kind.__qualname__}",
+                       getattr(collate_fn, "__dict__", {}))
+
+
+def _with_state(name: str, state: Any) -> str:
+    text = repr(state)
+    return name if " at 0x" in text else f"{name} {text}"
+
+
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -198,7 +232,8 @@ class TeacherCache:
         """Use :meth:`build` or :meth:`open`."""
         self.path = Path(path)
         self._manifest = manifest
-        self._shards: dict[int, _Shard] = {}
+        self._shards: OrderedDict[int, _Shard] = OrderedDict()  # mapped, least recent first
+        self._verified: set[int] = set()  # shards whose checksums matched: not hashed again
 
     # ------------------------------------------------------------------------- properties
 
@@ -280,7 +315,7 @@ class TeacherCache:
         if shard_size < 1 or batch_size < 1:
             raise ValueError("shard_size and batch_size must be >= 1")
         key = {"teacher": fingerprint_model(teacher), "data": fingerprint_data(dataset),
-               "top_k": top_k, "dtype": dtype}
+               "collate": fingerprint_collate(collate_fn), "top_k": top_k, "dtype": dtype}
         path = Path(path)
         if (path / _MANIFEST).exists():
             cache = cls(path, _read_manifest(path))
@@ -293,13 +328,16 @@ class TeacherCache:
         if cache.complete:
             return cache
         device = next((p.device for p in teacher.parameters()), torch.device("cpu"))
+        # Floating inputs take the teacher's dtype (float32 data into a bfloat16 teacher).
+        float_dtype = floating_dtype(teacher)
         was_training = teacher.training
         teacher.eval()
         try:
             first = len(cache._manifest["shards"])
             for j in tqdm(range(first, cache.num_shards), desc="teacher cache", unit="shard",
                           disable=not progress):
-                cache._build_shard(j, teacher, dataset, batch_size, collate_fn, device)
+                cache._build_shard(j, teacher, dataset, batch_size, collate_fn, device,
+                                   float_dtype)
                 if on_shard is not None:
                     on_shard(j)
         finally:
@@ -326,16 +364,18 @@ class TeacherCache:
         return cache
 
     def _check_key(self, key: dict[str, Any]) -> None:
+        """Raise :class:`StaleCacheError` unless the cache's key agrees with ``key``'s entries."""
         stored = self._manifest["key"]
         what = {"teacher": "the teacher's weights", "data": "the data's inputs",
-                "top_k": "top_k", "dtype": "dtype"}
-        diff = [f"{what[name]} ({stored[name]!r} in the cache, {key[name]!r} now)"
-                if name in ("top_k", "dtype") else what[name]
-                for name in what if stored[name] != key[name]]
+                "collate": "collate_fn", "top_k": "top_k", "dtype": "dtype"}
+        # A cache from before collate functions were keyed has none: it is stale.
+        diff = [f"{what[name]} ({stored.get(name)!r} in the cache, {key[name]!r} now)"
+                if name in ("collate", "top_k", "dtype") else what[name]
+                for name in key if stored.get(name) != key[name]]
         if diff:
             raise StaleCacheError(
-                f"{self.path} was built for other settings: {', '.join(diff)} differ; delete the "
-                "folder or build to another path"
+                f"{self.path} was built for other settings: {', '.join(diff)} differ; use those "
+                "it was built with, or build to another path (or delete the folder)"
             )
 
     def check_data(self, dataset: Dataset) -> None:
@@ -354,7 +394,17 @@ class TeacherCache:
     def verify(self) -> None:
         """Check every finished shard against its checksums (:class:`CorruptCacheError`)."""
         for j in range(len(self._manifest["shards"])):
-            self._shard(j)
+            self._check_shard(j)
+
+    def close(self) -> None:
+        """Unmap the shards, closing their files; a later lookup maps what it needs again."""
+        self._shards.clear()
+
+    def __enter__(self) -> TeacherCache:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
 
     # -------------------------------------------------------------------------- training
 
@@ -363,11 +413,13 @@ class TeacherCache:
 
         ``loader`` must be a DataLoader over the cached dataset with a batch size and a
         sequential or shuffling sampler; its collate function, workers and other settings are
-        kept. The dataset is checked against the cache's key, which reads every item once.
+        kept. The collate function and the dataset are checked against the cache's key (the
+        dataset by reading every item once).
         """
         if not rebuildable(loader):
             raise TypeError("attach needs a DataLoader over a map-style dataset with a batch_size "
                             "and a sequential or shuffling sampler")
+        self._check_key({"collate": fingerprint_collate(loader.collate_fn)})
         self.check_data(loader.dataset)
         return loader_like(loader, _Indexed(loader.dataset), _IndexedCollate(loader.collate_fn),
                            shuffle=isinstance(loader.sampler, RandomSampler))
@@ -384,16 +436,23 @@ class TeacherCache:
         """
         self.require_complete()
         samples = index.tolist()
-        values, indices = [], []
-        for i in samples:
+        by_shard: dict[int, list[int]] = {}
+        for n, i in enumerate(samples):
             if not 0 <= i < self.num_samples:
                 raise IndexError(f"sample {i} is outside the cache's {self.num_samples} samples")
-            shard = self._shard(i // self.shard_size)
-            local = i % self.shard_size
-            lo, hi = int(shard.offsets[local]), int(shard.offsets[local + 1])
-            values.append(shard.values[lo:hi])
-            if shard.indices is not None:
-                indices.append(shard.indices[lo:hi])
+            by_shard.setdefault(i // self.shard_size, []).append(n)
+        # Each shard is mapped once and its rows copied out, so that only the few mapped shards
+        # hold open files, however many shards the batch spans.
+        rows: list[Any] = [None] * len(samples)  # (values, indices) of each sample
+        for j, where in by_shard.items():
+            shard = self._shard(j)
+            for n in where:
+                local = samples[n] % self.shard_size
+                lo, hi = int(shard.offsets[local]), int(shard.offsets[local + 1])
+                rows[n] = (np.array(shard.values[lo:hi]), None if shard.indices is None
+                           else np.array(shard.indices[lo:hi]))
+        values = [v for v, _ in rows]
+        indices = [k for _, k in rows if k is not None]
         counts = [len(v) for v in values]
         if positions is None:
             if self.token_level:
@@ -422,8 +481,7 @@ class TeacherCache:
         return self.top_k if self.top_k is not None else self.vocab_size
 
     def _files(self, j: int) -> dict[str, Path]:
-        names = ["values", "offsets"] + (["indices"] if self.top_k is not None else [])
-        return {name: self.path / f"shard-{j:05d}.{name}" for name in names}
+        return {name: self.path / f"shard-{j:05d}.{name}" for name in _file_names(self.top_k)}
 
     def _layout(self, j: int) -> dict[str, tuple[Any, tuple[int, ...]]]:
         """dtype and shape of each file of finished shard ``j``."""
@@ -435,12 +493,9 @@ class TeacherCache:
             layout["indices"] = (_INDEX_DTYPE, (rows, self.top_k))
         return layout
 
-    def _shard(self, j: int) -> _Shard:
-        """Finished shard ``j``, memory-mapped, checked against its checksums on first use."""
-        if j in self._shards:
-            return self._shards[j]
+    def _check_shard(self, j: int) -> None:
+        """Check the files of finished shard ``j`` against their sizes and checksums."""
         entry = self._manifest["shards"][j]
-        arrays: dict[str, np.ndarray] = {}
         for name, file in self._files(j).items():
             dtype, shape = self._layout(j)[name]
             size = int(np.prod(shape)) * np.dtype(dtype).itemsize
@@ -450,23 +505,38 @@ class TeacherCache:
             if _sha256_file(file) != entry["sha256"][name]:
                 raise CorruptCacheError(f"{file} does not match its checksum: the cache is "
                                         f"corrupted; delete {self.path} and build it again")
-            arrays[name] = (np.memmap(file, dtype=dtype, mode="r", shape=shape) if size
+        self._verified.add(j)
+
+    def _shard(self, j: int) -> _Shard:
+        """Finished shard ``j``, memory-mapped, checked against its checksums on first use."""
+        if j in self._shards:
+            self._shards.move_to_end(j)
+            return self._shards[j]
+        if j not in self._verified:
+            self._check_shard(j)
+        arrays: dict[str, np.ndarray] = {}
+        for name, file in self._files(j).items():
+            dtype, shape = self._layout(j)[name]
+            arrays[name] = (np.memmap(file, dtype=dtype, mode="r", shape=shape) if math.prod(shape)
                             else np.zeros(shape, dtype=dtype))
         shard = _Shard(arrays["values"], arrays.get("indices"), arrays["offsets"])
         self._shards[j] = shard
+        if len(self._shards) > _MAPPED_SHARDS:
+            # Lookups keep copies, never views, so dropping it closes its files.
+            self._shards.popitem(last=False)
         return shard
 
     @torch.no_grad()
     def _build_shard(self, j: int, teacher: nn.Module, dataset: Dataset, batch_size: int,
-                     collate_fn: Callable[[list[Any]], Any] | None,
-                     device: torch.device) -> None:
+                     collate_fn: Callable[[list[Any]], Any] | None, device: torch.device,
+                     float_dtype: torch.dtype | None) -> None:
         start = j * self.shard_size
         stop = min(start + self.shard_size, self.num_samples)
         options = {} if collate_fn is None else {"collate_fn": collate_fn}
         loader = DataLoader(Subset(dataset, range(start, stop)), batch_size=batch_size, **options)
         values, indices, counts = [], [], []
         for raw in loader:
-            batch = parse_batch(to_device(raw, device))
+            batch = parse_batch(to_device(raw, device, float_dtype))
             logits, _ = logits_and_hidden(call_model(teacher, batch.inputs, {}))
             rows, count = self._rows(logits, batch)
             counts.append(count.cpu())
@@ -513,6 +583,11 @@ class TeacherCache:
         return logits[positions], positions.sum(1)
 
 
+def _file_names(top_k: int | None) -> list[str]:
+    """The arrays of each shard."""
+    return ["values", "offsets"] + (["indices"] if top_k is not None else [])
+
+
 def _stacked(arrays: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.concatenate(arrays))
 
@@ -532,7 +607,48 @@ def _read_manifest(path: Path) -> dict[str, Any]:
                                 "again") from error
     if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT:
         raise CorruptCacheError(f"{file} is not a {_FORMAT} manifest")
+    _check_manifest(file, manifest)
     return manifest
+
+
+def _check_manifest(file: Path, manifest: dict[str, Any]) -> None:
+    """Raise :class:`CorruptCacheError` unless ``manifest`` holds every field the cache reads,
+    each of the right type."""
+
+    def need(where: Mapping[str, Any], name: str, ok: Callable[[Any], bool],
+             what: str = "") -> None:
+        if name not in where or not ok(where[name]):
+            found = repr(where[name])[:60] if name in where else "missing"
+            raise CorruptCacheError(f"{file}: {what}{name} is {found}, not as a cache needs it; "
+                                    f"delete {file.parent} and build it again")
+
+    def is_str(value: Any) -> bool:
+        return isinstance(value, str)
+
+    def is_int(value: Any, low: int = 0) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+    need(manifest, "key", lambda v: isinstance(v, dict))
+    key = manifest["key"]
+    need(key, "teacher", is_str, "key.")
+    need(key, "data", is_str, "key.")
+    need(key, "top_k", lambda v: v is None or is_int(v, 1), "key.")
+    need(key, "dtype", lambda v: is_str(v) and v in _DTYPES, "key.")
+    if "collate" in key:  # absent from caches built before it was keyed (stale, not corrupt)
+        need(key, "collate", is_str, "key.")
+    need(manifest, "num_samples", is_int)
+    need(manifest, "shard_size", lambda v: is_int(v, 1))
+    need(manifest, "token_level", lambda v: v is None or isinstance(v, bool))
+    need(manifest, "vocab_size", lambda v: v is None or is_int(v, 1))
+    num_shards = math.ceil(manifest["num_samples"] / manifest["shard_size"])
+    need(manifest, "shards", lambda v: isinstance(v, list) and len(v) <= num_shards
+         and all(isinstance(entry, dict) for entry in v))
+    names = _file_names(key["top_k"])
+    for j, entry in enumerate(manifest["shards"]):
+        need(entry, "samples", is_int, f"shards[{j}].")
+        need(entry, "rows", is_int, f"shards[{j}].")
+        need(entry, "sha256", lambda v: isinstance(v, dict)
+             and all(is_str(v.get(name)) for name in names), f"shards[{j}].")
 
 
 def _write_manifest(path: Path, manifest: dict[str, Any]) -> None:

@@ -25,10 +25,12 @@ class Callback:
         """Before the first batch of ``epoch`` (0-based)."""
 
     def on_step_end(self, distiller: Distiller, step: int, metrics: dict[str, float]) -> None:
-        """After optimizer step ``step`` (1-based, counted over the whole run)."""
+        """After optimizer step ``step`` (1-based, counted over the whole run), before that
+        step's checkpoint (if any) is written."""
 
     def on_epoch_end(self, distiller: Distiller, epoch: int, metrics: dict[str, float]) -> None:
-        """After ``epoch``; ``metrics`` are the evaluation results, empty without eval data."""
+        """After ``epoch``, before its checkpoint (if any) is written; ``metrics`` are the
+        evaluation results, empty without eval data."""
 
     def on_eval_end(self, distiller: Distiller, metrics: dict[str, float]) -> None:
         """After an evaluation inside :meth:`~pykd.Distiller.fit`."""

@@ -15,6 +15,19 @@ import torch
 PathLike = Union[str, "os.PathLike[str]"]
 
 
+def _current_umask() -> int:
+    # The umask can only be read by setting it: done once, at import, so that the moment it is
+    # 0 (which another thread creating files would see) is as short and early as it can be.
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+# mkstemp creates files readable by their owner only; a checkpoint or cache file gets the mode a
+# plain open() would give it.
+_FILE_MODE = 0o666 & ~_current_umask()
+
+
 def write_atomic(path: PathLike, write: Callable[[BinaryIO], None]) -> None:
     """Write a file so that a crash at any point leaves the old file or the new one.
 
@@ -26,6 +39,8 @@ def write_atomic(path: PathLike, write: Callable[[BinaryIO], None]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            if hasattr(os, "fchmod"):  # not on Windows, where files have no such mode bits
+                os.fchmod(f.fileno(), _FILE_MODE)
             write(f)
             f.flush()
             os.fsync(f.fileno())

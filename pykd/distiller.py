@@ -30,6 +30,7 @@ from pykd._batches import (
     Batch,
     Outputs,
     call_model,
+    floating_dtype,
     loader_like,
     logits_and_hidden,
     parse_batch,
@@ -326,10 +327,12 @@ class Distiller:
             folded into the loss weights.
         device: the student's device (default: where its parameters are).
         teacher_device: the teachers' device (default: where their parameters are).
-        teacher_dtype: cast the teachers (and their floating inputs) to this dtype, e.g.
-            ``torch.bfloat16``; their outputs are cast to the student's dtype for the loss.
+        teacher_dtype: cast the teachers to this dtype, e.g. ``torch.bfloat16``; by default
+            each keeps its own. A teacher's floating inputs are cast to its parameters' dtype,
+            its outputs to the student's dtype for the loss.
         seed: seeds the shuffling of the training data, together with the epoch.
-        checkpoint_path: a file to save checkpoints to (atomically) at every epoch end.
+        checkpoint_path: a file to save checkpoints to (atomically) at every epoch end, after
+            the callbacks.
         checkpoint_every: also save every this many optimizer steps.
         metrics_path: append a JSON line of metrics every ``log_every`` steps and per evaluation.
         log_every: steps between detailed metrics (loss parts, kl, agreement, samples/s).
@@ -459,6 +462,7 @@ class Distiller:
                        head: HeadLike) -> None:
         self.cache = teacher if isinstance(teacher, TeacherCache) else None
         self._teacher_devices, self._teacher_extra = [], []
+        self._teacher_dtypes: list[torch.dtype | None] = []  # what their floating inputs become
         self._teacher_head: nn.Linear | None = None
         if self.cache is not None:
             self._check_cache(weights)
@@ -483,6 +487,7 @@ class Distiller:
             if placement:
                 model.to(**placement)
             self._teacher_devices.append(_param_device(model, default=self.device))
+            self._teacher_dtypes.append(floating_dtype(model))
             self._teacher_extra.append(
                 self._hidden_kwarg if _accepts(model, "output_hidden_states") else {}
             )
@@ -593,10 +598,11 @@ class Distiller:
                                      "epoch": epoch, **metrics})
                 self._emit("on_eval_end", metrics)
             self.epoch, self.batch_in_epoch = epoch + 1, 0
-            # Saved after the evaluation so that a resumed run replays whatever it consumed.
+            self._emit("on_epoch_end", epoch, metrics)
+            # Saved after the evaluation and the callbacks, so that the RNG states it holds are
+            # past whatever they drew and a resumed run draws the same numbers.
             if self.checkpoint_path is not None:
                 self.save_checkpoint(self.checkpoint_path)
-            self._emit("on_epoch_end", epoch, metrics)
         self._emit("on_fit_end")
         return metrics
 
@@ -703,12 +709,13 @@ class Distiller:
                 self.batch_in_epoch += len(group)
                 bar.update(len(group))
                 bar.set_postfix(loss=f"{metrics['loss']:.4g}")
-                if self.checkpoint_every and self.global_step % self.checkpoint_every == 0 \
-                        and self.checkpoint_path is not None:
-                    self.save_checkpoint(self.checkpoint_path)
                 if detailed:
                     self._write_metrics({"split": "train", **metrics})
                 self._emit("on_step_end", self.global_step, metrics)
+                # After the callbacks, for the same reason as at the epoch end (see fit).
+                if self.checkpoint_every and self.global_step % self.checkpoint_every == 0 \
+                        and self.checkpoint_path is not None:
+                    self.save_checkpoint(self.checkpoint_path)
 
     def _step(self, group: list[Any], epoch: int, detailed: bool) -> dict[str, float]:
         """One optimizer step over the micro-batches of ``group``; ``detailed`` adds metrics."""
@@ -822,6 +829,11 @@ class Distiller:
             if self.causal_lm:
                 target = _shift_left(target, self.ignore_index)
             valid = target != self.ignore_index
+            if self.causal_lm and batch.attention_mask is not None:
+                # Row t is the logits at position t, which must be in the mask too: with left
+                # padding the last pad's shifted label is the first real token, yet the pad's
+                # logits are no output of the teacher on real input (a cache holds none for it).
+                valid = valid & (batch.attention_mask != 0)
         else:
             target = None
             if not layout.token_logits:
@@ -857,7 +869,7 @@ class Distiller:
     def _run_teacher(self, k: int, inputs: Any) -> Outputs:
         with torch.no_grad():
             return _run(self.teachers[k],
-                        to_device(inputs, self._teacher_devices[k], self.teacher_dtype),
+                        to_device(inputs, self._teacher_devices[k], self._teacher_dtypes[k]),
                         self._teacher_extra[k], self._teacher_head, "teacher")
 
     def _forward(self, prep: _Prepared, model: nn.Module, temperature: float) -> _Rows:

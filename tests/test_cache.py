@@ -4,13 +4,15 @@ teacher."""
 from __future__ import annotations
 
 import copy
+import functools
 import json
+import os
 
 import pytest
 import torch
 from distiller_models import VOCAB, TinyLM, TokenDataset
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset, default_collate
 
 import pykd
 from pykd import CacheError, CorruptCacheError, StaleCacheError, TeacherCache
@@ -151,6 +153,84 @@ def test_corruption_is_detected(tmp_path):
     (path / "manifest.json").write_text("{not json")
     with pytest.raises(CorruptCacheError, match="cannot be read"):
         TeacherCache.open(path)
+
+
+def test_a_manifest_missing_a_field_is_corrupt(tmp_path):
+    path = tmp_path / "cache"
+    build(path, token_teacher(), TokenDataset(4, seed=1))
+    good = json.loads((path / "manifest.json").read_text())
+    for drop, match in ((lambda m: m["key"].pop("data"), "key.data is missing"),
+                        (lambda m: m["shards"][1].pop("rows"), r"shards\[1\].rows is missing"),
+                        (lambda m: m["shards"][0]["sha256"].pop("indices"), "sha256"),
+                        (lambda m: m.update(shards={}), "shards is {}")):
+        manifest = copy.deepcopy(good)
+        drop(manifest)
+        (path / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(CorruptCacheError, match=match):
+            TeacherCache.open(path)
+
+
+def _open_files() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+def test_only_a_few_shards_stay_mapped(tmp_path, monkeypatch):
+    """One shard per sample: looking every sample up keeps a bounded number of files open, and
+    a shard unmapped and mapped again is not hashed again."""
+    x = torch.randn(200, 4)
+    cache = TeacherCache.build(tmp_path / "c", nn.Linear(4, 3), TensorDataset(x), top_k=2,
+                               shard_size=1)
+    hashed = []
+    sha256_file = pykd.cache._sha256_file
+    monkeypatch.setattr(pykd.cache, "_sha256_file", lambda f: hashed.append(f) or sha256_file(f))
+    before = _open_files()
+    with cache:
+        for _ in range(2):
+            values, _ = cache.lookup(torch.arange(200))
+            assert _open_files() - before <= 3 * pykd.cache._MAPPED_SHARDS
+        assert len(hashed) == 3 * 200  # each file once, on its shard's first use
+        assert values.shape == (200, 2)
+    assert _open_files() == before
+    opened = TeacherCache.open(cache.path)
+    opened.verify()
+    assert _open_files() == before  # verify reads the files without mapping them
+
+
+def test_a_bfloat16_teacher_gets_its_inputs_in_bfloat16(tmp_path):
+    x = torch.randn(10, 6)
+    teacher = nn.Linear(6, 3).to(torch.bfloat16)
+    cache = TeacherCache.build(tmp_path / "c", teacher, TensorDataset(x), dtype="float32")
+    values, _ = cache.lookup(torch.arange(10))
+    assert torch.equal(values, teacher(x.bfloat16()).float().detach())
+
+
+def _scaled(items, scale=10.0):
+    x, y = default_collate(items)
+    return x * scale, y
+
+
+def test_the_collate_function_is_part_of_the_key(tmp_path):
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(12, 4), torch.randint(0, 3, (12,)))
+    teacher = nn.Linear(4, 3)
+    path = tmp_path / "c"
+    cache = TeacherCache.build(path, teacher, data, dtype="float32", collate_fn=_scaled)
+    with pytest.raises(StaleCacheError, match="collate_fn"):
+        cache.attach(DataLoader(data, batch_size=4))
+    with pytest.raises(StaleCacheError, match="collate_fn"):
+        TeacherCache.build(path, teacher, data, dtype="float32")  # refused, not reused
+    with pytest.raises(StaleCacheError, match="collate_fn"):
+        TeacherCache.build(path, teacher, data, dtype="float32",
+                           collate_fn=functools.partial(_scaled, scale=2.0))
+    batch = next(iter(cache.attach(DataLoader(data, batch_size=4, collate_fn=_scaled))))
+    assert torch.equal(cache.lookup(batch.index)[0], teacher(batch.batch[0]).detach())
+
+    # A DataLoader's default collate is torch's default_collate, whichever way it is given.
+    plain = TeacherCache.build(tmp_path / "plain", teacher, data, dtype="float32")
+    plain.attach(DataLoader(data, batch_size=4, collate_fn=default_collate))
+    assert pykd.cache.fingerprint_collate(functools.partial(_scaled, scale=2.0)) != \
+        pykd.cache.fingerprint_collate(functools.partial(_scaled, scale=3.0))
 
 
 def _mask(data: TokenDataset, samples: list[int]) -> torch.Tensor:

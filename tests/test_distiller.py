@@ -151,6 +151,34 @@ def test_causal_lm_compares_position_t_with_label_t_plus_1():
     assert metrics["loss"] == pytest.approx(expected.item(), rel=1e-5)
 
 
+class LeftPadded(torch.utils.data.Dataset):
+    """Token sequences padded on the left, labels ``-100`` on the padding."""
+
+    def __init__(self) -> None:
+        self.ids = torch.randint(1, VOCAB, (8, 6), generator=torch.Generator().manual_seed(2))
+        self.mask = (torch.arange(6) >= torch.tensor([2, 0, 3, 1, 2, 4, 0, 1])[:, None]).long()
+        self.ids *= self.mask
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "attention_mask": self.mask[i],
+                "labels": self.ids[i].masked_fill(self.mask[i] == 0, -100)}
+
+
+def test_causal_lm_with_left_padding_counts_no_padding_position(tmp_path):
+    """The last pad's shifted label is the first real token, but the pad is no row: a cache
+    (which holds nothing there) and the live teacher give the same metrics."""
+    torch.manual_seed(0)
+    teacher, student, data = TinyLM(width=12), TinyLM(width=6), LeftPadded()
+    loader = DataLoader(data, batch_size=4)
+    cache = pykd.TeacherCache.build(tmp_path / "c", teacher, data, dtype="float32")
+    live = make(teacher, student, causal_lm=True, alpha=0.5).evaluate(loader)
+    cached = make(cache, student, causal_lm=True, alpha=0.5).evaluate(cache.attach(loader))
+    assert cached == pytest.approx(live, rel=1e-5)
+
+
 @pytest.mark.parametrize("extras", ["plain", "hidden+sample_weight"])
 def test_accumulation_equals_one_big_batch(extras):
     """4 micro-batches with uneven padding == 1 batch of them all: loss and update."""
@@ -257,6 +285,40 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path):
     resumed = _resumable_run(path, callbacks=[record], resume=True, init_seed=9)
     assert [c[1] for c in record.calls if c[0] == "step_end"] == [3, 4, 5, 6, 7, 8]
     same_weights(resumed.student, full.student, rtol=0, atol=0)
+
+
+class DrawsRandom(pykd.Callback):
+    """Draws from the global RNG after every step, as a callback logging a random sample would."""
+
+    def on_step_end(self, distiller, step, metrics):
+        torch.rand(1)
+
+
+def test_resume_replays_what_callbacks_draw_from_the_rng(tmp_path):
+    """The checkpoint is written after the callbacks, so it holds the RNG past their draws."""
+
+    def run(path, callbacks, resume=False):
+        torch.manual_seed(0)
+        student = nn.Sequential(nn.Dropout(0.1), nn.Linear(8, 3))
+        make(nn.Linear(8, 3), student, lr=1e-2, checkpoint_path=path, checkpoint_every=2,
+             callbacks=[DrawsRandom(), *callbacks]).fit(loader, 2,
+                                                         resume_from=path if resume else None)
+        return student
+
+    generator = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(48, 8, generator=generator),
+                         torch.randint(0, 3, (48,), generator=generator))
+    loader = DataLoader(data, batch_size=8, shuffle=True)
+    with pytest.raises(Killed):
+        run(tmp_path / "killed.pt", [Kill(at=5)])  # mid-epoch 0; last checkpoint at step 4
+    resumed = run(tmp_path / "killed.pt", [], resume=True)
+    same_weights(resumed, run(tmp_path / "full.pt", []), rtol=0, atol=0)
+
+
+def test_checkpoint_files_get_the_mode_of_a_plain_open(tmp_path):
+    make().save_checkpoint(tmp_path / "ckpt.pt")
+    (tmp_path / "plain").write_bytes(b"")
+    assert (tmp_path / "ckpt.pt").stat().st_mode == (tmp_path / "plain").stat().st_mode
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
@@ -471,6 +533,17 @@ def test_mixed_precision_with_a_bf16_teacher(precision):
     assert not torch.equal(before, student.head.weight)
     fp32 = make(teacher, TinyLM(width=6)).evaluate(batches(1))
     assert math.isfinite(fp32["loss"])
+
+
+def test_a_bfloat16_teacher_without_teacher_dtype_gets_its_inputs_in_bfloat16():
+    """The user cast the teacher; float32 inputs are cast to its dtype, as teacher_dtype does."""
+    torch.manual_seed(0)
+    teacher = nn.Linear(4, 3).to(torch.bfloat16)
+    data = [(torch.randn(8, 4), torch.randint(0, 3, (8,))) for _ in range(2)]
+    metrics = make(teacher, nn.Linear(4, 3), alpha=0.5).fit(data, 1, eval_loader=data)
+    assert teacher.weight.dtype == torch.bfloat16 and math.isfinite(metrics["loss"])
+    explicit = make(nn.Linear(4, 3), nn.Linear(4, 3), teacher_dtype=torch.bfloat16)
+    assert math.isfinite(explicit.evaluate(data)["loss"])
 
 
 def test_teacher_is_frozen_and_left_in_eval_mode():
