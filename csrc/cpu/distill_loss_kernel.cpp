@@ -159,9 +159,10 @@ struct ChunkProbs {
     et = kept.exps(0, off);
     es = kept.exps(1, off);
     e1 = kept.exps(2, off);
-    ft = std::exp((kept.chunk_shift(0, c) - k.mt) - k.lt);
-    fs = std::exp((kept.chunk_shift(1, c) - k.ms) - k.ls);
-    f1 = std::exp((kept.chunk_shift(2, c) - k.m1) - k.l1);
+    // Only the streams this loss uses: short rows pay these exps once per row.
+    ft = uses_softmax(D) ? std::exp((kept.chunk_shift(0, c) - k.mt) - k.lt) : A(0);
+    fs = uses_softmax(D) ? std::exp((kept.chunk_shift(1, c) - k.ms) - k.ls) : A(0);
+    f1 = kHard ? std::exp((kept.chunk_shift(2, c) - k.m1) - k.l1) : A(0);
   }
   template <typename V>
   Probs<V> at(int64_t j) const {
