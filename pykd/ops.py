@@ -5,6 +5,10 @@
 computed in the same pass as the loss for d(loss) = 1. The first backward only rescales them by the
 incoming gradient, in place, and skips even that when it is exactly 1 (the usual
 ``loss.backward()``), so the gradient costs no memory or pass beyond the forward's.
+
+``fused_linear_distill_loss`` and ``distill_loss_topk`` follow the same pattern (a composite over
+an internal op that returns its gradients); their gradients are small or rarely rescaled, so
+their backward scales out of place.
 """
 
 from __future__ import annotations
