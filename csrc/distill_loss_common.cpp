@@ -181,14 +181,15 @@ RowWeights prepare_rows(const LossConfig& cfg, const at::Tensor& student,
   return {w.contiguous(), norm, valid};
 }
 
-void check_row_values(const LossConfig& cfg, const std::optional<at::Tensor>& weight,
+void check_row_values(const char* op, const LossConfig& cfg,
+                      const std::optional<at::Tensor>& weight,
                       const std::optional<at::Tensor>& target) {
   if (target.has_value()) {
     const auto y = target->reshape({cfg.rows});
     const auto bad = (y != cfg.ignore_index) & ((y < 0) | (y >= cfg.classes));
     if (bad.any().item<bool>()) {
       const int64_t row = bad.nonzero()[0][0].item<int64_t>();
-      TORCH_CHECK(false, "distill_loss: target[" + std::to_string(row) +
+      TORCH_CHECK(false, std::string(op) + ": target[" + std::to_string(row) +
                              "] = " + std::to_string(y[row].item<int64_t>()) + " is outside [0, " +
                              std::to_string(cfg.classes) + ") and is not ignore_index (" +
                              std::to_string(cfg.ignore_index) + ")");
@@ -199,14 +200,14 @@ void check_row_values(const LossConfig& cfg, const std::optional<at::Tensor>& we
     const auto bad = w < 0;
     if (bad.any().item<bool>()) {
       const int64_t row = bad.nonzero()[0][0].item<int64_t>();
-      TORCH_CHECK(false, "distill_loss: weight[" + std::to_string(row) +
+      TORCH_CHECK(false, std::string(op) + ": weight[" + std::to_string(row) +
                              "] = " + std::to_string(w[row].item<double>()) + " is negative");
     }
   }
 }
 
-void raise_bad_row(int64_t row) {
-  TORCH_CHECK(row < 0, "distill_loss: row " + std::to_string(row) +
+void raise_bad_row(const char* op, int64_t row) {
+  TORCH_CHECK(row < 0, std::string(op) + ": row " + std::to_string(row) +
                            " has no finite logit (all -inf) where a softmax needs one");
 }
 
@@ -312,7 +313,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_loss_fused_im
     std::array<bool, 3> grad_mask, RowKernelLauncher launch, bool value_checks) {
   const LossConfig cfg = check_distill_args(student, teacher, weight, target, divergence,
                                             temperature, alpha, beta, ignore_index, reduction);
-  if (value_checks) check_row_values(cfg, weight, target);
+  if (value_checks) check_row_values("distill_loss", cfg, weight, target);
   const auto s = as_rows(student, cfg.rows, cfg.classes);
   const auto t = as_rows(teacher, cfg.rows, cfg.classes);
   const auto y = target.has_value() ? target->reshape({cfg.rows}).contiguous() : at::Tensor();
@@ -327,7 +328,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_loss_fused_im
       row_kernel_args(cfg, s, t, y, rw, u, grad_mask[0] ? grad_s.data_ptr() : nullptr,
                       grad_mask[1] ? grad_t.data_ptr() : nullptr, bad_row, 0, cfg.rows);
   if (cfg.rows > 0) launch(a);
-  if (value_checks) raise_bad_row(bad_row.item<int64_t>());
+  if (value_checks) raise_bad_row("distill_loss", bad_row.item<int64_t>());
   const auto lead = student.sizes().slice(0, student.dim() - 1);
   auto [loss, grad_w] = reduce_rows(cfg, u, rw, lead, weight, grad_mask[2]);
   return {loss, grad_s, grad_t, grad_w};
@@ -342,8 +343,7 @@ at::Tensor distill_loss(const at::Tensor& student, const at::Tensor& teacher,
                         const std::optional<at::Tensor>& target, c10::string_view divergence,
                         double temperature, double alpha, double beta, int64_t ignore_index,
                         c10::string_view reduction) {
-  check_distill_args(student, teacher, weight, target, divergence, temperature, alpha, beta,
-                     ignore_index, reduction);
+  // Arguments are checked once, by _distill_loss_fused (and before that in Python).
   const bool grad_mode = c10::GradMode::is_enabled();
   const std::array<bool, 3> mask{grad_mode && student.requires_grad(),
                                  grad_mode && teacher.requires_grad(),

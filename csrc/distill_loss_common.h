@@ -66,9 +66,10 @@ RowWeights prepare_rows(const LossConfig& cfg, const at::Tensor& like,
 
 // Raises on labels outside [0, V) that are not ignore_index and on negative weights. Reads the
 // data, so on CUDA it syncs: called always on CPU, and on CUDA only with PYKD_DEBUG=1.
-void check_row_values(const LossConfig& cfg, const std::optional<at::Tensor>& weight,
+void check_row_values(const char* op, const LossConfig& cfg,
+                      const std::optional<at::Tensor>& weight,
                       const std::optional<at::Tensor>& target);
-void raise_bad_row(int64_t row);
+void raise_bad_row(const char* op, int64_t row);
 
 // From the unweighted row losses u: the loss (shaped `lead` for reduction none) and, if asked and
 // a weight was given, d loss / d weight in the weight's dtype (else an empty stand-in).

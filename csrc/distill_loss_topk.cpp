@@ -69,7 +69,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_loss_topk_impl(
   const auto acc = student.options().dtype(accumulate_type(student.scalar_type()));
   const auto tlog = topk_logit.reshape({cfg.rows, k}).to(acc.dtype()).contiguous();
   if (value_checks) {
-    check_row_values(cfg, weight, target);
+    check_row_values(kOp, cfg, weight, target);
     const auto bad = (idx < 0) | (idx >= cfg.classes);
     if (bad.any().item<bool>()) {
       const auto where = bad.nonzero()[0];
@@ -118,7 +118,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_loss_topk_impl(
   a.grad_student = grad_mask[0] ? grad_s.data_ptr() : nullptr;
   a.bad_row = bad_row.data_ptr<int64_t>();
   if (cfg.rows > 0) launch(a);
-  if (value_checks) raise_bad_row(bad_row.item<int64_t>());
+  if (value_checks) raise_bad_row(kOp, bad_row.item<int64_t>());
 
   const auto lead = student.sizes().slice(0, student.dim() - 1);
   auto [loss, grad_w] = reduce_rows(cfg, u, rw, lead, weight, grad_mask[1]);

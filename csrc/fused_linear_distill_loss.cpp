@@ -88,7 +88,7 @@ fused_linear_distill_loss_impl(const at::Tensor& student_hidden, const at::Tenso
   const LossConfig cfg = check_fused_linear_args(
       student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
       weight, target, divergence, temperature, alpha, beta, ignore_index, reduction, chunk_size);
-  if (value_checks) check_row_values(cfg, weight, target);
+  if (value_checks) check_row_values(kOp, cfg, weight, target);
   const int64_t N = cfg.rows, V = cfg.classes;
   const auto hs = student_hidden.reshape({N, student_hidden.size(-1)}).contiguous();
   const auto ht = teacher_hidden.reshape({N, teacher_hidden.size(-1)}).contiguous();
@@ -124,7 +124,7 @@ fused_linear_distill_loss_impl(const at::Tensor& student_hidden, const at::Tenso
                            bad_row, first, c));
     if (value_checks) {  // the kernel names the row within the chunk
       const int64_t bad = bad_row.item<int64_t>();
-      raise_bad_row(bad < 0 ? bad : first + bad);
+      raise_bad_row(kOp, bad < 0 ? bad : first + bad);
     }
     if (!want_logit_grad) continue;
     if (grad_mask[0]) {

@@ -177,3 +177,12 @@ def loader_like(loader: DataLoader, dataset: Dataset, collate_fn: Any,
         worker_init_fn=loader.worker_init_fn,
         multiprocessing_context=loader.multiprocessing_context, **extra, **options,
     )
+
+
+def shift_left(x: torch.Tensor, fill: Any) -> torch.Tensor:
+    """Row t takes x[:, t + 1]; the last row gets ``fill`` (causal LM next-token alignment).
+
+    Shifting the labels (and masks), never the logits, keeps the [B, T, V] logits contiguous:
+    slicing them would make the loss copy them.
+    """
+    return torch.cat([x[:, 1:], x.new_full((x.shape[0], 1), fill)], dim=1)

@@ -35,6 +35,7 @@ from pykd._batches import (
     logits_and_hidden,
     parse_batch,
     rebuildable,
+    shift_left,
     to_device,
     token_positions,
 )
@@ -152,11 +153,6 @@ def _require_hidden(hidden: Sequence[torch.Tensor] | None, who: str) -> Sequence
             "attribute next to logits)"
         )
     return hidden
-
-
-def _shift_left(x: torch.Tensor, fill: Any) -> torch.Tensor:
-    """Row t takes x[:, t + 1]; the last row gets ``fill`` (causal LM next-token alignment)."""
-    return torch.cat([x[:, 1:], x.new_full((x.shape[0], 1), fill)], dim=1)
 
 
 def _row_weights(rows: torch.Tensor, sample_weight: torch.Tensor | None) -> torch.Tensor:
@@ -827,7 +823,7 @@ class Distiller:
         if batch.labels is not None:
             target = batch.labels.long()
             if self.causal_lm:
-                target = _shift_left(target, self.ignore_index)
+                target = shift_left(target, self.ignore_index)
             valid = target != self.ignore_index
             if self.causal_lm and batch.attention_mask is not None:
                 # Row t is the logits at position t, which must be in the mask too: with left
@@ -841,7 +837,7 @@ class Distiller:
             else:
                 valid = token_positions(batch)
                 if self.causal_lm:
-                    valid = valid & _shift_left(valid, False)
+                    valid = valid & shift_left(valid, False)
         hidden_w = None
         if self.hidden is not None:
             rows = (token_positions(batch) if layout.token_hidden

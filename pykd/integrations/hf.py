@@ -29,6 +29,7 @@ except ImportError as exc:  # pragma: no cover - exercised by tests with transfo
         'pip install "pykd[hf]"'
     ) from exc
 
+from pykd._batches import shift_left
 from pykd.functional import distillation_loss
 
 __all__ = ["DistillationTrainer"]
@@ -175,10 +176,9 @@ class DistillationTrainer(transformers.Trainer):
 
         weight = None
         if labels is not None:
-            if self.causal_lm:
-                student, teacher = student[:, :-1], teacher[:, :-1]
-                labels = labels[:, 1:]
             labels = labels.to(student.device)
+            if self.causal_lm:  # shift the labels, not the logits (that would copy [B, T, V])
+                labels = shift_left(labels, -100)
         elif student.dim() == 3 and inputs.get("attention_mask") is not None:
             weight = inputs["attention_mask"].to(device=student.device, dtype=torch.float32)
 
