@@ -20,6 +20,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from pykd.checkpoint import write_atomic
 from pykd.demo import DemoConfig, format_table, run_demo
 
 TEACHER, ALONE, DISTILLED = "teacher (MiniLM-L6)", "student, labels only", "student, distilled"
@@ -81,8 +82,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"  {d['latency_ms']['mean']:.2f} ms/article")
     for bar, ok in summary["bars_met"].items():
         print(f"  {'met   ' if ok else 'MISSED'} {bar}")
-    args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_atomic(args.output / "summary.json",
+                 lambda f: f.write((json.dumps(summary, indent=2) + "\n").encode()))
     return summary
 
 

@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -37,6 +36,7 @@ from tqdm.auto import tqdm
 
 from pykd.cache import TeacherCache
 from pykd.callbacks import Callback
+from pykd.checkpoint import write_atomic
 from pykd.datasets import bbc_news, install_hint, package_dir, stratified_split
 from pykd.distiller import Distiller
 
@@ -48,7 +48,7 @@ __all__ = [
     "run_demo",
 ]
 
-_TEACHER_FORMAT = "pykd.demo.teacher/1"  # bump when the teacher's training changes
+_TEACHER_FORMAT = "pykd.demo.teacher/3"  # bump when the teacher's training changes
 
 
 @dataclass
@@ -63,6 +63,7 @@ class DemoConfig:
     teacher_epochs: int = 2
     teacher_lr: float = 1e-4
     teacher_batch_size: int = 16
+    teacher_frozen_layers: int = 3  # of MiniLM's 6; embeddings are always frozen
     epochs: int = 20  # student epochs
     lr: float = 3e-3
     batch_size: int = 32
@@ -79,6 +80,7 @@ class DemoConfig:
             "articles": self.articles is None or self.articles >= 10,
             "max_tokens": self.max_tokens >= 8,
             "teacher_epochs": self.teacher_epochs >= 1,
+            "teacher_frozen_layers": 0 <= self.teacher_frozen_layers <= 6,
             "epochs": self.epochs >= 1,
             "temperature": self.temperature > 0,
             "alpha": 0.0 <= self.alpha <= 1.0,
@@ -173,19 +175,6 @@ def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` then rename over ``path``: a crash never leaves a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _quiet_transformers(transformers: Any) -> None:
     # The classifier head is new by design; the "newly initialised" report would only alarm.
     transformers.logging.set_verbosity_error()
@@ -194,12 +183,24 @@ def _quiet_transformers(transformers: Any) -> None:
 
 
 def _fine_tune_teacher(model: nn.Module, data: _Encoded, cfg: DemoConfig) -> list[float]:
-    """AdamW with 10% warm-up and linear decay; returns the loss of every step."""
+    """AdamW with 10% warm-up and linear decay; returns the loss of every step.
+
+    The embeddings (11.7M of the 22.7M parameters) and the lowest ``teacher_frozen_layers``
+    transformer layers stay as pre-trained: ~1,800 articles say little about 30k word pieces or
+    low-level syntax, and the backward pass then stops at the first trained layer. Predicted 2/3
+    of a full fine-tuning step (forward 1 + backward 2 units per layer: 12 units instead of
+    18); measured 0.70 (2 epochs: 208 s instead of 299 s on 2 cores) with higher test accuracy
+    (98.0% instead of 97.3%, seed 0).
+    """
+    bert = model.base_model
+    for module in (bert.embeddings, *bert.encoder.layer[:cfg.teacher_frozen_layers]):
+        module.requires_grad_(False)
     gen = torch.Generator().manual_seed(cfg.seed)
     loader = DataLoader(data, batch_size=cfg.teacher_batch_size, shuffle=True, generator=gen)
     steps = cfg.teacher_epochs * len(loader)
     warmup = max(1, steps // 10)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.teacher_lr, weight_decay=0.01)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                            lr=cfg.teacher_lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / (steps - warmup + 1))))
     losses: list[float] = []
@@ -227,7 +228,7 @@ def _load_or_train_teacher(transformers: Any, model_dir: Path, train: _Encoded,
                            num_classes: int) -> tuple[nn.Module, str, bool]:
     """The fine-tuned teacher from the output folder if one was trained with these exact
     settings and data, else fine-tuned now and saved. Returns (teacher, its key, reused)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
 
     torch.manual_seed(cfg.seed)  # the new classifier head's initialisation
     model = transformers.AutoModelForSequenceClassification.from_pretrained(
@@ -239,6 +240,7 @@ def _load_or_train_teacher(transformers: Any, model_dir: Path, train: _Encoded,
         "train": list(train_ids),
         "max_tokens": cfg.max_tokens, "epochs": cfg.teacher_epochs, "lr": cfg.teacher_lr,
         "batch_size": cfg.teacher_batch_size, "seed": cfg.seed,
+        "frozen_layers": cfg.teacher_frozen_layers,
     })
     path = cfg.output / f"teacher-{key}.safetensors"
     if path.is_file():
@@ -253,7 +255,7 @@ def _load_or_train_teacher(transformers: Any, model_dir: Path, train: _Encoded,
         return model, key, True
     _fine_tune_teacher(model, train, cfg)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    _write_atomic(path, lambda tmp: save_file(state, str(tmp)))
+    write_atomic(path, lambda f: f.write(save(state)))
     return model, key, False
 
 
@@ -414,8 +416,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     }
     if cfg.plot:
         results["plot"] = _plot(results, cfg.output / "learning_curves.png")
-    _write_atomic(cfg.output / "results.json",
-                  lambda tmp: tmp.write_text(json.dumps(results, indent=2) + "\n"))
+    write_atomic(cfg.output / "results.json",
+                 lambda f: f.write((json.dumps(results, indent=2) + "\n").encode()))
     return results
 
 
@@ -444,7 +446,7 @@ def _plot(results: dict[str, Any], path: Path) -> str | None:
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right")
     fig.suptitle("BBC News topics: a 1.96M-parameter student with and without distillation")
-    _write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    write_atomic(path, lambda f: fig.savefig(f, dpi=120, format="png"))
     plt.close(fig)
     return str(path)
 

