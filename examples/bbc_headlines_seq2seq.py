@@ -55,6 +55,7 @@ from tqdm.auto import tqdm
 import pykd
 from pykd.checkpoint import save_atomic, write_atomic
 from pykd.datasets import Article, bbc_news, install_hint, stratified_split
+from pykd.demo import principal_embeddings
 
 # Ids of the reduced output vocabulary: the special tokens first, then every WordPiece seen in
 # a training headline. The decoders predict over this vocabulary only (see HeadlineVocab).
@@ -427,18 +428,6 @@ def score(hypotheses: list[str], references: list[str]) -> dict[str, float]:
             "chrf": CHRF(lowercase=True).corpus_score(hypotheses, [references]).score}
 
 
-def pca_embeddings(weight: torch.Tensor, width: int) -> torch.Tensor:
-    """MiniLM's word embeddings projected on their top ``width`` principal directions, scaled
-    to unit variance per dimension: a student embedding that already places related
-    WordPieces near each other (learning 30k embeddings from ~2k headlines would not)."""
-    if width > weight.shape[1]:
-        raise ValueError(f"student width {width} exceeds the teacher's {weight.shape[1]}")
-    centred = weight - weight.mean(0)
-    _, _, v = torch.linalg.svd(centred, full_matrices=False)
-    projected = centred @ v[:width].T
-    return projected / projected.std(0, keepdim=True)
-
-
 # ------------------------------------------------------------------------------------ main
 
 
@@ -622,8 +611,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     template = StudentSeq2Seq(tokenizer.vocab_size, len(vocab), args.student_width,
                               args.student_layers, args.max_source_tokens, max_len, args.dropout)
     with torch.no_grad():
-        projected = pca_embeddings(encoder.embeddings.word_embeddings.weight,
-                                   args.student_width)
+        projected = principal_embeddings(encoder.embeddings.word_embeddings.weight,
+                                         args.student_width)
+        # This student was tuned with unit variance per dimension; the shared helper scales
+        # all dimensions by one number.
+        projected = projected / projected.std(0, keepdim=True)
         template.embed.weight.copy_(projected)
         template.decoder.embed.weight.copy_(projected[list(vocab.full_ids)])
     init = {k: v.clone() for k, v in template.state_dict().items()}

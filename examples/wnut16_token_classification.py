@@ -57,6 +57,7 @@ from tqdm.auto import tqdm
 import pykd
 from pykd.checkpoint import save_atomic, write_atomic
 from pykd.datasets import Tweet, wnut16
+from pykd.demo import principal_embeddings
 
 MASK = "[MASK]"  # the teacher tokenizer's mask token, one word piece
 IGNORE = -100  # label of the word pieces that are not scored (continuations, specials, padding)
@@ -257,15 +258,6 @@ class Student(nn.Module):
         return self.head(self.dropout(out))
 
 
-def pca_embeddings(weight: torch.Tensor, dim: int) -> torch.Tensor:
-    """The rows of an embedding matrix projected on its ``dim`` principal components, scaled to
-    unit standard deviation overall (a scale an LSTM's gates handle well)."""
-    centered = weight.float() - weight.float().mean(0)
-    _, _, v = torch.linalg.svd(centered, full_matrices=False)
-    projected = centered @ v[:dim].T
-    return projected / projected.std()
-
-
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -459,7 +451,7 @@ def run_seed(seed: int, tweets: list[Tweet], tags: list[str], settings: Settings
                       settings.hidden, settings.layers, settings.dropout)
     with torch.no_grad():
         word_embeddings = teacher.model.get_input_embeddings().weight
-        student.embed.weight.copy_(pca_embeddings(word_embeddings, settings.embed_dim))
+        student.embed.weight.copy_(principal_embeddings(word_embeddings, settings.embed_dim))
     students = {"student": student, "distilled": copy.deepcopy(student)}
     for name, alpha in (("student", 0.0), ("distilled", settings.alpha)):
         start = time.perf_counter()

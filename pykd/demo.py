@@ -44,6 +44,7 @@ __all__ = [
     "BagOfTokens",
     "DemoConfig",
     "accuracy_and_macro_f1",
+    "principal_embeddings",
     "format_table",
     "run_demo",
 ]
@@ -117,7 +118,10 @@ class BagOfTokens(nn.Module):
 
 def principal_embeddings(weight: torch.Tensor, dim: int) -> torch.Tensor:
     """``weight`` ([V, H]) centred and projected on its ``dim`` top principal directions, scaled
-    to unit standard deviation: a small student starts from the teacher's word geometry."""
+    to unit standard deviation: a small student starts from the teacher's word geometry
+    (learning 30k word-piece embeddings from a few thousand examples would not)."""
+    if not 1 <= dim <= weight.shape[1]:
+        raise ValueError(f"dim must be in [1, {weight.shape[1]}] (the teacher's width), got {dim}")
     centred = weight.float() - weight.float().mean(0)
     _, _, vh = torch.linalg.svd(centred, full_matrices=False)
     projected = centred @ vh[:dim].T
@@ -372,11 +376,11 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
     students: dict[str, BagOfTokens] = {}
     curves: dict[str, _Curve] = {}
+    # attach() checks the data against the cache by reading every item: once, for both.
+    loader = caches["train"].attach(DataLoader(train, batch_size=cfg.batch_size, shuffle=True))
     for name, alpha in (("labels only", 0.0), ("distilled", cfg.alpha)):
         student = new_student()
         curves[name] = _Curve(lambda m: score(_predict(m, test)))
-        loader = caches["train"].attach(DataLoader(train, batch_size=cfg.batch_size,
-                                                   shuffle=True))
         if cfg.progress:
             print(f"training the {name} student ({cfg.epochs} epochs)")
         Distiller(caches["train"], student, temperature=cfg.temperature, alpha=alpha,

@@ -35,6 +35,8 @@ def test_principal_embeddings_keep_the_main_directions():
     d_full = torch.cdist(weight - weight.mean(0), weight - weight.mean(0))
     d_small = torch.cdist(small, small) * (weight - weight.mean(0)).norm() / small.norm()
     assert torch.allclose(d_small, d_full, rtol=0.02, atol=0.5)
+    with pytest.raises(ValueError, match="teacher's width"):
+        principal_embeddings(weight, 41)
 
 
 def test_bag_of_tokens_ignores_padding():
