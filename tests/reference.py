@@ -1,4 +1,4 @@
-"""Pure-torch reference of shared/LOSS_SPEC.md, written for clarity, not speed.
+"""Pure-torch reference of the loss contract in docs/loss.md, written for clarity, not speed.
 
 Evaluated in float64 it is the ground truth for every kernel; evaluated in a low dtype it measures
 torch's own error in that dtype, which bounds what a bf16/fp16 kernel may be allowed.
@@ -46,7 +46,7 @@ def soft_term(s: torch.Tensor, t: torch.Tensor, divergence: str, temperature: fl
 def reference_loss(student, teacher, weight=None, target=None, *, divergence="kl",
                    temperature=1.0, alpha=1.0, beta=0.5, ignore_index=-100, reduction="mean",
                    dtype=torch.float64):
-    """The loss of LOSS_SPEC.md computed with torch ops in `dtype` (autograd flows through)."""
+    """The loss of docs/loss.md computed with torch ops in `dtype` (autograd flows through)."""
     V = student.shape[-1]
     lead = student.shape[:-1]
     s = student.to(dtype).reshape(-1, V)
@@ -73,3 +73,22 @@ def reference_loss(student, teacher, weight=None, target=None, *, divergence="kl
         return total
     norm = w.sum() if reduction == "mean" else count
     return torch.where(norm > 0, total / torch.where(norm > 0, norm, 1), torch.zeros_like(total))
+
+
+def nonfinite_rows(student: torch.Tensor, teacher: torch.Tensor, divergence: str,
+                   hard: bool) -> torch.Tensor:
+    """Rows whose loss and gradients the contract makes NaN, as a bool mask of the leading shape.
+
+    A softmax (kl, reverse_kl, jsd) or the hard term sees NaN or +inf in a logit it reads; mse and
+    cosine see any non-finite feature. -inf in a softmax is a masked entry, not an error.
+    """
+    def nan_or_pos_inf(x):
+        return (torch.isnan(x) | (x == float("inf"))).any(-1)
+
+    if divergence in SOFTMAX_DIVERGENCES:
+        bad = nan_or_pos_inf(student) | nan_or_pos_inf(teacher)
+    else:
+        bad = (~torch.isfinite(student)).any(-1) | (~torch.isfinite(teacher)).any(-1)
+    if hard:
+        bad = bad | nan_or_pos_inf(student)
+    return bad

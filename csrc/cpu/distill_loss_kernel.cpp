@@ -55,27 +55,31 @@ A lane_sum(Vectorized<A> v) {
   return at::vec::vec_reduce_all<A>([](Vectorized<A> x, Vectorized<A> y) { return x + y; }, v);
 }
 
-// Max of a chunk. Four independent accumulators keep the max units busy (one running max is a
-// latency-bound chain), and NaN need not survive here: a NaN logit makes its exp, and so the row's
-// sums and loss, NaN anyway.
-template <typename A>
+// Max (or with kAbs, max |x|) of a chunk, NaN kept: the row's non-finite check reads it, and no
+// kernel may rely on its exp to carry a NaN along (ATen's fast exp does not on every ISA). Four
+// independent accumulators keep the max units busy (one running max is a latency-bound chain).
+template <bool kAbs = false, typename A>
 A chunk_max(const A* x, int64_t n) {
   using Vec = Vectorized<A>;
   constexpr int64_t W = Vec::size();
-  A m = -std::numeric_limits<A>::infinity();
+  A m = kAbs ? A(0) : -std::numeric_limits<A>::infinity();
+  auto load = [&](int64_t j) {
+    const Vec v = Vec::loadu(x + j);
+    return kAbs ? v.abs() : v;
+  };
   int64_t j = 0;
   if (n >= 4 * W) {
     Vec m0(m), m1(m), m2(m), m3(m);
     for (; j + 4 * W <= n; j += 4 * W) {
-      m0 = at::vec::clamp_min(Vec::loadu(x + j), m0);
-      m1 = at::vec::clamp_min(Vec::loadu(x + j + W), m1);
-      m2 = at::vec::clamp_min(Vec::loadu(x + j + 2 * W), m2);
-      m3 = at::vec::clamp_min(Vec::loadu(x + j + 3 * W), m3);
+      m0 = at::vec::maximum(load(j), m0);
+      m1 = at::vec::maximum(load(j + W), m1);
+      m2 = at::vec::maximum(load(j + 2 * W), m2);
+      m3 = at::vec::maximum(load(j + 3 * W), m3);
     }
-    const Vec mv = at::vec::clamp_min(at::vec::clamp_min(m0, m1), at::vec::clamp_min(m2, m3));
-    m = at::vec::vec_reduce_all<A>([](Vec a, Vec b) { return at::vec::clamp_min(a, b); }, mv);
+    const Vec mv = at::vec::maximum(at::vec::maximum(m0, m1), at::vec::maximum(m2, m3));
+    m = at::vec::vec_reduce_all<A>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, mv);
   }
-  for (; j < n; ++j) m = std::max(m, x[j]);
+  for (; j < n; ++j) m = nan_max(m, kAbs ? std::abs(x[j]) : x[j]);
   return m;
 }
 
@@ -102,17 +106,25 @@ template <Divergence D, bool kHard, typename A>
 void stats_chunk(const A* s, const A* t, int64_t n, const Options<A>& o, RowStats<A>& st,
                  KeptExps<A>* kept, int64_t off) {
   using Vec = Vectorized<A>;
-  move_maxima<D, kHard>(o, chunk_max(s, n), chunk_max(t, n), st);
-  const A sh_t = st.t.shift(), sh_s = st.s.shift(), sh_1 = st.s1.shift();
   constexpr bool kSoftmax = uses_softmax(D);
+  constexpr A kNoMax = -std::numeric_limits<A>::infinity();
+  ChunkMax<A> m{kNoMax, kNoMax, A(0), A(0)};
+  if (kSoftmax || kHard) m.s = chunk_max(s, n);
+  if (kSoftmax) m.t = chunk_max(t, n);
+  if (!kSoftmax) {
+    m.abs_s = chunk_max<true>(s, n);
+    m.abs_t = chunk_max<true>(t, n);
+  }
+  move_maxima<D, kHard>(o, m, st);
+  const Shifts<A> sh = chunk_shifts<D>(st);
   A* et = nullptr;
   A* es = nullptr;
   A* e1 = nullptr;
   if (kept) {
     const int64_t c = off / kChunk;
-    kept->chunk_shift(0, c) = sh_t;
-    kept->chunk_shift(1, c) = sh_s;
-    kept->chunk_shift(2, c) = sh_1;
+    kept->chunk_shift(0, c) = sh.t;
+    kept->chunk_shift(1, c) = sh.s;
+    kept->chunk_shift(2, c) = sh.s1;
     et = kept->exps(0, off);
     es = kept->exps(1, off);
     e1 = kept->exps(2, off);
@@ -122,8 +134,7 @@ void stats_chunk(const A* s, const A* t, int64_t n, const Options<A>& o, RowStat
   if (n >= Vec::size()) {  // short rows (a few classes) skip the lane reductions altogether
     auto lanes = StatLanes<D, kHard, Vec>::zero();
     for (; j + Vec::size() <= n; j += Vec::size()) {
-      const auto e =
-          lanes.add(Vec::loadu(s + j), Vec::loadu(t + j), o.inv_temperature, sh_t, sh_s, sh_1);
+      const auto e = lanes.add(Vec::loadu(s + j), Vec::loadu(t + j), o.inv_temperature, sh);
       if (kSoftmax && et) {
         e.t.store(et + j);
         e.s.store(es + j);
@@ -138,7 +149,7 @@ void stats_chunk(const A* s, const A* t, int64_t n, const Options<A>& o, RowStat
     tail.ntt += lane_sum(lanes.ntt);
   }
   for (; j < n; ++j) {
-    const auto e = tail.add(s[j], t[j], o.inv_temperature, sh_t, sh_s, sh_1);
+    const auto e = tail.add(s[j], t[j], o.inv_temperature, sh);
     if (kSoftmax && et) {
       et[j] = e.t;
       es[j] = e.s;
@@ -270,8 +281,12 @@ void run_rows(const KernelArgs& a, int64_t begin, int64_t end) {
       stats_chunk<D, kHard>(widen(srow + off, n, s_buf), widen(trow + off, n, t_buf), n, o, st,
                             keep, off);
     }
-    if (row_has_empty_softmax(o, st)) {
+    if (row_has_empty_softmax(o, st)) {  // a value error (all -inf); a NaN max is not -inf
       std::atomic_ref<int64_t>(*a.bad_row).store(i, std::memory_order_relaxed);
+      fill_row(std::numeric_limits<A>::quiet_NaN(), S(NAN));
+      continue;
+    }
+    if (row_is_nonfinite(o, st)) {  // NaN, not an error: the training API stops on it
       fill_row(std::numeric_limits<A>::quiet_NaN(), S(NAN));
       continue;
     }
@@ -423,9 +438,13 @@ void run_topk_rows(const TopkKernelArgs& a, int64_t begin, int64_t end) {
     }
     // The teacher's softmax over its k entries at T.
     A tmax = -kInf;
-    for (int64_t j = 0; j < K; ++j) tmax = std::max(tmax, tl[j] * o.inv_temperature);
+    for (int64_t j = 0; j < K; ++j) tmax = nan_max(tmax, tl[j] * o.inv_temperature);
     if (ls.max == -kInf || tmax == -kInf || (kHard && l1.max == -kInf)) {
       bad();
+      continue;
+    }
+    if (bad_max(ls.max) || bad_max(tmax) || (kHard && bad_max(l1.max))) {
+      fill_row(std::numeric_limits<A>::quiet_NaN(), S(NAN));  // a NaN or +inf logit
       continue;
     }
     A tsum = 0;

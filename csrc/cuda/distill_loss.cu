@@ -78,6 +78,8 @@ __device__ RowStats<A> shfl_xor(const RowStats<A>& v, int mask) {
   o.cross = __shfl_xor_sync(0xffffffffu, v.cross, mask);
   o.nss = __shfl_xor_sync(0xffffffffu, v.nss, mask);
   o.ntt = __shfl_xor_sync(0xffffffffu, v.ntt, mask);
+  o.abs_s = __shfl_xor_sync(0xffffffffu, v.abs_s, mask);
+  o.abs_t = __shfl_xor_sync(0xffffffffu, v.abs_t, mask);
   o.jsd_p = __shfl_xor_sync(0xffffffffu, v.jsd_p, mask);
   o.jsd_q = __shfl_xor_sync(0xffffffffu, v.jsd_q, mask);
   return o;
@@ -204,21 +206,15 @@ __global__ void __launch_bounds__(kMaxThreads)
 
   // Sweep 1: one read from HBM, statistics per thread, the slice kept in shared memory.
   RowStats<A> st;
-  for_each_group<S, A>(
-      srow + first, trow + first, first, n, L.packed, L.cached ? s_cache : nullptr,
-      L.cached ? t_cache : nullptr, [&](int64_t, int64_t, const A* s, const A* t, int cnt) {
-        A ms = s[0], mt = t[0];
-        for (int e = 1; e < cnt; ++e) {
-          ms = (s[e] != s[e] || ms != ms) ? s[e] + ms : max(ms, s[e]);
-          mt = (t[e] != t[e] || mt != mt) ? t[e] + mt : max(mt, t[e]);
-        }
-        move_maxima<D, kHard>(o, ms, mt, st);
-        auto lanes = StatLanes<D, kHard, A>::zero();
-        for (int e = 0; e < cnt; ++e) {
-          lanes.add(s[e], t[e], o.inv_temperature, st.t.shift(), st.s.shift(), st.s1.shift());
-        }
-        lanes.add_to(st);
-      });
+  for_each_group<S, A>(srow + first, trow + first, first, n, L.packed, L.cached ? s_cache : nullptr,
+                       L.cached ? t_cache : nullptr,
+                       [&](int64_t, int64_t, const A* s, const A* t, int cnt) {
+                         move_maxima<D, kHard>(o, group_max<D, kHard>(s, t, cnt), st);
+                         const Shifts<A> sh = chunk_shifts<D>(st);
+                         auto lanes = StatLanes<D, kHard, A>::zero();
+                         for (int e = 0; e < cnt; ++e) lanes.add(s[e], t[e], o.inv_temperature, sh);
+                         lanes.add_to(st);
+                       });
   block_merge<D>(st, warp_buf, block_stats);
   cluster_merge<D>(block_stats, row_stats, L.cluster);
   st = *row_stats;
@@ -230,6 +226,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     if (rank == 0 && threadIdx.x == 0) *a.bad_row = row;
     return fill_row(A(NAN), NAN);
   }
+  if (row_is_nonfinite(o, st)) return fill_row(A(NAN), NAN);  // NaN, not an error (any device)
   if constexpr (kHard) st.target_logit = static_cast<A>(srow[y]);
   RowConsts<A> k;
   A soft, hard;
@@ -459,8 +456,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   for_each_group<S, A>(srow, nullptr, 0, V, packed, nullptr, nullptr,
                        [&](int64_t, int64_t, const A* s, const A*, int cnt) {
                          A m = s[0];
-                         for (int e = 1; e < cnt; ++e)
-                           m = (s[e] != s[e] || m != m) ? s[e] + m : max(m, s[e]);
+                         for (int e = 1; e < cnt; ++e) m = nan_max(m, s[e]);
                          advance(st.s, m * o.inv_temperature);
                          if (kHard) advance(st.s1, m);
                          for (int e = 0; e < cnt; ++e) {
@@ -482,12 +478,16 @@ __global__ void __launch_bounds__(kMaxThreads)
     bool bad = rs.s.max == -INFINITY || (kHard && rs.s1.max == -INFINITY);
     for (int64_t j = 0; j < K; ++j) {
       bad |= idx[j] < 0 || idx[j] >= V;  // never read out of bounds
-      tmax = max(tmax, tl[j] * o.inv_temperature);
+      tmax = nan_max(tmax, tl[j] * o.inv_temperature);
     }
     bad |= tmax == -INFINITY;
+    // A NaN or +inf logit gives a NaN row, as on the CPU, without reporting a bad row.
+    const bool nonfinite = bad_max(rs.s.max) || bad_max(tmax) || (kHard && bad_max(rs.s1.max));
     A lt = 0, acc_p = 0, acc_q = 0, q_mass = 0;
     bool in_topk = false;
-    if (!bad) {
+    if (!bad && nonfinite) {
+      bad = true;
+    } else if (!bad) {
       A tsum = 0;
       for (int64_t j = 0; j < K; ++j) tsum += ::exp(tl[j] * o.inv_temperature - tmax);
       lt = ::log(tsum);

@@ -1,4 +1,4 @@
-"""torch.ops.pykd.distill_loss against the float64 reference of shared/LOSS_SPEC.md."""
+"""torch.ops.pykd.distill_loss against the float64 reference of the contract in docs/loss.md."""
 
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def max_err(a, b):
 
 def assert_matches(ours, ref64, lowp=None, *, dtype, what):
     """fp32/fp64: close to the float64 truth relative to its size. fp16/bf16: error at most twice
-    torch's own error in that dtype (LOSS_SPEC / DESIGN rule 8), plus a hair for rounding."""
+    torch's own error in that dtype (docs/loss.md, "Precision"), plus a hair for rounding."""
     for name, a, b, c in zip(("loss", "grad_student", "grad_teacher", "grad_weight"),
                              ours, ref64, lowp or (None,) * 4):
         if b is None:
@@ -342,13 +342,3 @@ def test_module_face_matches_functional():
                                       temperature=3.0, alpha=0.25, beta=0.2,
                                       reduction="batchmean")
     torch.testing.assert_close(loss_fn(s, t, target=y, weight=w), expected)
-
-
-def test_nan_and_inf_logits_give_nan_not_a_crash():
-    for bad in (float("nan"), float("inf")):
-        for divergence in DIVERGENCES:
-            s, t, _, y = make_case((4, 9), torch.float32, target=True)
-            s[1, 3] = bad
-            out = pykd.distillation_loss(s, t, target=y, divergence=divergence, alpha=0.5,
-                                         reduction="sum")
-            assert torch.isnan(out), (bad, divergence, out)

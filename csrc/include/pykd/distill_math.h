@@ -1,7 +1,7 @@
-// Torch-free math of the fused distillation loss (shared/LOSS_SPEC.md), shared by the CPU and CUDA
-// kernels. Everything here is a template over the value type V so the same formula serves a float,
-// a double (CUDA, CPU tails) and an at::vec::Vectorized lane group (CPU bodies): the loss and its
-// gradient are written down exactly once.
+// Torch-free math of the fused distillation loss (its contract: docs/loss.md), shared by the CPU
+// and CUDA kernels. Everything here is a template over the value type V so the same formula serves
+// a float, a double (CUDA, CPU tails) and an at::vec::Vectorized lane group (CPU bodies): the loss
+// and its gradient are written down exactly once.
 //
 // Notation per row: t' = teacher / T, s' = student / T, p = softmax(t'), q = softmax(s'),
 // q1 = softmax(student) (temperature 1, hard term). Every log-probability is formed as
@@ -93,6 +93,36 @@ PYKD_HD T advance(Lse<T>& l, T next_max) {
   return f;
 }
 
+// max(a, b) that keeps a NaN from either side (std::max and fmax drop it): a NaN logit must reach
+// the row's non-finite check on every kernel, whatever its exp does with NaN.
+template <typename T>
+PYKD_HD T nan_max(T a, T b) {
+  return (a != a || b != b) ? a + b : (a > b ? a : b);
+}
+
+// True for NaN and +inf: a maximum like that means the row holds a logit that is not a number or
+// is infinitely large, and its loss is NaN (-inf is a masked entry, not an error).
+template <typename T>
+PYKD_HD bool bad_max(T m) {
+  return !(m < std::numeric_limits<T>::infinity());
+}
+
+// Cosine sums are taken on x * 2^-e, e = scale_exp(max |x|), so |x| up to the dtype's largest
+// finite value neither overflows |x|^2 nor loses tiny rows to underflow; powers of two scale
+// exactly. The exponent is clamped so that 2^e and 2^-e are both representable.
+template <typename T>
+PYKD_HD int scale_exp(T abs_max) {
+  if (!(abs_max > T(0)) || bad_max(abs_max)) return 0;
+  const int hi = sizeof(T) == 4 ? 127 : 1023;
+  const int e = ::ilogb(static_cast<double>(abs_max)) + 1;
+  return e < -64 ? -64 : (e > hi ? hi : e);
+}
+
+template <typename T>
+PYKD_HD T pow2(int e) {
+  return static_cast<T>(::ldexp(1.0, e));
+}
+
 // Merge two partial log-sum-exp states (CUDA warp/block reductions, CPU lanes). `a_extra` and
 // `b_extra` are sums carried at the same scale as each state's sum (the KL / reverse-KL cross
 // term).
@@ -126,23 +156,55 @@ struct RowStats {
       T(0);      // kl: sum e_t (t'-s'); reverse_kl: sum e_s (s'-t'); mse: sum (t-s)^2; cosine: s.t
   T nss = T(0);  // cosine: |s|^2
   T ntt = T(0);  // cosine: |t|^2
+  // mse, cosine: running max |s| and |t| (NaN kept), the non-finite check and cosine's scales;
+  // cosine's cross, nss and ntt are kept on s * 2^-scale_exp(abs_s) and t * 2^-scale_exp(abs_t).
+  T abs_s = T(0), abs_t = T(0);
   T jsd_p = T(0);  // jsd (second sweep): sum p (log p - log m)
   T jsd_q = T(0);  // jsd (second sweep): sum q (log q - log m)
   T target_logit = T(0);
 };
 
+// Moves cosine's sums onto the scales of the (larger or equal) maxima abs_s, abs_t.
+template <typename T>
+PYKD_HD void rescale_cosine(RowStats<T>& st, T abs_s, T abs_t) {
+  // While a side has seen only zeros, the sums that hold it are 0: nothing to move (and its
+  // scale exponent, 0, may lie above the new one).
+  const int ds = st.abs_s > T(0) ? scale_exp(st.abs_s) - scale_exp(abs_s) : 0;
+  const int dt = st.abs_t > T(0) ? scale_exp(st.abs_t) - scale_exp(abs_t) : 0;
+  if (ds != 0 || dt != 0) {  // rare: a scale only moves when a chunk raises the maximum's exponent
+    const T fs = pow2<T>(ds), ft = pow2<T>(dt);
+    st.cross *= fs * ft;
+    st.nss *= fs * fs;
+    st.ntt *= ft * ft;
+  }
+  st.abs_s = abs_s;
+  st.abs_t = abs_t;
+}
+
 // Merge the first-sweep statistics of two parts of a row (GPU thread, warp, block and cluster
 // reductions). The cross term rides on the teacher (kl) or student (reverse_kl) scale.
 template <Divergence D, typename T>
 PYKD_HD void merge_stats(RowStats<T>& a, const RowStats<T>& b) {
+  if constexpr (D == Divergence::Cosine) {
+    const T as = nan_max(a.abs_s, b.abs_s), at = nan_max(a.abs_t, b.abs_t);
+    RowStats<T> b_moved = b;
+    rescale_cosine(a, as, at);
+    rescale_cosine(b_moved, as, at);
+    a.cross += b_moved.cross;
+    a.nss += b_moved.nss;
+    a.ntt += b_moved.ntt;
+    T none = T(0);
+    merge_lse(a.s1, none, b.s1, T(0));
+    return;
+  }
   T none_a = T(0);
   merge_lse(a.t, D == Divergence::KL ? a.cross : none_a, b.t, D == Divergence::KL ? b.cross : T(0));
   merge_lse(a.s, D == Divergence::ReverseKL ? a.cross : none_a, b.s,
             D == Divergence::ReverseKL ? b.cross : T(0));
   merge_lse(a.s1, none_a, b.s1, T(0));
   if (!uses_softmax(D)) a.cross += b.cross;
-  a.nss += b.nss;
-  a.ntt += b.ntt;
+  a.abs_s = nan_max(a.abs_s, b.abs_s);
+  a.abs_t = nan_max(a.abs_t, b.abs_t);
   a.jsd_p += b.jsd_p;
   a.jsd_q += b.jsd_q;
 }
@@ -150,14 +212,25 @@ PYKD_HD void merge_stats(RowStats<T>& a, const RowStats<T>& b) {
 // Row constants derived from the statistics: everything the per-element gradient needs.
 template <typename T>
 struct RowConsts {
-  T mt, lt, ms, ls, m1, l1;     // max and log-sum of each softmax stream
-  T centre;                     // kl: sum p (t'-s'); reverse_kl: sum q (s'-t'); jsd: KL(p||m)
-  T jsd_q;                      // jsd: KL(q||m)
-  T a_s, a_t, b_s, b_t;         // mse/cosine: d soft/ds = a_s s + a_t t, d soft/dt = b_s s + b_t t
+  T mt, lt, ms, ls, m1, l1;  // max and log-sum of each softmax stream
+  T centre;                  // kl: sum p (t'-s'); reverse_kl: sum q (s'-t'); jsd: KL(p||m)
+  T jsd_q;                   // jsd: KL(q||m)
+  // mse/cosine: d soft/ds = c_s (a_s s c_s + a_t t c_t), d soft/dt = c_t (b_s s c_s + b_t t c_t),
+  // with c_s, c_t cosine's exact power-of-two input scales (1 for mse).
+  T a_s, a_t, b_s, b_t, c_s, c_t;
   T gs_soft, gs_hard, gt_soft;  // row scale of each gradient term (weight / normaliser folded in)
 };
 
-// True when the row has no finite logit where a softmax is needed (a value error in the spec).
+// True when the row holds a NaN or +inf logit where a softmax or the hard term reads it, or a NaN
+// or infinite feature for mse/cosine: the row's loss and gradients are then NaN, on every kernel.
+template <typename T>
+PYKD_HD bool row_is_nonfinite(const Options<T>& o, const RowStats<T>& st) {
+  if (uses_softmax(o.div) && (bad_max(st.t.max) || bad_max(st.s.max))) return true;
+  if (!uses_softmax(o.div) && (bad_max(st.abs_s) || bad_max(st.abs_t))) return true;
+  return o.hard && bad_max(st.s1.max);
+}
+
+// True when the row has no finite logit where a softmax is needed (a value error in the contract).
 template <typename T>
 PYKD_HD bool row_has_empty_softmax(const Options<T>& o, const RowStats<T>& st) {
   const T ninf = -std::numeric_limits<T>::infinity();
@@ -198,13 +271,18 @@ PYKD_HD void finish_row(const Options<T>& o, const RowStats<T>& st, RowConsts<T>
       k.a_t = T(-2);
       k.b_s = T(-2);
       k.b_t = T(2);
+      k.c_s = k.c_t = T(1);
       break;
     case Divergence::Cosine: {
-      const T eps = T(kCosineEps);
-      T ns = ::sqrt(st.nss), nt = ::sqrt(st.ntt);
-      const bool s_free = ns > eps, t_free = nt > eps;  // a clamped norm is a constant
-      ns = s_free ? ns : eps;
-      nt = t_free ? nt : eps;
+      // On the scaled rows s~ = s 2^-es, t~ = t 2^-et: |s| = 2^es |s~|, so each norm's clamp at
+      // eps becomes a clamp at eps 2^-es, and cos and the gradients below follow without forming
+      // |s|^2 (which overflows float32 from |s| ~ 1e19).
+      const int es = scale_exp(st.abs_s), et = scale_exp(st.abs_t);
+      const T rs = ::sqrt(st.nss), rt = ::sqrt(st.ntt);
+      const bool s_free = static_cast<T>(::ldexp(static_cast<double>(rs), es)) > T(kCosineEps);
+      const bool t_free = static_cast<T>(::ldexp(static_cast<double>(rt), et)) > T(kCosineEps);
+      const T ns = s_free ? rs : static_cast<T>(::ldexp(kCosineEps, -es));  // a clamped norm is
+      const T nt = t_free ? rt : static_cast<T>(::ldexp(kCosineEps, -et));  // a constant
       const T inv = T(1) / (ns * nt);
       const T cos = st.cross * inv;
       soft = T(1) - cos;
@@ -212,6 +290,8 @@ PYKD_HD void finish_row(const Options<T>& o, const RowStats<T>& st, RowConsts<T>
       k.a_t = -inv;
       k.b_s = -inv;
       k.b_t = t_free ? cos / (nt * nt) : T(0);
+      k.c_s = pow2<T>(-es);
+      k.c_t = pow2<T>(-et);
       break;
     }
   }
@@ -234,18 +314,62 @@ PYKD_HD void set_grad_scales(const Options<T>& o, T c, RowConsts<T>& k) {
   k.gt_soft = k.gs_soft;
 }
 
-// Before a chunk is added: move each streaming maximum to include the chunk's raw maxima (of
-// student and teacher logits) and rescale every sum kept at its scale.
+// The maxima of one chunk (CPU) or group (GPU thread) that the first sweep needs, NaN kept: the
+// raw max of student and teacher (softmax streams, hard term) and, for mse/cosine, max |x|.
+template <typename T>
+struct ChunkMax {
+  T s, t, abs_s, abs_t;
+};
+
+// Maxima of a few values (a GPU thread's pack); the CPU vectorises its own.
 template <Divergence D, bool kHard, typename T>
-PYKD_HD void move_maxima(const Options<T>& o, T student_max, T teacher_max, RowStats<T>& st) {
+PYKD_HD ChunkMax<T> group_max(const T* s, const T* t, int n) {
+  ChunkMax<T> m{s[0], t[0], ::fabs(s[0]), ::fabs(t[0])};
+  for (int e = 1; e < n; ++e) {
+    m.s = nan_max(m.s, s[e]);
+    m.t = nan_max(m.t, t[e]);
+    if constexpr (!uses_softmax(D)) {
+      m.abs_s = nan_max(m.abs_s, T(::fabs(s[e])));
+      m.abs_t = nan_max(m.abs_t, T(::fabs(t[e])));
+    }
+  }
+  return m;
+}
+
+// Before a chunk is added: move each streaming maximum to include the chunk's maxima and rescale
+// every sum kept at its scale.
+template <Divergence D, bool kHard, typename T>
+PYKD_HD void move_maxima(const Options<T>& o, const ChunkMax<T>& m, RowStats<T>& st) {
   if constexpr (uses_softmax(D)) {
     // max(x / T) = max(x) / T: scaling by a positive number is monotone, rounding included.
-    const T ft = advance(st.t, teacher_max * o.inv_temperature);
-    const T fs = advance(st.s, student_max * o.inv_temperature);
+    const T ft = advance(st.t, m.t * o.inv_temperature);
+    const T fs = advance(st.s, m.s * o.inv_temperature);
     if constexpr (D == Divergence::KL) st.cross *= ft;
     if constexpr (D == Divergence::ReverseKL) st.cross *= fs;
+  } else if constexpr (D == Divergence::Cosine) {
+    rescale_cosine(st, nan_max(st.abs_s, m.abs_s), nan_max(st.abs_t, m.abs_t));
+  } else {
+    st.abs_s = nan_max(st.abs_s, m.abs_s);
+    st.abs_t = nan_max(st.abs_t, m.abs_t);
   }
-  if constexpr (kHard) advance(st.s1, student_max);
+  if constexpr (kHard) advance(st.s1, m.s);
+}
+
+// What the first sweep subtracts from (softmax streams) or multiplies by (cosine's scales) each
+// value of a chunk: fixed for the chunk by move_maxima.
+template <typename T>
+struct Shifts {
+  T t, s, s1, c_s, c_t;
+};
+
+template <Divergence D, typename T>
+PYKD_HD Shifts<T> chunk_shifts(const RowStats<T>& st) {
+  Shifts<T> sh{st.t.shift(), st.s.shift(), st.s1.shift(), T(1), T(1)};
+  if constexpr (D == Divergence::Cosine) {
+    sh.c_s = pow2<T>(-scale_exp(st.abs_s));
+    sh.c_t = pow2<T>(-scale_exp(st.abs_t));
+  }
+  return sh;
 }
 
 // First sweep, one group of lanes: accumulate into per-lane partial sums. The caller owns the
@@ -276,13 +400,13 @@ struct StatLanes {
   }
 
   template <typename T>
-  PYKD_HD LaneExps<V> add(V s, V t, T inv_temp, T shift_t, T shift_s, T shift_1) {
+  PYKD_HD LaneExps<V> add(V s, V t, T inv_temp, const Shifts<T>& sh) {
     using M = VMath<V>;
     LaneExps<V> e{V(0), V(0), V(0)};
     if constexpr (uses_softmax(D)) {
       const V tp = t * V(inv_temp), sp = s * V(inv_temp);
-      e.t = M::exp(tp - V(shift_t));
-      e.s = M::exp(sp - V(shift_s));
+      e.t = M::exp(tp - V(sh.t));
+      e.s = M::exp(sp - V(sh.s));
       sum_t = sum_t + e.t;
       sum_s = sum_s + e.s;
       if constexpr (D == Divergence::KL) cross = cross + M::keep(e.t, e.t * (tp - sp));
@@ -291,12 +415,13 @@ struct StatLanes {
       const V d = t - s;
       cross = cross + d * d;
     } else {
-      cross = cross + s * t;
-      nss = nss + s * s;
-      ntt = ntt + t * t;
+      const V ss = s * V(sh.c_s), ts = t * V(sh.c_t);
+      cross = cross + ss * ts;
+      nss = nss + ss * ss;
+      ntt = ntt + ts * ts;
     }
     if constexpr (kHard) {
-      e.s1 = M::exp(s - V(shift_1));
+      e.s1 = M::exp(s - V(sh.s1));
       sum_1 = sum_1 + e.s1;
     }
     return e;
@@ -360,8 +485,9 @@ PYKD_HD void grad_lanes(V s, V t, const Probs<V>& pr, const Options<T>& o, const
       gt = V(k.gt_soft * o.beta) * M::keep(p, p * ((lp - lm) - V(k.centre)));
     }
   } else {
-    gs = V(k.gs_soft) * (V(k.a_s) * s + V(k.a_t) * t);
-    gt = V(k.gt_soft) * (V(k.b_s) * s + V(k.b_t) * t);
+    const V ss = s * V(k.c_s), ts = t * V(k.c_t);
+    gs = V(k.gs_soft * k.c_s) * (V(k.a_s) * ss + V(k.a_t) * ts);
+    gt = V(k.gt_soft * k.c_t) * (V(k.b_s) * ss + V(k.b_t) * ts);
   }
   if constexpr (kHard) gs = gs + V(k.gs_hard) * pr.q1;
 }
