@@ -16,7 +16,7 @@
 namespace pykd {
 
 // Error messages are built with std::to_string: streaming a number into a std::ostream inside an
-// extension crashed the lent GPU machine's image (shared/BUILD_NOTES.md).
+// extension crashed the process on a CUDA 13 / torch 2.11 image (csrc/README.md).
 std::string shape_str(c10::IntArrayRef sizes);
 
 struct LossConfig {
@@ -30,7 +30,7 @@ struct LossConfig {
   int64_t classes;  // V: size of the last dim
 };
 
-// Argument checks that need no data (LOSS_SPEC.md "Bad input"). Python checks first, with the
+// Argument checks that need no data (docs/loss.md, "Bad input"). Python checks first, with the
 // same rules, so these fire only for direct torch.ops calls; `op` prefixes every message.
 LossConfig check_loss_options(const char* op, c10::string_view divergence, double temperature,
                               double alpha, double beta, int64_t ignore_index,

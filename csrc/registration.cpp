@@ -6,7 +6,7 @@
 #include "cpu/distill_loss_kernel.h"
 
 TORCH_LIBRARY(pykd, m) {
-  // The fused distillation loss of shared/LOSS_SPEC.md; asks _distill_loss_fused for the grads
+  // The fused distillation loss of docs/loss.md; asks _distill_loss_fused for the grads
   // autograd will need, so they are made in the same pass as the loss.
   m.def(
       "distill_loss(Tensor student, Tensor teacher, Tensor? weight=None, Tensor? target=None, *, "

@@ -1,4 +1,4 @@
-"""Functional face of pykd's fused distillation loss (see ``shared/LOSS_SPEC.md``)."""
+"""Functional face of pykd's fused distillation loss (its contract: ``docs/loss.md``)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Every bad input of LOSS_SPEC.md gives a clear error naming the argument, never a crash."""
+"""Every bad input of docs/loss.md gives a clear error naming the argument, never a crash."""
 
 from __future__ import annotations
 
