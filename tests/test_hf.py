@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import os
+import signal
 import subprocess
 import sys
 
@@ -179,3 +181,119 @@ def test_import_error_names_the_extra(monkeypatch):
     monkeypatch.delitem(sys.modules, "pykd.integrations.hf", raising=False)
     with pytest.raises(ImportError, match=r'pip install "pykd\[hf\]"'):
         importlib.import_module("pykd.integrations.hf")
+
+
+def bert_tokens(hidden, layers, seed):
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(
+        vocab_size=50, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+        intermediate_size=2 * hidden, max_position_embeddings=16, num_labels=5, **NO_DROPOUT_BERT)
+    return transformers.BertForTokenClassification(config)
+
+
+def uneven_data(kind, labelled):
+    """Right-padded rows of different lengths (token kinds) or 7 rows, so that the last of four
+    micro-batches of 2 is smaller (sequence kind): micro-batches of unequal row counts."""
+    g = torch.Generator().manual_seed(3)
+    seq, vocab, n = 8, (40 if kind == "causal" else 50), (7 if kind == "sequence" else 8)
+    lengths = [8, 2, 6, 3, 8, 5, 1, 7][:n]
+    rows = []
+    for length in lengths:
+        ids = torch.randint(1, vocab, (seq,), generator=g)
+        mask = (torch.arange(seq) < length).long()
+        row = {"input_ids": ids, "attention_mask": mask}
+        if labelled and kind == "sequence":
+            row["labels"] = torch.randint(0, 3, (), generator=g)
+        elif labelled:
+            labels = ids if kind == "causal" else torch.randint(0, 5, (seq,), generator=g)
+            row["labels"] = labels.masked_fill(mask == 0, -100)
+        rows.append(row)
+    return rows
+
+
+MODELS = {"causal": gpt2_lm, "sequence": bert_classifier, "token": bert_tokens}
+
+
+def step_gradient(out_dir, kind, labelled, batch_size, accumulation, **kw):
+    """The student's gradient at the optimizer step of a one-step run over uneven_data."""
+    teacher, student = MODELS[kind](32, 2, 0), MODELS[kind](16, 1, 1)
+    grads = []
+
+    class Capture(transformers.TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kw):
+            grads.append(torch.cat([p.grad.reshape(-1) for p in student.parameters()]))
+
+    trainer = DistillationTrainer(
+        model=student, teacher_model=teacher, temperature=2.0, alpha=0.5,
+        args=training_args(out_dir, per_device_train_batch_size=batch_size,
+                           gradient_accumulation_steps=accumulation, max_steps=1,
+                           max_grad_norm=0.0, learning_rate=0.0, **kw),
+        train_dataset=uneven_data(kind, labelled), callbacks=[Capture()])
+    trainer.train()
+    assert len(grads) == 1
+    return grads[0]
+
+
+def relative_error(got, expected):
+    return ((got - expected).norm() / expected.norm()).item()
+
+
+@pytest.mark.parametrize("labelled", [True, False], ids=["labels", "no_labels"])
+@pytest.mark.parametrize("kind", ["causal", "sequence", "token"])
+def test_accumulated_step_equals_one_big_step(tmp_path, kind, labelled):
+    """Four micro-batches with different numbers of loss rows give the gradient of one step on
+    their concatenation, with or without labels, for token- and sequence-level outputs."""
+    whole = step_gradient(tmp_path, kind, labelled, len(uneven_data(kind, labelled)), 1)
+    accumulated = step_gradient(tmp_path, kind, labelled, 2, 4)
+    assert relative_error(accumulated, whole) < 1e-5
+
+
+def test_two_processes_equal_one_step_on_their_batches(tmp_path):
+    """2 processes x 2 micro-batches of 2 uneven rows: after DDP's average of the gradients, one
+    step on all 8 rows (the count is summed over the processes, the loss scaled back by 2)."""
+    out = tmp_path / "grads.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # Its own session, so that on a timeout the launcher and both workers can be killed together.
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         __file__, str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(tmp_path), env=env,
+        start_new_session=True,
+    )
+    try:
+        log, _ = launcher.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        log, _ = launcher.communicate()
+    assert launcher.returncode == 0, log[-4000:]
+    two = torch.load(out, weights_only=True)
+    for labelled in (True, False):
+        whole = step_gradient(tmp_path, "causal", labelled, 8, 1)
+        assert relative_error(two[labelled], whole) < 1e-5, f"labelled={labelled}"
+
+
+def test_evaluate_scores_the_rows_it_counts(tmp_path):
+    """Recent transformers count an evaluation batch (for its num_items_in_batch) through a
+    hook that the trainer overrides: the count must be that of the rows the loss scores."""
+    teacher, student = gpt2_lm(32, 2, 0), gpt2_lm(16, 1, 1)
+    data = uneven_data("causal", labelled=True)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, temperature=2.0,
+                                  alpha=0.5, args=training_args(tmp_path,
+                                                                per_device_eval_batch_size=8))
+    metrics = trainer.evaluate(eval_dataset=data)
+    with torch.no_grad():
+        expected = trainer.compute_loss(student, collate(data))  # the mean over its rows
+    assert metrics["eval_loss"] == pytest.approx(expected.item(), rel=1e-5)
+
+
+if __name__ == "__main__":
+    # The multi-process half of test_two_processes_equal_one_step_on_their_batches, run by
+    # `torchrun --nproc_per_node 2 test_hf.py OUT`: rank 0 saves the step's gradients to OUT.
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        grads = {labelled: step_gradient(folder, "causal", labelled, 2, 2, ddp_backend="gloo",
+                                         ddp_timeout=60)
+                 for labelled in (True, False)}
+    if os.environ["RANK"] == "0":
+        torch.save(grads, sys.argv[1])

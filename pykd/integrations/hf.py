@@ -16,6 +16,8 @@ alone does not.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -29,7 +31,7 @@ except ImportError as exc:  # pragma: no cover - exercised by tests with transfo
         'pip install "pykd[hf]"'
     ) from exc
 
-from pykd._batches import shift_left
+from pykd._batches import parse_batch, shift_left, to_device, token_positions
 from pykd.functional import distillation_loss
 
 __all__ = ["DistillationTrainer"]
@@ -80,12 +82,15 @@ class DistillationTrainer(transformers.Trainer):
     the logits at position ``t`` are scored against the label at ``t + 1``
     (``logits[:, :-1]`` vs ``labels[:, 1:]``), as the models' own loss does.
 
-    Gradient accumulation follows the Trainer's convention: when it passes
-    ``num_items_in_batch`` (the count of labels other than ``-100`` over all the micro-batches
-    of an optimizer step), the loss is the sum over the rows divided by that count, so every
-    token weighs the same however the tokens fall into micro-batches. The division is done by
-    per-row weights inside the fused op (which computes the gradient in its forward pass) rather
-    than by scaling the loss afterwards, which would cost another pass over the logits.
+    Gradient accumulation (and data parallelism) gives the gradient of one step on the whole
+    batch, with or without labels: the Trainer's ``num_items_in_batch`` is replaced by the number
+    of loss rows over all the micro-batches of an optimizer step (and, with
+    ``average_tokens_across_devices``, over all processes): the labels other than ``-100`` (shifted
+    for a causal LM), else the ``attention_mask`` positions of ``[B, T, V]`` logits, else the
+    sequences. Each micro-batch's loss is its sum over its rows divided by that count, so every row
+    weighs the same however the rows fall into micro-batches. The division is done by per-row
+    weights inside the fused op (which computes the gradient in its forward pass) rather than by
+    scaling the loss afterwards, which would cost another pass over the logits.
 
     Args:
         model: the student, a ``transformers`` model (or module returning ``logits``).
@@ -136,11 +141,12 @@ class DistillationTrainer(transformers.Trainer):
         self.teacher_model = teacher_model
         self._move_teacher(self._student_device())
 
-        # The loss is normalised by `num_items_in_batch` whenever the batch has labels, so ask the
-        # Trainer to count them (it only does for models that take loss kwargs) and not to divide
-        # the loss by the accumulation steps again. Count as the loss does: shifted for a causal LM.
+        # The loss is normalised by the count of get_batch_samples whatever the batch holds; saying
+        # that the model takes loss kwargs stops the Trainer dividing it by the accumulation steps.
         self.model_accepts_loss_kwargs = True
-        self._loss_shifts_labels = self.causal_lm
+        # Whether an unlabelled batch's rows are tokens ([B, T, V] logits) or sequences: known
+        # from the first logits seen, or from one teacher forward when counting comes first.
+        self._token_logits: bool | None = True if self.causal_lm else None
 
     def _student_device(self) -> torch.device | None:
         for p in self.model.parameters():
@@ -163,56 +169,99 @@ class DistillationTrainer(transformers.Trainer):
         labels = inputs.pop("labels", None)
         outputs = model(**inputs)  # no labels: the model's own loss would be wasted work
         student = _logits(outputs)
-        if student.device != self._teacher_device:
-            self._move_teacher(student.device)
-        if self.teacher_model.training:
-            self.teacher_model.eval()  # someone called .train() on it
-        with torch.no_grad():
-            teacher = _logits(self.teacher_model(**inputs)).to(student.dtype)
+        teacher = self._teacher_logits(inputs, student.device).to(student.dtype)
         if teacher.shape != student.shape:
             raise ValueError(f"teacher logits {tuple(teacher.shape)} and student logits "
                              f"{tuple(student.shape)} must have the same shape (same label set "
                              "or vocabulary)")
+        self._token_logits = student.dim() == 3
 
-        weight = None
-        if labels is not None:
-            labels = labels.to(student.device)
-            if self.causal_lm:  # shift the labels, not the logits (that would copy [B, T, V])
-                labels = shift_left(labels, -100)
-        elif student.dim() == 3 and inputs.get("attention_mask") is not None:
-            weight = inputs["attention_mask"].to(device=student.device, dtype=torch.float32)
+        target, rows = self._loss_rows(inputs, labels)
+        if num_items_in_batch is None:  # called on a lone batch: the mean over its rows
+            count, scale = rows.sum(), 1
+        else:
+            count, scale = num_items_in_batch, self._processes_counted()
+        count = torch.as_tensor(count, dtype=torch.float32, device=student.device)
+        # A count of 0 means no row weighs anything: a zero loss, not 0 / 0.
+        inverse = torch.where(count > 0, scale / count, 0.0)
+        weight = rows.to(device=student.device, dtype=torch.float32).reshape(-1) * inverse
+        if target is not None:
+            target = target.to(student.device).reshape(-1)
 
         n_classes = student.shape[-1]
-        student = student.reshape(-1, n_classes)
-        teacher = teacher.reshape(-1, n_classes)
-        if labels is not None:
-            labels = labels.reshape(-1)
-        if weight is not None:
-            weight = weight.reshape(-1)
-
-        reduction = "mean"
-        if labels is not None and num_items_in_batch is not None:
-            reduction = "sum"
-            weight = torch.ones(student.shape[0], dtype=torch.float32, device=student.device)
-            weight.mul_(self._items_scale(num_items_in_batch, student.device))
-
         loss = distillation_loss(
-            student, teacher, weight=weight, target=labels, divergence=self.divergence,
-            temperature=self.temperature, alpha=self.alpha if labels is not None else 1.0,
-            beta=self.beta, ignore_index=-100, reduction=reduction,
+            student.reshape(-1, n_classes), teacher.reshape(-1, n_classes), weight=weight,
+            target=target, divergence=self.divergence, temperature=self.temperature,
+            alpha=self.alpha if target is not None else 1.0, beta=self.beta, ignore_index=-100,
+            reduction="sum",
         )
         return (loss, outputs) if return_outputs else loss
 
-    def _items_scale(self, num_items_in_batch: torch.Tensor | int, device: torch.device) -> Any:
-        """``1 / num_items_in_batch``, times the device count the Trainer would multiply by."""
-        n = num_items_in_batch
-        if isinstance(n, torch.Tensor):
-            n = n.detach().reshape(-1)[0].to(device=device, dtype=torch.float32)
-        scale = 1.0
+    def get_batch_samples(
+        self, epoch_iterator: Iterator, num_batches: int, *args: Any, **kwargs: Any
+    ) -> tuple[list, torch.Tensor | None]:
+        """The next ``num_batches`` micro-batches of the epoch and their count of loss rows.
+
+        The Trainer's own count is of the labels other than ``-100`` and is None without labels,
+        which would make the step the mean of the micro-batches' means. (The extra arguments,
+        the device in recent releases, are not needed: the count goes to ``args.device``.)
+        """
+        batches = list(itertools.islice(epoch_iterator, num_batches))
+        return batches, self._count_loss_rows(batches)
+
+    def _get_num_items_in_batch(
+        self, batch_samples: list, device: Any = None
+    ) -> torch.Tensor | None:
+        # Recent releases also count an evaluation batch here: it must be counted as it is scored.
+        return self._count_loss_rows(batch_samples)
+
+    def _count_loss_rows(self, batches: list) -> torch.Tensor | None:
+        """The rows the loss of ``batches`` uses, summed over the processes if their gradients
+        are averaged with ``average_tokens_across_devices``."""
+        if not batches:
+            return None
+        device = self.args.device
+        count = torch.zeros(1, dtype=torch.int64, device=device)
+        for batch in batches:
+            inputs = dict(batch)
+            count += self._loss_rows(inputs, inputs.pop("labels", None))[1].sum().to(device)
+        if self._processes_counted() > 1:
+            count = self.accelerator.gather(count)
+        return count.sum()
+
+    def _processes_counted(self) -> int:
+        """How many processes the count spans. Their gradients are averaged, so each process's
+        share of the loss (its rows' sum over the count) is multiplied by this many. (One under
+        DataParallel: its one process scores the whole batch, from the gathered logits.)"""
         if getattr(self.args, "average_tokens_across_devices", False):
-            # The count is summed over the processes while their gradients are averaged.
-            tp_size = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
-            scale = self.accelerator.num_processes // tp_size
-            if self.args.n_gpu > 1:
-                scale = self.args.n_gpu
-        return scale / n
+            # Tensor-parallel replicas of a batch count it once each and are among the
+            # processes, so the count and this factor both grow by their number.
+            return self.accelerator.num_processes
+        return 1
+
+    def _loss_rows(
+        self, inputs: Mapping[str, Any], labels: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The target of each loss row (None without labels) and which rows count, both shaped
+        like the logits without their last dimension."""
+        if labels is not None:
+            target = labels
+            if self.causal_lm:  # shift the labels, not the logits (that would copy [B, T, V])
+                target = shift_left(target, -100)
+            return target, target != -100
+        batch = parse_batch(inputs)
+        if self._token_logits is None:  # counting before any loss: ask the teacher, once
+            device = self._student_device() or self.args.device
+            self._token_logits = self._teacher_logits(inputs, device).dim() == 3
+        if self._token_logits:
+            return None, token_positions(batch)
+        return None, torch.ones(batch.size, dtype=torch.bool)
+
+    def _teacher_logits(self, inputs: Mapping[str, Any], device: torch.device) -> torch.Tensor:
+        """The frozen teacher's logits on ``inputs`` (no labels), run on ``device``."""
+        if device != self._teacher_device:
+            self._move_teacher(device)
+        if self.teacher_model.training:
+            self.teacher_model.eval()  # someone called .train() on it
+        with torch.no_grad():
+            return _logits(self.teacher_model(**to_device(inputs, device)))
