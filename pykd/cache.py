@@ -13,20 +13,27 @@ is written atomically and the manifest is rewritten (atomically) after each shar
 build resumes at the first shard the manifest lacks, after checking the ones it lists.
 
 The key is the sha256 of the teacher's weights (its ``state_dict``), the sha256 of the dataset's
-model inputs (labels and sample weights excluded), the name of the collate function that made the
-teacher's batches and the settings (``top_k``, ``dtype``): a cache built for other weights, data,
-collate function or settings is refused with :class:`StaleCacheError`, a shard whose bytes no
-longer match its checksum (or a manifest without the fields it needs) with
-:class:`CorruptCacheError`.
+model inputs (labels and sample weights excluded), a fingerprint of the collate function that made
+the teacher's batches (:func:`fingerprint_collate`, or a key the caller names) and the settings
+(``top_k``, ``dtype``): a cache built for other weights, data, collate function or settings is
+refused with :class:`StaleCacheError`, a shard whose bytes no longer match its checksum (or a
+manifest without the fields it needs) with :class:`CorruptCacheError`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import dis
 import functools
 import hashlib
 import json
 import math
+import os
+import site
+import sys
+import sysconfig
+import threading
+import types
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -60,6 +67,10 @@ _OFFSET_DTYPE = np.int64
 # Shards kept memory-mapped at once (each holds a file handle per array); the least recently
 # used one is unmapped beyond this.
 _MAPPED_SHARDS = 8
+# How far a collate fingerprint walks: a collate function holding more is refused (the caller
+# names a key instead) rather than keyed by the part that was walked.
+_WALK_DEPTH = 64
+_WALK_OBJECTS = 50_000
 
 
 class CacheError(RuntimeError):
@@ -136,29 +147,333 @@ def fingerprint_data(dataset: Dataset) -> str:
 
 
 def fingerprint_collate(collate_fn: Callable[[list[Any]], Any] | None) -> str:
-    """A name for a collate function that stays the same across runs.
+    """A key for a collate function that is the same across runs, and changes with what it does.
 
-    A function, method or class is named by its module and qualified name; a
-    ``functools.partial`` by its function's name and the repr of its arguments, a callable
-    object by its type's name and the repr of its attributes, each repr only where it holds no
-    memory address (which changes from run to run). ``None`` (a DataLoader's default) is
-    :func:`torch.utils.data.default_collate`.
+    It is the function's qualified name and the sha256 of its code and of every value it holds:
+
+    - code written outside the installed libraries (the standard library, site-packages) by its
+      bytecode, constants, names and nested code, never its file, line numbers or module name (a
+      script run as ``__main__`` and the same script imported have one key), with the module
+      globals it reads; installed code by its module and name, since its version decides it;
+    - closure cells, defaults and keyword-only defaults, a ``functools.partial``'s function,
+      arguments and keywords, a bound method's function and instance;
+    - a callable object's class and state, the state of the objects it holds in turn: the
+      state pickling would save (``__dict__`` and ``__slots__`` of plain classes); tensors,
+      arrays and plain data by value (as in :func:`fingerprint_data`).
+
+    ``None`` (a DataLoader's default) is :func:`torch.utils.data.default_collate`.
+
+    Raises:
+        CacheError: the function holds something without a stable representation (a lock, an
+            open file, an object that cannot be pickled), or too much to walk; pass the cache an
+            explicit ``collate_key`` then.
     """
     if collate_fn is None or collate_fn is default_collate:
-        return "torch.utils.data.default_collate"  # not its private module, which may move
-    if isinstance(collate_fn, functools.partial):
-        return _with_state(f"functools.partial({fingerprint_collate(collate_fn.func)})",
-                           (collate_fn.args, collate_fn.keywords))
-    if hasattr(collate_fn, "__qualname__"):
-        return f"{collate_fn.__module__}.{collate_fn.__qualname__}"
-    kind = type(collate_fn)
-    return _with_state(f"{kind.__module__}.{kind.__qualname__}",
-                       getattr(collate_fn, "__dict__", {}))
+        return _DEFAULT_COLLATE
+    walk = _Walk()
+    try:
+        walk.value(collate_fn, "collate_fn")
+    except _Unknowable as error:
+        raise CacheError(
+            f"cannot fingerprint the collate function for the teacher cache's key: {error}; "
+            "pass collate_key='<a name for it>' to TeacherCache.build and to attach instead (and "
+            "change it whenever the collate function changes)"
+        ) from None
+    return f"{_label(collate_fn)} sha256:{walk.h.hexdigest()}"
 
 
-def _with_state(name: str, state: Any) -> str:
-    text = repr(state)
-    return name if " at 0x" in text else f"{name} {text}"
+_DEFAULT_COLLATE = "torch.utils.data.default_collate"  # not its private module, which may move
+# Callables implemented in C: known by name (and the object a bound one belongs to).
+_BUILTIN_CALLABLES = (types.BuiltinFunctionType, types.MethodDescriptorType,
+                      types.MethodWrapperType, types.WrapperDescriptorType,
+                      types.ClassMethodDescriptorType)
+_PLAIN = (type(None), bool, int, float, str, bytes)
+
+
+class _Unknowable(Exception):
+    """A value a collate fingerprint cannot stand for."""
+
+    def __init__(self, where: str, what: str) -> None:
+        if len(where) > 160:  # deep down a nested value: its start and its end say where
+            where = f"{where[:70]}...{where[-70:]}"
+        super().__init__(f"{where} is {what}")
+
+
+class _Walk:
+    """Feeds a callable's code and the values it holds, depth first, to a sha256.
+
+    Every item is self-delimiting (length-prefixed tokens, :func:`_hash_value`'s own framing), so
+    two different walks never feed the same bytes.
+    """
+
+    def __init__(self) -> None:
+        self.h = hashlib.sha256()
+        self.objects = 0
+        self.active: dict[int, int] = {}  # id -> depth of the values being walked (cycles)
+        # Digests of the functions and classes walked: a helper used from many places is walked
+        # once. Each is kept with its object, so that its id is not reused meanwhile.
+        self.code: dict[int, tuple[Any, bytes]] = {}
+
+    def token(self, text: str) -> None:
+        data = text.encode()
+        self.h.update(f"{len(data)}:".encode() + data)
+
+    def value(self, value: Any, where: str) -> None:
+        self.objects += 1
+        if self.objects > _WALK_OBJECTS or len(self.active) > _WALK_DEPTH:
+            raise _Unknowable(where, f"past what a fingerprint walks (more than {_WALK_DEPTH} "
+                                     f"levels deep or {_WALK_OBJECTS} objects in all)")
+        kind = type(value)
+        if kind in _PLAIN or isinstance(value, (torch.Tensor, np.generic)) or (
+                isinstance(value, np.ndarray) and not value.dtype.hasobject):
+            self.token("data")
+            try:
+                _hash_value(self.h, value)
+            except (TypeError, RuntimeError) as error:  # a sparse or a meta tensor, say
+                raise _Unknowable(where, f"a {_type_name(kind)} ({error})") from None
+        elif kind in (complex, type(Ellipsis)):
+            self.token(f"{kind.__name__} {value!r}")
+        elif value is default_collate:
+            self.token(_DEFAULT_COLLATE)
+        elif isinstance(value, types.ModuleType):
+            self.token(f"module {value.__name__}")
+        elif isinstance(value, _BUILTIN_CALLABLES):
+            self.token(f"builtin {getattr(value, '__module__', None)}.{value.__qualname__}")
+            owner = getattr(value, "__self__", None)
+            if owner is not None and not isinstance(owner, (types.ModuleType, type)):
+                self.value(owner, f"{where}.__self__")
+        elif id(value) in self.active:  # a value that holds itself, or a recursive function
+            self.token(f"cycle {len(self.active) - self.active[id(value)]}")
+        else:
+            self.active[id(value)] = len(self.active)
+            try:
+                self._compound(value, where)
+            finally:
+                del self.active[id(value)]
+
+    def _compound(self, value: Any, where: str) -> None:
+        kind = type(value)
+        if isinstance(value, (types.FunctionType, type)):
+            self.h.update(self._code_digest(value, where))
+        elif isinstance(value, types.MethodType):
+            self.token("method")
+            self.value(value.__func__, f"{where}.__func__")
+            self.value(value.__self__, f"{where}.__self__")
+        elif isinstance(value, functools.partial):
+            self.token("partial")
+            self.value(kind, f"type of {where}")
+            self.value(value.func, f"{where}.func")
+            self.value(value.args, f"{where}.args")
+            self.value(value.keywords, f"{where}.keywords")
+            self.value(getattr(value, "__dict__", None), f"{where}.__dict__")
+        elif kind in (list, tuple):
+            self.token(f"{kind.__name__} {len(value)}")
+            for i, item in enumerate(value):
+                self.value(item, f"{where}[{i}]")
+        elif kind is dict:
+            # In the order of the keys' digests: the same dict built in another order (from a
+            # set, whose order changes with the hash seed) has the same fingerprint.
+            self.token(f"dict {len(value)}")
+            for digest, key in sorted(((self._digest(key, f"a key of {where}"), key)
+                                       for key in value), key=lambda pair: pair[0]):
+                self.h.update(digest)
+                self.value(value[key], f"{where}[{_short(key)}]")
+        elif isinstance(value, (set, frozenset)):
+            self.token(f"set {len(value)}")
+            self.value(kind, f"type of {where}")
+            for digest in sorted(self._digest(item, f"an element of {where}") for item in value):
+                self.h.update(digest)
+        elif isinstance(value, np.ndarray):  # of Python objects: their values
+            self.token(f"object array {value.shape}")
+            self.value(value.tolist(), where)
+        else:
+            self._object(value, where)
+
+    def _digest(self, value: Any, where: str) -> bytes:
+        """The digest of ``value`` alone (walked into a hash of its own)."""
+        outer, self.h = self.h, hashlib.sha256()
+        try:
+            self.value(value, where)
+            return self.h.digest()
+        finally:
+            self.h = outer
+
+    def _code_digest(self, code: types.FunctionType | type, where: str) -> bytes:
+        known = self.code.get(id(code))
+        if known is None:
+            outer, self.h = self.h, hashlib.sha256()
+            try:
+                if isinstance(code, type):
+                    self._class(code, where)
+                else:
+                    self._function(code, where)
+                known = self.code[id(code)] = (code, self.h.digest())
+            finally:
+                self.h = outer
+        return known[1]
+
+    def _function(self, fn: types.FunctionType, where: str) -> None:
+        if _installed(fn.__module__):
+            self.token(f"function {fn.__module__}.{fn.__qualname__}")
+        else:
+            self.token("function")
+            self._code(fn.__code__, where)
+            # Names it reads from its module: a constant, a helper function or class, a
+            # tokenizer. Builtins it reads are in its code's names already.
+            for name in _globals_read(fn.__code__):
+                if name in fn.__globals__:
+                    self.token(f"global {name}")
+                    self.value(fn.__globals__[name], f"{where}.__globals__[{name!r}]")
+        # What it holds, whoever wrote it (a library's factory closes over the caller's values).
+        for name, cell in zip(fn.__code__.co_freevars, fn.__closure__ or ()):
+            self.token(f"cell {name}")
+            try:
+                contents = cell.cell_contents
+            except ValueError:  # not assigned yet
+                self.token("empty")
+            else:
+                self.value(contents, f"{where}.__closure__[{name!r}]")
+        self.value(fn.__defaults__, f"{where}.__defaults__")
+        self.value(fn.__kwdefaults__, f"{where}.__kwdefaults__")
+
+    def _code(self, code: types.CodeType, where: str) -> None:
+        self.token(f"code {code.co_argcount} {code.co_posonlyargcount} "
+                   f"{code.co_kwonlyargcount} {code.co_flags}")
+        self.h.update(f"{len(code.co_code)}:".encode() + code.co_code)
+        for names in (code.co_names, code.co_varnames, code.co_freevars, code.co_cellvars):
+            self.token(" ".join(names))
+        self.token(f"constants {len(code.co_consts)}")
+        for const in code.co_consts:
+            if isinstance(const, types.CodeType):  # a nested function, lambda or comprehension
+                self._code(const, where)
+            else:
+                self.value(const, f"a constant of {where}")
+
+    def _class(self, cls: type, where: str) -> None:
+        if _installed(cls.__module__):
+            self.token(f"class {cls.__module__}.{cls.__qualname__}")
+            return
+        self.token(f"class {cls.__qualname__}")
+        self.value(cls.__bases__, f"{where}.__bases__")
+        for name in sorted(cls.__dict__):
+            attr = cls.__dict__[name]
+            if isinstance(attr, (staticmethod, classmethod)):
+                attr = attr.__func__
+            elif isinstance(attr, property):
+                attr = (attr.fget, attr.fset, attr.fdel)
+            elif (name.startswith("__") and name.endswith("__") and not isinstance(
+                    attr, types.FunctionType)) or name == "_abc_impl" or isinstance(
+                    attr, (types.MemberDescriptorType, types.GetSetDescriptorType)):
+                # Bookkeeping, not behaviour: __module__ (which differs between a script run
+                # as __main__ and the same script imported), __firstlineno__, dataclass fields
+                # (the instances hold their values), an ABC's registry; slots and __dict__ are
+                # the instances' state, walked with them.
+                continue
+            self.token(f"attribute {name}")
+            self.value(attr, f"{cls.__qualname__}.{name}")
+
+    def _object(self, value: Any, where: str) -> None:
+        """An object by its class and the state pickling would save: ``__dict__`` and
+        ``__slots__`` of a plain class, what a class that pickles itself says it is made of."""
+        self.value(type(value), f"type of {where}")
+        try:
+            reduced = value.__reduce_ex__(4)
+        except Exception as error:  # a lock, an open file, a generator: pickle refuses them too
+            raise _Unknowable(where, f"a {_type_name(type(value))}, which has no stable "
+                                     f"representation ({error})") from None
+        if isinstance(reduced, str):  # pickled by name: a module-level singleton, say
+            self.token(f"global {reduced}")
+            wrapped = getattr(value, "__wrapped__", None)  # of functools.lru_cache: its function
+            if wrapped is not None:
+                self.value(wrapped, f"{where}.__wrapped__")
+            return
+        make, args, state, items, entries = (*reduced, None, None, None)[:5]
+        self.value(make, f"{where} (how it is made)")
+        self.value(args, f"{where} (its arguments)")
+        parts = (state if isinstance(state, tuple) and len(state) == 2
+                 and all(part is None or type(part) is dict for part in state) else (state,))
+        for part in parts:  # (__dict__, __slots__) of a plain class with slots
+            if type(part) is dict and all(isinstance(name, str) for name in part):
+                self.token(f"attributes {len(part)}")
+                for name in sorted(part):
+                    self.token(name)
+                    self.value(part[name], f"{where}.{name}")
+            else:
+                self.value(part, f"{where} (its state)")
+        self.value(None if items is None else list(items), f"{where} (its items)")
+        self.value(None if entries is None else list(entries), f"{where} (its entries)")
+
+
+def _label(fn: Any) -> str:
+    """A readable name for the key (no module name: see :func:`fingerprint_collate`)."""
+    if isinstance(fn, functools.partial):
+        return f"partial({_label(fn.func)})"
+    if isinstance(fn, types.MethodType):
+        return _label(fn.__func__)
+    name = getattr(fn, "__qualname__", None)
+    return name if isinstance(name, str) else type(fn).__qualname__
+
+
+def _type_name(kind: type) -> str:
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _globals_read(code: types.CodeType) -> list[str]:
+    """The global names ``code`` and the code nested in it load."""
+    names = {op.argval for op in dis.get_instructions(code)
+             if op.opname in ("LOAD_GLOBAL", "LOAD_NAME")}
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names.update(_globals_read(const))
+    return sorted(names)
+
+
+_INSTALLED: dict[str, bool] = {}
+
+
+def _installed(module: str | None) -> bool:
+    """Whether ``module`` is installed code (built in, frozen, the standard library or
+    site-packages), whose version decides what it does; not a script, a notebook's ``__main__``
+    or a project's own source."""
+    if module in _INSTALLED:
+        return _INSTALLED[module]
+    loaded = sys.modules.get(module) if module else None
+    if loaded is None:  # code from no importable module (exec'd, say): walked
+        return False
+    spec = getattr(loaded, "__spec__", None)
+    file = getattr(loaded, "__file__", None)
+    if module in sys.builtin_module_names or getattr(spec, "origin", None) == "frozen":
+        installed = True
+    elif file is None:  # a notebook's or a REPL's __main__
+        installed = False
+    else:
+        path = os.path.realpath(file)
+        installed = any(path.startswith(root + os.sep) for root in _library_roots())
+    _INSTALLED[module] = installed
+    return installed
+
+
+@functools.lru_cache(maxsize=1)
+def _library_roots() -> tuple[str, ...]:
+    paths = sysconfig.get_paths()
+    roots = {paths[name] for name in ("stdlib", "platstdlib", "purelib", "platlib")}
+    roots.update(getattr(site, "getsitepackages", list)())
+    roots.add(site.getusersitepackages())
+    return tuple(sorted(os.path.realpath(root) for root in roots))
+
+
+def _collate_key(collate_fn: Callable[[list[Any]], Any] | None, collate_key: str | None) -> str:
+    """The cache key's entry for the collate function: its fingerprint, or the caller's name."""
+    if collate_key is None:
+        return fingerprint_collate(collate_fn)
+    if not isinstance(collate_key, str) or not collate_key.strip():
+        raise ValueError(f"collate_key must be a non-empty string, got {collate_key!r}")
+    return f"collate_key={collate_key}"
 
 
 def _sha256_file(path: Path) -> str:
@@ -234,6 +549,26 @@ class TeacherCache:
         self._manifest = manifest
         self._shards: OrderedDict[int, _Shard] = OrderedDict()  # mapped, least recent first
         self._verified: set[int] = set()  # shards whose checksums matched: not hashed again
+        self._new_locks()
+
+    def _new_locks(self) -> None:
+        # Lookups may come from several threads (DataLoader threads, prefetchers). _lock guards
+        # the LRU of mapped shards, held only for its bookkeeping; _verify_lock lets one thread
+        # hash a shard's files on first use while the others wait for it, not hash it again.
+        self._lock = threading.Lock()
+        self._verify_lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickled (to another process): not the locks, nor the mapped shards, mapped again there.
+        state = self.__dict__.copy()
+        for name in ("_lock", "_verify_lock"):
+            del state[name]
+        state["_shards"] = OrderedDict()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._new_locks()
 
     # ------------------------------------------------------------------------- properties
 
@@ -285,6 +620,7 @@ class TeacherCache:
         shard_size: int = 4096,
         progress: bool = False,
         on_shard: Callable[[int], None] | None = None,
+        collate_key: str | None = None,
     ) -> TeacherCache:
         """Run ``teacher`` over ``dataset`` and store its outputs under ``path`` (a folder).
 
@@ -301,12 +637,20 @@ class TeacherCache:
                 keeps all logits (for small label sets).
             dtype: ``"float16"`` (default) or ``"float32"`` for the stored logits.
             batch_size, collate_fn: how the teacher's batches are formed, as in a DataLoader.
+                The key holds ``collate_fn``'s fingerprint (:func:`fingerprint_collate`).
             shard_size: samples per shard file (ignored when resuming: the cache keeps its own).
             progress: show a progress bar over the shards.
             on_shard: called with each shard's number once it is stored.
+            collate_key: the key's name for ``collate_fn`` instead of its fingerprint, for a
+                collate function that cannot be fingerprinted (it holds a lock, an open file,
+                a tokenizer that cannot be pickled); change it whenever the function changes,
+                and give it to :meth:`attach` too.
 
         Returns:
             The finished cache.
+
+        Raises:
+            CacheError: ``collate_fn`` cannot be fingerprinted and no ``collate_key`` is given.
         """
         if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
@@ -315,7 +659,7 @@ class TeacherCache:
         if shard_size < 1 or batch_size < 1:
             raise ValueError("shard_size and batch_size must be >= 1")
         key = {"teacher": fingerprint_model(teacher), "data": fingerprint_data(dataset),
-               "collate": fingerprint_collate(collate_fn), "top_k": top_k, "dtype": dtype}
+               "collate": _collate_key(collate_fn, collate_key), "top_k": top_k, "dtype": dtype}
         path = Path(path)
         if (path / _MANIFEST).exists():
             cache = cls(path, _read_manifest(path))
@@ -397,8 +741,10 @@ class TeacherCache:
             self._check_shard(j)
 
     def close(self) -> None:
-        """Unmap the shards, closing their files; a later lookup maps what it needs again."""
-        self._shards.clear()
+        """Unmap the shards, closing their files (once no lookup still copies from them); a
+        later lookup maps what it needs again."""
+        with self._lock:
+            self._shards.clear()
 
     def __enter__(self) -> TeacherCache:
         return self
@@ -408,18 +754,19 @@ class TeacherCache:
 
     # -------------------------------------------------------------------------- training
 
-    def attach(self, loader: DataLoader) -> DataLoader:
+    def attach(self, loader: DataLoader, *, collate_key: str | None = None) -> DataLoader:
         """A loader like ``loader`` whose batches carry their samples' indices into the cache.
 
         ``loader`` must be a DataLoader over the cached dataset with a batch size and a
         sequential or shuffling sampler; its collate function, workers and other settings are
         kept. The collate function and the dataset are checked against the cache's key (the
-        dataset by reading every item once).
+        dataset by reading every item once); ``collate_key`` stands for the collate function
+        as in :meth:`build`.
         """
         if not rebuildable(loader):
             raise TypeError("attach needs a DataLoader over a map-style dataset with a batch_size "
                             "and a sequential or shuffling sampler")
-        self._check_key({"collate": fingerprint_collate(loader.collate_fn)})
+        self._check_key({"collate": _collate_key(loader.collate_fn, collate_key)})
         self.check_data(loader.dataset)
         return loader_like(loader, _Indexed(loader.dataset), _IndexedCollate(loader.collate_fn),
                            shuffle=isinstance(loader.sampler, RandomSampler))
@@ -508,22 +855,34 @@ class TeacherCache:
         self._verified.add(j)
 
     def _shard(self, j: int) -> _Shard:
-        """Finished shard ``j``, memory-mapped, checked against its checksums on first use."""
-        if j in self._shards:
-            self._shards.move_to_end(j)
-            return self._shards[j]
+        """Finished shard ``j``, memory-mapped, checked against its checksums on first use.
+
+        Shards leave the LRU by being dropped from it, never closed: a thread still copying rows
+        from one holds a reference to it, and its files close when the last reference goes (a
+        lookup keeps copies, never views).
+        """
+        with self._lock:
+            shard = self._shards.get(j)
+            if shard is not None:
+                self._shards.move_to_end(j)
+                return shard
+        # Hashing and mapping run unlocked: lookups of mapped shards go on meanwhile.
         if j not in self._verified:
-            self._check_shard(j)
+            with self._verify_lock:
+                if j not in self._verified:
+                    self._check_shard(j)
         arrays: dict[str, np.ndarray] = {}
         for name, file in self._files(j).items():
             dtype, shape = self._layout(j)[name]
             arrays[name] = (np.memmap(file, dtype=dtype, mode="r", shape=shape) if math.prod(shape)
                             else np.zeros(shape, dtype=dtype))
-        shard = _Shard(arrays["values"], arrays.get("indices"), arrays["offsets"])
-        self._shards[j] = shard
-        if len(self._shards) > _MAPPED_SHARDS:
-            # Lookups keep copies, never views, so dropping it closes its files.
-            self._shards.popitem(last=False)
+        with self._lock:
+            # Another thread may have mapped it meanwhile: one mapping of it stays.
+            shard = self._shards.setdefault(
+                j, _Shard(arrays["values"], arrays.get("indices"), arrays["offsets"]))
+            self._shards.move_to_end(j)
+            while len(self._shards) > _MAPPED_SHARDS:
+                self._shards.popitem(last=False)
         return shard
 
     @torch.no_grad()
