@@ -124,6 +124,9 @@ def parse_batch(batch: Any) -> Batch:
     if isinstance(batch, IndexedBatch):
         index, batch = batch.index, batch.batch
     inputs, labels, weight = split_batch(batch)
+    for name, value in (("labels", labels), ("sample_weight", weight)):
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(value).__name__}")
     mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
     if isinstance(inputs, Mapping) and isinstance(inputs.get("input_ids"), torch.Tensor):
         positions_like = inputs["input_ids"]

@@ -26,7 +26,8 @@ class Callback:
 
     def on_step_end(self, distiller: Distiller, step: int, metrics: dict[str, float]) -> None:
         """After optimizer step ``step`` (1-based, counted over the whole run), before that
-        step's checkpoint (if any) is written."""
+        step's checkpoint (if any) is written. Steps not taken (all rows of zero weight, or an
+        fp16 overflow) call no hook."""
 
     def on_epoch_end(self, distiller: Distiller, epoch: int, metrics: dict[str, float]) -> None:
         """After ``epoch``, before its checkpoint (if any) is written; ``metrics`` are the

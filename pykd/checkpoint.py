@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -28,6 +29,11 @@ def _current_umask() -> int:
 _FILE_MODE = 0o666 & ~_current_umask()
 
 
+def _temp_affixes(path: Path) -> tuple[str, str]:
+    """The prefix and suffix of ``path``'s temporary files (``.{name}.XXXXXXXX.tmp``)."""
+    return f".{path.name}.", ".tmp"
+
+
 def write_atomic(path: PathLike, write: Callable[[BinaryIO], None]) -> None:
     """Write a file so that a crash at any point leaves the old file or the new one.
 
@@ -36,7 +42,8 @@ def write_atomic(path: PathLike, write: Callable[[BinaryIO], None]) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    prefix, suffix = _temp_affixes(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=suffix)
     try:
         with os.fdopen(fd, "wb") as f:
             if hasattr(os, "fchmod"):  # not on Windows, where files have no such mode bits
@@ -52,8 +59,30 @@ def write_atomic(path: PathLike, write: Callable[[BinaryIO], None]) -> None:
 
 
 def save_atomic(obj: Any, path: PathLike) -> None:
-    """``torch.save`` to ``path`` atomically (see :func:`write_atomic`)."""
+    """``torch.save`` to ``path`` atomically (see :func:`write_atomic`), first removing what
+    earlier writes of ``path`` killed midway left (see :func:`remove_stale_temporaries`)."""
+    remove_stale_temporaries(path)
     write_atomic(path, lambda f: torch.save(obj, f))
+
+
+def remove_stale_temporaries(path: PathLike) -> None:
+    """Delete the temporary files of writes of ``path`` that were killed midway.
+
+    A killed process runs no cleanup, so its temporary file (as large as the checkpoint) stays.
+    Only names ``mkstemp`` gives ``path``'s own temporaries match: its random part has no dot, so
+    the temporaries of ``path.name + ".x"`` are kept. A write of ``path`` in progress elsewhere
+    would lose its file too: call this only where one process writes ``path``.
+    """
+    path = Path(path)
+    prefix, suffix = _temp_affixes(path)
+    own = re.compile(re.escape(prefix) + r"[a-z0-9_]+" + re.escape(suffix))
+    try:
+        entries = list(path.parent.iterdir())
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        if own.fullmatch(entry.name):
+            entry.unlink(missing_ok=True)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -14,7 +14,9 @@ import inspect
 import itertools
 import json
 import math
+import numbers
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
@@ -49,7 +51,7 @@ from pykd.functional import (
     fused_linear_distillation_loss,
 )
 from pykd.heads import HeadCapture, HeadLike, LinearRows, resolve_head
-from pykd.schedules import ScheduleLike, as_schedule
+from pykd.schedules import Constant, Cosine, Linear, ScheduleLike, Warmup, as_schedule
 from pykd.teachers import (
     WEIGHTINGS,
     WeightFn,
@@ -77,7 +79,11 @@ _STATS = (
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss of a micro-batch was NaN or infinite."""
+    """The loss of a micro-batch, or the gradient of a step, was NaN or infinite.
+
+    Raised before the optimizer step, with the gradients cleared: the weights, the optimizer and
+    scheduler states and ``global_step`` are those of the last good step.
+    """
 
 
 @dataclasses.dataclass
@@ -121,6 +127,7 @@ class _Layout:
 class _Prepared:
     """A micro-batch on the student's device with its rows worked out before any forward."""
 
+    where: str  # which batch it is, for error messages
     batch: Batch
     target: torch.Tensor | None
     valid: torch.Tensor  # (*) bool, the rows of the logits that count
@@ -160,6 +167,66 @@ def _row_weights(rows: torch.Tensor, sample_weight: torch.Tensor | None) -> torc
     if sample_weight is not None:
         weights = weights * sample_weight.float().view(-1, *([1] * (rows.dim() - 1)))
     return weights
+
+
+def _check_sample_weight(weight: torch.Tensor | None, where: str) -> None:
+    # The raw weights: after normalising, all -1 would pass (-1 / -3 > 0), and mixed signs can
+    # too where the op does not check (CUDA), giving a NaN loss that blames the logits.
+    if weight is None:
+        return
+    if weight.is_complex():
+        raise TypeError(f"sample_weight must be real, got {weight.dtype} ({where})")
+    bad = ~(torch.isfinite(weight) & (weight >= 0))
+    if bool(bad.any()):
+        raise ValueError(f"sample_weight must be finite and >= 0, got "
+                         f"{weight[bad][0].item()!r} ({where})")
+
+
+def _check_labels(labels: torch.Tensor, where: str) -> None:
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be integer class indices, got {labels.dtype} ({where}); "
+                        "converting would truncate them")
+
+
+def _check_rows(prep: _Prepared, logits: torch.Tensor) -> None:
+    """The batch's rows (its labels, or its token positions without them) are the logits'."""
+    lead = tuple(logits.shape[:-1])
+    if tuple(prep.valid.shape) == lead:
+        return
+    given = ("labels" if prep.target is not None
+             else "the token positions (attention_mask or input_ids)")
+    raise ValueError(f"{given} shaped {tuple(prep.valid.shape)} do not match the logits shaped "
+                     f"{tuple(logits.shape)} ({prep.where}): one per row of logits, shaped "
+                     f"{lead}")
+
+
+def _check_alpha(value: Any, name: str, source: str = "") -> None:
+    if not (isinstance(value, numbers.Real) and 0.0 <= value <= 1.0):
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}{source}")
+
+
+def _schedule_bounds(schedule: Callable[[int], float]) -> list[float]:
+    """Values between which one of pykd's schedules stays; none are known of other callables."""
+    kind = type(schedule)
+    if kind is Constant:
+        return [schedule.value]
+    if kind in (Linear, Cosine):
+        return [schedule.start, schedule.end]
+    if kind is Warmup:
+        return [schedule.start, *_schedule_bounds(schedule.then)]
+    return []
+
+
+def _check_alpha_schedule(schedule: Callable[[int], float], name: str = "alpha") -> None:
+    """Refuse an ``alpha`` schedule known to leave [0, 1]; other callables are checked as they
+    are evaluated (see ``Distiller._alpha_at``)."""
+    source = "" if type(schedule) is Constant else f" from {schedule!r}"
+    for value in _schedule_bounds(schedule):
+        _check_alpha(value, name, source)
+
+
+def _params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
 
 
 def _logit_loss(student: _Logits, teacher: _TeacherLogits, *, weight: torch.Tensor,
@@ -279,6 +346,16 @@ class Distiller:
     batch's ``sample_weight``; the adaptive weights of ``sample_weighting`` multiply the rows
     but do not enter the normaliser. Without labels the objective is ``soft + hidden``.
 
+    Before each optimizer step the losses of its micro-batches and its gradient norm are read
+    (in one sync with the device). A NaN or infinite loss, or gradient norm, raises
+    :class:`NonFiniteLossError` naming the step, epoch and batch, with the gradients cleared
+    and the weights, optimizer and scheduler states and ``global_step`` left as the last good
+    step left them; under ``precision="fp16"`` a non-finite gradient with finite losses is the
+    loss scale overflowing, and the step is skipped as ``GradScaler`` skips it instead. A step
+    whose rows all have zero weight (every label ``ignore_index`` or zero sample weight, and no
+    hidden-state rows) is not taken either: it could only apply weight decay and momentum.
+    Skipped steps count no ``global_step`` and call no ``on_step_end``.
+
     Args:
         teacher: a teacher module, or a sequence of them for a mixture (``teacher_weights``).
             Teachers are put in eval mode, frozen and run under ``torch.no_grad()``. Or a
@@ -289,7 +366,8 @@ class Distiller:
             uniform by default). The student matches ``p = sum_k c_k softmax(t_k / T)``.
         divergence: ``"kl"``, ``"reverse_kl"``, ``"jsd"``, ``"mse"`` or ``"cosine"``.
         temperature: ``T``, a number or a schedule of the global step (:mod:`pykd.schedules`).
-        alpha: weight of the soft term against the label cross entropy; number or schedule.
+        alpha: weight of the soft term against the label cross entropy; number or schedule,
+            in [0, 1] (checked with or without labels).
         beta: JSD mixing weight.
         ignore_index: label of rows to ignore (padding).
         causal_lm: compare the logits at position ``t`` with the label at ``t + 1``.
@@ -317,7 +395,7 @@ class Distiller:
             every optimizer step.
         accumulation_steps: micro-batches per optimizer step; the loss and gradients equal those
             of one batch holding them all.
-        max_grad_norm: clip the gradient norm of the student and projections to this.
+        max_grad_norm: clip the gradient norm of the student and projections to this (> 0).
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``: the student runs under
             ``torch.autocast`` in that dtype; ``"fp16"`` adds a ``GradScaler`` whose scale is
             folded into the loss weights.
@@ -409,6 +487,10 @@ class Distiller:
             raise ValueError(f"incorrect_weight must be >= 0, got {incorrect_weight!r}")
         if accumulation_steps < 1:
             raise ValueError(f"accumulation_steps must be >= 1, got {accumulation_steps!r}")
+        # A negative norm would flip the sign of the update, 0 would zero it (NaN: both).
+        if max_grad_norm is not None and not (isinstance(max_grad_norm, numbers.Real)
+                                              and max_grad_norm > 0):
+            raise ValueError(f"max_grad_norm must be a number > 0 or None, got {max_grad_norm!r}")
         if precision not in _PRECISIONS:
             raise ValueError(f"precision must be one of {tuple(_PRECISIONS)}, got {precision!r}")
         if metrics_path is not None and log_every < 1:
@@ -421,6 +503,8 @@ class Distiller:
                              "never computes; use one or the other")
         self.divergence, self.beta, self.ignore_index = divergence, float(beta), int(ignore_index)
         self.temperature, self.alpha = as_schedule(temperature), as_schedule(alpha)
+        # Checked here as well as in the op, which never sees alpha without labels.
+        _check_alpha_schedule(self.alpha)
         self.causal_lm, self.hidden = causal_lm, hidden
         self.sample_weighting, self.incorrect_weight = sample_weighting, float(incorrect_weight)
         self.fused_lm_head, self.lm_head_chunk_size = bool(fused_lm_head), lm_head_chunk_size
@@ -550,6 +634,16 @@ class Distiller:
     def _schedulers(self) -> list[torch.optim.lr_scheduler.LRScheduler | None]:
         return [self.scheduler]
 
+    def _alpha_at(self, step: int) -> Any:
+        """``alpha`` (a tuple of them in subclasses) at ``step``: a schedule that is any callable
+        can only be checked as it is evaluated."""
+        value = self.alpha(step)
+        many = isinstance(value, tuple)
+        for k, a in enumerate(value if many else (value,)):
+            _check_alpha(a, f"alpha[{k}]" if many else "alpha",
+                         f" from its schedule at step {step}")
+        return value
+
     # ----------------------------------------------------------------------------- public API
 
     def fit(
@@ -575,9 +669,24 @@ class Distiller:
 
         Returns:
             The metrics of the last evaluation, or ``{}`` without ``eval_loader``.
+
+        Raises:
+            ValueError: ``train_loader`` yields no batch in an epoch (an iterator used up by an
+                earlier epoch, say), or ``eval_loader`` none at all.
+            NonFiniteLossError: a loss or gradient is NaN or infinite (see :class:`Distiller`).
         """
+        if not isinstance(epochs, numbers.Integral) or epochs < 0:
+            raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
         if resume_from is not None:
             self.load_checkpoint(resume_from)
+        if 0 < epochs <= self.epoch:
+            # Calling fit once per epoch in a loop is a common habit that would train only once.
+            warnings.warn(
+                f"fit(epochs={epochs}) trains nothing: {self.epoch} epoch(s) are already done and "
+                "epochs counts all of them in total (so that a resumed run stops where the "
+                f"uninterrupted one would); pass epochs={self.epoch + epochs} to train {epochs} "
+                "more", UserWarning, stacklevel=2,
+            )
         self._emit("on_fit_start")
         for optimizer in self._optimizers():
             optimizer.zero_grad(set_to_none=True)
@@ -589,7 +698,7 @@ class Distiller:
             self._train_epoch(train_loader, epoch, epochs)
             metrics = {}
             if eval_loader is not None:
-                metrics = self.evaluate(eval_loader)
+                metrics = self._evaluate(eval_loader, "eval_loader")
                 self._write_metrics({"split": "eval", "step": self.global_step,
                                      "epoch": epoch, **metrics})
                 self._emit("on_eval_end", metrics)
@@ -602,7 +711,6 @@ class Distiller:
         self._emit("on_fit_end")
         return metrics
 
-    @torch.no_grad()
     def evaluate(self, loader: Iterable[Any]) -> dict[str, float]:
         """Metrics of the student on ``loader``, at the current temperature and alpha.
 
@@ -612,26 +720,41 @@ class Distiller:
         ``ce`` and ``accuracy``; ``hidden`` with hidden-state matching. Under
         ``torch.distributed`` each process evaluates its shard and the sums are all-reduced, so
         every process must call it.
+
+        ``accuracy`` is left out where no row is labelled (every label ``ignore_index``), and
+        ``kl`` and ``agreement`` where no row counts at all: a share of no rows is undefined.
+
+        Raises:
+            ValueError: ``loader`` yields no batch.
         """
+        return self._evaluate(loader, "loader")
+
+    @torch.no_grad()
+    def _evaluate(self, loader: Iterable[Any], name: str) -> dict[str, float]:
         was_training = self._stack.training
         self._stack.eval()
-        temperature = self.temperature(self.global_step)
+        temperature, alpha = self.temperature(self.global_step), self._alpha_at(self.global_step)
         sums = self._zero_stats()
-        labelled = False
+        labelled, count = False, 0
         batches, total = self._epoch_batches(loader, epoch=0, skip=0, train=False)
         bar = tqdm(batches, total=total, desc="eval", unit="batch", leave=False,
                    disable=not self.progress or self.rank != 0)
         try:
-            for raw in bar:
-                prep = self._prepare(raw)
+            for i, raw in enumerate(bar):
+                prep = self._prepare(raw, f"evaluation batch {i}")
                 labelled |= prep.target is not None
                 with self._autocast():
                     rows = self._forward(prep, self._stack, temperature)
                 sums += self._stats(rows, prep, temperature)
+                count += 1
         finally:
             bar.close()
             self._stack.train(was_training)
-        return self._summary(self._all_reduce(sums), self.alpha(self.global_step), labelled)
+        # The batch count travels with the sums: one process may have none where others do.
+        totals = self._all_reduce(torch.cat([sums, sums.new_tensor([count])]))
+        if totals[-1].item() == 0:
+            raise ValueError(f"{name} yielded no batches to evaluate")
+        return self._summary(totals[:-1], alpha, labelled)
 
     def save_checkpoint(self, path: PathLike) -> None:
         """Save everything needed to resume (on process 0; every process must call this)."""
@@ -694,16 +817,19 @@ class Distiller:
 
     def _train_epoch(self, loader: Iterable[Any], epoch: int, epochs: int) -> None:
         self._stack.train()
-        batches, total = self._epoch_batches(loader, epoch, self.batch_in_epoch, train=True)
+        start = self.batch_in_epoch
+        batches, total = self._epoch_batches(loader, epoch, start, train=True)
         if total is not None:
-            total += self.batch_in_epoch
-        with tqdm(total=total, initial=self.batch_in_epoch, desc=f"epoch {epoch + 1}/{epochs}",
+            total += start
+        with tqdm(total=total, initial=start, desc=f"epoch {epoch + 1}/{epochs}",
                   unit="batch", disable=not self.progress or self.rank != 0) as bar:
             while group := list(itertools.islice(batches, self.accumulation_steps)):
                 detailed = self.log_every > 0 and (self.global_step + 1) % self.log_every == 0
                 metrics = self._step(group, epoch, detailed)
                 self.batch_in_epoch += len(group)
                 bar.update(len(group))
+                if metrics is None:  # no step taken (see _step): nothing to report or save
+                    continue
                 bar.set_postfix(loss=f"{metrics['loss']:.4g}")
                 if detailed:
                     self._write_metrics({"split": "train", **metrics})
@@ -712,12 +838,23 @@ class Distiller:
                 if self.checkpoint_every and self.global_step % self.checkpoint_every == 0 \
                         and self.checkpoint_path is not None:
                     self.save_checkpoint(self.checkpoint_path)
+        # Resuming at the very end of an epoch legitimately leaves no batch; a fresh epoch must.
+        if start == 0 and self.batch_in_epoch == 0:
+            raise ValueError(
+                f"train_loader yielded no batches in epoch {epoch}"
+                + ("" if epoch == 0 else "; an iterator or generator is used up after one pass: "
+                   "give a list or a DataLoader")
+            )
 
-    def _step(self, group: list[Any], epoch: int, detailed: bool) -> dict[str, float]:
-        """One optimizer step over the micro-batches of ``group``; ``detailed`` adds metrics."""
-        step = self.global_step
-        temperature, alpha = self.temperature(step), self.alpha(step)
-        prepared = [self._prepare(raw) for raw in group]
+    def _step(self, group: list[Any], epoch: int, detailed: bool) -> dict[str, float] | None:
+        """One optimizer step over the micro-batches of ``group``; ``detailed`` adds metrics.
+
+        Returns None where no step is taken (see :meth:`_go_ahead`).
+        """
+        step, first = self.global_step, self.batch_in_epoch
+        temperature, alpha = self.temperature(step), self._alpha_at(step)
+        prepared = [self._prepare(raw, f"batch {first + j} of epoch {epoch}")
+                    for j, raw in enumerate(group)]
         # The normaliser of the whole step (all micro-batches, all processes) is known before any
         # forward, so each micro-batch's rows carry their final weight and nothing is rescaled.
         d_logit = torch.stack([p.logit_w.sum() for p in prepared]).sum()
@@ -742,24 +879,28 @@ class Distiller:
                     sums += self._stats(rows, prep, temperature)
                 losses.append(loss.detach())
                 loss.backward()
-        # One sync per step: the per-micro-batch losses summed over processes, unscaled.
-        values = (self._all_reduce(torch.stack(losses).double())
-                  / (self.world_size * loss_scale.double())).tolist()
-        for j, value in enumerate(values):
-            if not math.isfinite(value):
-                raise NonFiniteLossError(
-                    f"non-finite loss ({value}) at step {step + 1} (epoch {epoch}, batch "
-                    f"{self.batch_in_epoch + j} of the epoch); check the inputs and logits of "
-                    "that batch, the learning rate, or use precision='bf16' instead of 'fp16'"
-                )
-        self._optimizer_step()
+        norms = self._grad_norms()
+        losses = (self._all_reduce(torch.stack(losses).double())
+                  / (self.world_size * loss_scale.double()))
+        # One sync per step: the per-micro-batch losses summed over processes (unscaled), the
+        # step's normalisers and each optimizer's gradient norm (equal on every process after
+        # DDP's all-reduce), read together.
+        values = torch.cat([losses, denominators,
+                            torch.stack([n.to(self.device, torch.float64) for n in norms])]
+                           ).tolist()
+        n = len(prepared)
+        step_losses = values[:n]
+        if not self._go_ahead(step_losses, values[n:n + 2], values[n + 2:], loss_scale, epoch,
+                              first):
+            return None
+        self._optimizer_step(norms)
         lr = self._optimizers()[0].param_groups[0]["lr"]
         for scheduler in self._schedulers():
             if scheduler is not None:
                 scheduler.step()
         self.global_step += 1
         self._samples_since_log += sum(p.batch.size for p in prepared) * self.world_size
-        metrics = {"step": self.global_step, "epoch": epoch, "loss": sum(values), "lr": lr,
+        metrics = {"step": self.global_step, "epoch": epoch, "loss": sum(step_losses), "lr": lr,
                    **self._schedule_metrics(temperature, alpha)}
         if detailed:
             has_labels = any(p.target is not None for p in prepared)
@@ -773,15 +914,75 @@ class Distiller:
     def _schedule_metrics(self, temperature: float, alpha: Any) -> dict[str, float]:
         return {"temperature": temperature, "alpha": alpha}
 
-    def _optimizer_step(self) -> None:
-        """Clip each optimizer's parameters, step them all, and clear the gradients."""
+    def _go_ahead(self, losses: list[float], denominators: list[float], norms: list[float],
+                  loss_scale: torch.Tensor, epoch: int, first: int) -> bool:
+        """Whether the step over the micro-batches from ``first`` on is taken.
+
+        A non-finite loss raises; so does a non-finite gradient norm, except under fp16 where it
+        is the loss scale overflowing and the step is skipped as ``GradScaler`` skips it (the
+        scale backs off). A step whose rows all have zero weight is skipped too: it could only
+        apply weight decay and momentum. A step not taken leaves no gradient, and the weights,
+        optimizer and scheduler states and ``global_step`` as they were.
+        """
+        step = self.global_step
+
+        def where(batches: str) -> str:
+            return f"at step {step + 1} (epoch {epoch}, {batches} of the epoch)"
+
+        last_good = "the weights and optimizer state are left as they were before this step"
+        for j, value in enumerate(losses):
+            if not math.isfinite(value):
+                self._discard_step(loss_scale)
+                raise NonFiniteLossError(
+                    f"non-finite loss ({value}) {where(f'batch {first + j}')}; {last_good}. "
+                    "Check the inputs and logits of that batch, the learning rate, or use "
+                    "precision='bf16' instead of 'fp16'"
+                )
+        if not any(denominators):
+            self._discard_step(loss_scale)
+            return False
+        bad = [k for k, norm in enumerate(norms) if not math.isfinite(norm)]
+        if not bad:
+            return True
+        if self.scaler is not None:
+            self._discard_step(None)
+            return False
+        self._discard_step(loss_scale)
+        batches = (f"batch {first}" if len(losses) == 1
+                   else f"batches {first}-{first + len(losses) - 1}")
+        owner = f" of optimizer {bad[0]}" if len(norms) > 1 else ""
+        raise NonFiniteLossError(
+            f"non-finite gradient (norm {norms[bad[0]]}){owner} with a finite loss "
+            f"{where(batches)}; {last_good}. Check the backward of the model (custom "
+            "autograd functions, hooks) and the learning rate"
+        )
+
+    def _discard_step(self, loss_scale: torch.Tensor | None) -> None:
+        """Clear the gradients of a step not taken; under fp16, close the scaler's step with
+        ``loss_scale`` (the scale as it was) or, given None, backed off as after an overflow."""
+        for optimizer in self._optimizers():
+            optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.update(loss_scale)
+
+    def _grad_norms(self) -> list[torch.Tensor]:
+        """Each optimizer's gradient norm (unscaled under fp16), left on its device: one fused
+        pass that the finiteness check and the clipping share."""
+        norms = []
+        for optimizer in self._optimizers():
+            if self.scaler is not None:
+                self.scaler.unscale_(optimizer)
+            norms.append(torch.nn.utils.get_total_norm(
+                [p.grad for p in _params(optimizer) if p.grad is not None]))
+        return norms
+
+    def _optimizer_step(self, norms: list[torch.Tensor]) -> None:
+        """Clip each optimizer's parameters (by its ``norms``), step them all, and clear the
+        gradients."""
         optimizers = self._optimizers()
         if self.max_grad_norm is not None:
-            for optimizer in optimizers:
-                if self.scaler is not None:
-                    self.scaler.unscale_(optimizer)
-                params = [p for group in optimizer.param_groups for p in group["params"]]
-                torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+            for optimizer, norm in zip(optimizers, norms):
+                torch.nn.utils.clip_grads_with_norm_(_params(optimizer), self.max_grad_norm, norm)
         for optimizer in optimizers:
             if self.scaler is not None:
                 self.scaler.step(optimizer)
@@ -817,15 +1018,23 @@ class Distiller:
         total = len(data) - skip if hasattr(data, "__len__") else None
         return itertools.islice(batches, skip, None), total
 
-    def _prepare(self, raw: Any) -> _Prepared:
+    def _prepare(self, raw: Any, where: str) -> _Prepared:
+        # Where the loader made them (the host, as a rule), reading the weights costs no sync.
+        _check_sample_weight(parse_batch(raw).sample_weight, where)
         batch = parse_batch(to_device(raw, self.device))
         layout = self._layout or self._probe(batch)
         if batch.labels is not None:
+            _check_labels(batch.labels, where)
             target = batch.labels.long()
             if self.causal_lm:
                 target = shift_left(target, self.ignore_index)
             valid = target != self.ignore_index
             if self.causal_lm and batch.attention_mask is not None:
+                if batch.attention_mask.shape != target.shape:
+                    raise ValueError(
+                        f"labels shaped {tuple(target.shape)} do not match the attention_mask "
+                        f"shaped {tuple(batch.attention_mask.shape)} ({where})"
+                    )
                 # Row t is the logits at position t, which must be in the mask too: with left
                 # padding the last pad's shifted label is the first real token, yet the pad's
                 # logits are no output of the teacher on real input (a cache holds none for it).
@@ -843,7 +1052,8 @@ class Distiller:
             rows = (token_positions(batch) if layout.token_hidden
                     else torch.ones(batch.size, dtype=torch.bool, device=self.device))
             hidden_w = _row_weights(rows, batch.sample_weight)
-        return _Prepared(batch, target, valid, _row_weights(valid, batch.sample_weight), hidden_w)
+        return _Prepared(where, batch, target, valid, _row_weights(valid, batch.sample_weight),
+                         hidden_w)
 
     def _probe(self, batch: Batch) -> _Layout:
         """Learn from a model's output whether rows are tokens (once per Distiller)."""
@@ -871,6 +1081,7 @@ class Distiller:
     def _forward(self, prep: _Prepared, model: nn.Module, temperature: float) -> _Rows:
         outputs = [self._run_teacher(k, prep.batch.inputs) for k in range(len(self.teachers))]
         student, projected = model(prep.batch.inputs)
+        _check_rows(prep, student)  # a head's input has the logits' rows too
         teacher: _TeacherLogits
         if self._student_head is not None:
             # The heads' inputs stand for the logits, which the op computes chunk by chunk; the
@@ -911,6 +1122,12 @@ class Distiller:
             raise ValueError("training from a TeacherCache needs batches that carry their "
                              "samples' indices: use cache.attach(loader)")
         positions = token_positions(batch) if self.cache.token_level else None
+        if student.shape[-1] != self.cache.vocab_size:
+            # A top-k cache's indices would fit in a larger student's logits without complaint.
+            raise ValueError(
+                f"the TeacherCache holds a teacher with {self.cache.vocab_size} classes, but the "
+                f"student gives {student.shape[-1]} logits per row: the two must be the same"
+            )
         values, index = self.cache.lookup(batch.index, positions)
         if index is None:
             return values.to(student.device, student.dtype)
@@ -972,8 +1189,11 @@ class Distiller:
         def ratio(num: str, den: str) -> float:
             return s[num] / s[den] if s[den] > 0 else 0.0
 
-        out = {"soft": ratio("soft", "d_logit"), "kl": ratio("kl", "rows"),
-               "agreement": ratio("agreement", "rows")}
+        out = {"soft": ratio("soft", "d_logit")}
+        # A share of no rows is undefined: left out rather than reported as 0. (The loss terms
+        # of no rows are 0, as in training, where they add nothing to a step.)
+        if s["rows"] > 0:
+            out["kl"], out["agreement"] = ratio("kl", "rows"), ratio("agreement", "rows")
         mix = alpha if has_labels else 1.0
         out["loss"] = mix * out["soft"]
         if self.hidden is not None:
@@ -981,7 +1201,8 @@ class Distiller:
             out["loss"] += out["hidden"]
         if has_labels:
             out["ce"] = ratio("ce", "d_logit")
-            out["accuracy"] = ratio("accuracy", "labelled")
+            if s["labelled"] > 0:
+                out["accuracy"] = ratio("accuracy", "labelled")
             out["loss"] += (1.0 - mix) * out["ce"]
         return dict(sorted(out.items()))
 

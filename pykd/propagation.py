@@ -21,6 +21,8 @@ from pykd.distiller import (
     Distiller,
     OptimizerLike,
     SchedulerLike,
+    _check_alpha_schedule,
+    _check_rows,
     _make_optimizer,
     _make_scheduler,
     _Prepared,
@@ -73,7 +75,8 @@ class MutualDistiller(Distiller):
     fixed target for model ``k``), and ``soft`` the ``divergence`` at temperature ``T``. For
     ``"kl"`` the mixture gives exactly the gradient of DML's average ``KL(p_l || p_k)`` over the
     peers ``l`` (the two differ by a constant). Each model has its own optimizer, learning rate,
-    scheduler and ``alpha``; gradients are clipped per model. With two models,
+    scheduler and ``alpha``; gradients are clipped per model, and a non-finite gradient of any
+    model stops the step of all of them (see :class:`pykd.Distiller`). With two models,
     ``alpha=[0.0, a]`` is online one-way distillation: a teacher that keeps learning from the
     labels alone while it teaches the student.
 
@@ -118,6 +121,8 @@ class MutualDistiller(Distiller):
         if refused:
             raise TypeError(f"MutualDistiller does not take {', '.join(refused)}")
         alphas = [as_schedule(a) for a in _per_model(alpha, len(self.models), "alpha")]
+        for k, schedule in enumerate(alphas):
+            _check_alpha_schedule(schedule, f"alpha[{k}]")
         super().__init__(self.models, _Cohort(self.models), optimizer=optimizer, lr=lr,
                          scheduler=scheduler, **options)
         self.alpha = lambda step: tuple(a(step) for a in alphas)
@@ -165,6 +170,7 @@ class MutualDistiller(Distiller):
         uniform = [1.0 / (len(logits) - 1)] * (len(logits) - 1)
         rows = []
         for k, own in enumerate(logits):
+            _check_rows(prep, own)
             # The peers are detached: model k's objective treats their distribution as a fixed
             # target. Letting the op's teacher gradient reach a peer instead would train it on
             # alpha_k * d KL(p_peer || p_k) / d peer, which is not the peer's own objective

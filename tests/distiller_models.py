@@ -67,6 +67,26 @@ def token_batch(batch: int, length: int, generator: torch.Generator,
     return {"input_ids": ids * mask, "attention_mask": mask, "labels": labels}
 
 
+def make(teacher=None, student=None, **options) -> pykd.Distiller:
+    """A Distiller of TinyLMs (or the given models), without progress bars."""
+    options.setdefault("progress", False)
+    teacher = teacher if teacher is not None else TinyLM(width=12, depth=3)
+    student = student if student is not None else TinyLM(width=6)
+    return pykd.Distiller(teacher, student, **options)
+
+
+def batches(n: int, size: int = 3, length: int = 5, seed: int = 1) -> list[dict]:
+    """``n`` token batches of ``size`` padded sequences (see :func:`token_batch`)."""
+    generator = torch.Generator().manual_seed(seed)
+    return [token_batch(size, length, generator) for _ in range(n)]
+
+
+def same_weights(a: nn.Module, b: nn.Module, **tol) -> None:
+    """The two modules' state dicts are equal (within ``tol``, for assert_close)."""
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(x, y, msg=name, **tol)
+
+
 class TokenDataset(torch.utils.data.Dataset):
     """Padded token sequences; ``noisy`` replaces tokens using Python's and NumPy's global RNGs,
     as a data augmentation would, so that resuming must restore those too."""

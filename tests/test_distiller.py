@@ -15,24 +15,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from distiller_models import VOCAB, Kill, Killed, TinyLM, TokenDataset, token_batch
+from distiller_models import (
+    VOCAB,
+    Kill,
+    Killed,
+    TinyLM,
+    TokenDataset,
+    batches,
+    make,
+    same_weights,
+    token_batch,
+)
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import pykd
 from pykd import checkpoint, schedules
-
-
-def make(teacher=None, student=None, **options) -> pykd.Distiller:
-    options.setdefault("progress", False)
-    teacher = teacher if teacher is not None else TinyLM(width=12, depth=3)
-    student = student if student is not None else TinyLM(width=6)
-    return pykd.Distiller(teacher, student, **options)
-
-
-def batches(n: int, size: int = 3, length: int = 5, seed: int = 1) -> list[dict]:
-    generator = torch.Generator().manual_seed(seed)
-    return [token_batch(size, length, generator) for _ in range(n)]
 
 
 def manual_step(teacher, student, batch, lr, **loss_options) -> torch.Tensor:
@@ -74,11 +72,6 @@ class Record(pykd.Callback):
 
     def on_fit_end(self, distiller):
         self.calls.append(("fit_end",))
-
-
-def same_weights(a: nn.Module, b: nn.Module, **tol) -> None:
-    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
-        torch.testing.assert_close(x, y, msg=name, **tol)
 
 
 # ----------------------------------------------------------------------- formats and rows
