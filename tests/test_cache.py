@@ -190,13 +190,14 @@ def test_only_a_few_shards_stay_mapped(tmp_path, monkeypatch):
     cache = TeacherCache.build(tmp_path / "c", nn.Linear(4, 3), TensorDataset(x), top_k=2,
                                shard_size=1)
     hashed = []
-    sha256_file = pykd.cache._sha256_file
-    monkeypatch.setattr(pykd.cache, "_sha256_file", lambda f: hashed.append(f) or sha256_file(f))
+    sha256_file = pykd._cache_files._sha256_file
+    monkeypatch.setattr(pykd._cache_files, "_sha256_file",
+                        lambda f: hashed.append(f) or sha256_file(f))
     before = _open_files()
     with cache:
         for _ in range(2):
             values, _ = cache.lookup(torch.arange(200))
-            assert _open_files() - before <= 3 * pykd.cache._MAPPED_SHARDS
+            assert _open_files() - before <= 3 * pykd._cache_files._MAPPED_SHARDS
         assert len(hashed) == 3 * 200  # each file once, on its shard's first use
         assert values.shape == (200, 2)
     assert _open_files() == before
@@ -611,10 +612,10 @@ def test_lookups_from_many_threads_match_single_threaded_ones(tmp_path):
     none raises (nor is a shard unmapped under a thread still copying from it)."""
     data = TensorDataset(torch.randn(60, 4))
     cache = TeacherCache.build(tmp_path / "c", nn.Linear(4, 6), data, top_k=3, shard_size=3)
-    assert cache.num_shards == 20 > pykd.cache._MAPPED_SHARDS
+    assert cache.num_shards == 20 > pykd._cache_files._MAPPED_SHARDS
     expected = TeacherCache.open(cache.path).lookup(torch.arange(60))
-    assert isinstance(cache._shards, OrderedDict) and not cache._shards
-    cache._shards = _Switching()
+    assert isinstance(cache._store._shards, OrderedDict) and not cache._store._shards
+    cache._store._shards = _Switching()
 
     def lookups(seed):
         rng = random.Random(seed)
@@ -629,7 +630,7 @@ def test_lookups_from_many_threads_match_single_threaded_ones(tmp_path):
     with ThreadPoolExecutor(8) as pool:
         for done in [pool.submit(lookups, seed) for seed in range(8)]:
             done.result()
-    assert len(cache._shards) <= pykd.cache._MAPPED_SHARDS
+    assert len(cache._store._shards) <= pykd._cache_files._MAPPED_SHARDS
     # The locks are not pickled (nor the mapped shards): a copy in another process makes its own.
     copied = pickle.loads(pickle.dumps(cache))
     assert torch.equal(copied.lookup(torch.arange(60))[0], expected[0])
