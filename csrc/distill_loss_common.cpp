@@ -5,6 +5,7 @@
 #include <c10/core/GradMode.h>
 #include <torch/library.h>
 
+#include <cctype>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -24,33 +25,76 @@ std::string shape_str(c10::IntArrayRef sizes) {
   return out + "]";
 }
 
+std::string num_str(double x) {
+  // std::to_string is printf's %f; trailing zeros are trimmed so that 0.5 reads "0.5". pykd's
+  // Python checks (pykd/_checks.py) format the same way, so a rule's message is the same text.
+  std::string s = std::to_string(x);
+  if (s.find('.') == std::string::npos) return s;  // inf, nan
+  s.erase(s.find_last_not_of('0') + 1);
+  if (s.back() == '.') s += '0';
+  return s;
+}
+
+std::string dtype_str(c10::ScalarType t) {
+  // torch's Python names (float32, int64), so a message reads the same as a Python one.
+  switch (t) {
+    case at::kFloat:
+      return "float32";
+    case at::kDouble:
+      return "float64";
+    case at::kHalf:
+      return "float16";
+    case at::kBFloat16:
+      return "bfloat16";
+    case at::kLong:
+      return "int64";
+    case at::kInt:
+      return "int32";
+    case at::kShort:
+      return "int16";
+    case at::kChar:
+      return "int8";
+    case at::kByte:
+      return "uint8";
+    case at::kBool:
+      return "bool";
+    case at::kComplexFloat:
+      return "complex64";
+    case at::kComplexDouble:
+      return "complex128";
+    default: {
+      std::string s = c10::toString(t);  // e.g. Float8_e4m3fn -> float8_e4m3fn
+      if (!s.empty()) s[0] = static_cast<char>(std::tolower(static_cast<unsigned char>(s[0])));
+      return s;
+    }
+  }
+}
+
 namespace {
 
-Divergence parse_divergence(c10::string_view d) {
+Divergence parse_divergence(const std::string& name, c10::string_view d) {
   if (d == "kl") return Divergence::KL;
   if (d == "reverse_kl") return Divergence::ReverseKL;
   if (d == "jsd") return Divergence::JSD;
   if (d == "mse") return Divergence::MSE;
   if (d == "cosine") return Divergence::Cosine;
-  TORCH_CHECK(false,
-              "distill_loss: divergence must be one of kl, reverse_kl, jsd, mse, cosine; got '" +
-                  std::string(d) + "'");
+  TORCH_CHECK_VALUE(false, name +
+                               "divergence must be one of kl, reverse_kl, jsd, mse, cosine; got '" +
+                               std::string(d) + "'");
 }
 
-Reduction parse_reduction(c10::string_view r) {
+Reduction parse_reduction(const std::string& name, c10::string_view r) {
   if (r == "mean") return Reduction::Mean;
   if (r == "sum") return Reduction::Sum;
   if (r == "batchmean") return Reduction::BatchMean;
   if (r == "none") return Reduction::None;
-  TORCH_CHECK(false, "distill_loss: reduction must be one of mean, sum, batchmean, none; got '" +
-                         std::string(r) + "'");
+  TORCH_CHECK_VALUE(false, name + "reduction must be one of mean, sum, batchmean, none; got '" +
+                               std::string(r) + "'");
 }
 
 bool is_logits_dtype(c10::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
-
-std::string dtype_str(c10::ScalarType t) { return c10::toString(t); }
 
 }  // namespace
 
@@ -59,18 +103,18 @@ LossConfig check_loss_options(const char* op, c10::string_view divergence, doubl
                               c10::string_view reduction, bool has_target) {
   const std::string name = std::string(op) + ": ";
   LossConfig cfg;
-  cfg.divergence = parse_divergence(divergence);
-  cfg.reduction = parse_reduction(reduction);
-  TORCH_CHECK(std::isfinite(temperature) && temperature > 0,
-              name + "temperature must be finite and > 0, got " + std::to_string(temperature));
-  TORCH_CHECK(alpha >= 0 && alpha <= 1,
-              name + "alpha must be in [0, 1], got " + std::to_string(alpha));
-  TORCH_CHECK(beta > 0 && beta < 1,
-              name + "beta must be in the open interval (0, 1), got " + std::to_string(beta));
-  TORCH_CHECK(has_target || alpha == 1.0,
-              name +
-                  "alpha must be 1 when no target is given (there is no hard term to mix), got " +
-                  std::to_string(alpha));
+  cfg.divergence = parse_divergence(name, divergence);
+  cfg.reduction = parse_reduction(name, reduction);
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0,
+                    name + "temperature must be finite and > 0, got " + num_str(temperature));
+  TORCH_CHECK_VALUE(alpha >= 0 && alpha <= 1,
+                    name + "alpha must be in [0, 1], got " + num_str(alpha));
+  TORCH_CHECK_VALUE(beta > 0 && beta < 1,
+                    name + "beta must be in the open interval (0, 1), got " + num_str(beta) +
+                        " (at its ends jsd is 0: use divergence kl or reverse_kl)");
+  TORCH_CHECK_VALUE(has_target || alpha == 1.0,
+                    name + "alpha must be 1 when no target is given (there is no hard term to " +
+                        "mix), got " + num_str(alpha));
   cfg.temperature = temperature;
   cfg.alpha = alpha;
   cfg.beta = beta;
@@ -84,36 +128,41 @@ void check_row_inputs(const char* op, const at::Tensor& like, c10::IntArrayRef l
   const std::string name = std::string(op) + ": ";
   if (weight.has_value()) {
     const auto& w = *weight;
-    TORCH_CHECK(w.sizes() == lead, name + "weight shape " + shape_str(w.sizes()) +
-                                       " must be the leading shape " + shape_str(lead));
-    TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == like.scalar_type(),
-                name + "weight must be float32 or the logits dtype " +
-                    dtype_str(like.scalar_type()) + ", got " + dtype_str(w.scalar_type()));
-    TORCH_CHECK(w.device() == like.device(), name + "weight is on " + w.device().str() +
-                                                 " but student is on " + like.device().str());
+    TORCH_CHECK_VALUE(w.sizes() == lead, name + "weight shape " + shape_str(w.sizes()) +
+                                             " must be the leading shape " + shape_str(lead));
+    TORCH_CHECK_TYPE(w.scalar_type() == at::kFloat || w.scalar_type() == like.scalar_type(),
+                     name + "weight must be float32 or the logits dtype " +
+                         dtype_str(like.scalar_type()) + ", got " + dtype_str(w.scalar_type()));
+    check_same_device(op, "weight", w, like);
   }
   if (target.has_value()) {
     const auto& y = *target;
-    TORCH_CHECK(y.sizes() == lead, name + "target shape " + shape_str(y.sizes()) +
-                                       " must be the leading shape " + shape_str(lead));
-    TORCH_CHECK(y.scalar_type() == at::kLong,
-                name + "target must be int64, got " + dtype_str(y.scalar_type()));
-    TORCH_CHECK(y.device() == like.device(), name + "target is on " + y.device().str() +
-                                                 " but student is on " + like.device().str());
+    TORCH_CHECK_VALUE(y.sizes() == lead, name + "target shape " + shape_str(y.sizes()) +
+                                             " must be the leading shape " + shape_str(lead));
+    TORCH_CHECK_TYPE(
+        y.scalar_type() == at::kLong,
+        name + "target must be int64 class indices, got " + dtype_str(y.scalar_type()));
+    check_same_device(op, "target", y, like);
   }
 }
 
+void check_same_device(const char* op, const char* what, const at::Tensor& x,
+                       const at::Tensor& like, const char* like_what) {
+  TORCH_CHECK_VALUE(x.device() == like.device(), std::string(op) + ": " + what + " is on " +
+                                                     x.device().str() + " but " + like_what +
+                                                     " is on " + like.device().str());
+}
+
 void check_logits_dtype(const char* op, const char* what, const at::Tensor& x,
-                        const at::Tensor& like) {
+                        const at::Tensor& like, const char* like_what) {
   const std::string name = std::string(op) + ": ";
-  TORCH_CHECK(is_logits_dtype(x.scalar_type()),
-              name + what + " must be float32, float64, float16 or bfloat16, got " +
-                  dtype_str(x.scalar_type()));
-  TORCH_CHECK(x.scalar_type() == like.scalar_type(),
-              name + what + " dtype " + dtype_str(x.scalar_type()) + " must match student dtype " +
-                  dtype_str(like.scalar_type()));
-  TORCH_CHECK(x.device() == like.device(), name + what + " is on " + x.device().str() +
-                                               " but student is on " + like.device().str());
+  TORCH_CHECK_TYPE(is_logits_dtype(x.scalar_type()),
+                   name + what + " must be float32, float64, float16 or bfloat16, got " +
+                       dtype_str(x.scalar_type()));
+  TORCH_CHECK_TYPE(x.scalar_type() == like.scalar_type(),
+                   name + what + " dtype " + dtype_str(x.scalar_type()) + " must match " +
+                       like_what + " dtype " + dtype_str(like.scalar_type()));
+  check_same_device(op, what, x, like, like_what);
 }
 
 LossConfig check_distill_args(const at::Tensor& student, const at::Tensor& teacher,
@@ -126,16 +175,21 @@ LossConfig check_distill_args(const at::Tensor& student, const at::Tensor& teach
                                       reduction, target.has_value());
   check_logits_dtype(op, "student", student, student);
   check_logits_dtype(op, "teacher", teacher, student);
-  TORCH_CHECK(student.dim() >= 1, "distill_loss: student must have at least one dim (*, V)");
-  TORCH_CHECK(teacher.sizes() == student.sizes(),
-              "distill_loss: teacher shape " + shape_str(teacher.sizes()) +
-                  " must equal student shape " + shape_str(student.sizes()));
+  check_logits_shape(op, student);
+  TORCH_CHECK_VALUE(teacher.sizes() == student.sizes(),
+                    "distill_loss: teacher shape " + shape_str(teacher.sizes()) +
+                        " must equal student shape " + shape_str(student.sizes()));
   cfg.classes = student.size(-1);
-  TORCH_CHECK(cfg.classes >= 1, "distill_loss: student's last dim (V) must be at least 1");
   const auto lead = student.sizes().slice(0, student.dim() - 1);
   cfg.rows = c10::multiply_integers(lead);
   check_row_inputs(op, student, lead, weight, target);
   return cfg;
+}
+
+void check_logits_shape(const char* op, const at::Tensor& student) {
+  TORCH_CHECK_VALUE(student.dim() >= 1 && student.size(-1) >= 1,
+                    std::string(op) + ": student must be shaped (*, V) with V >= 1, got " +
+                        shape_str(student.sizes()));
 }
 
 c10::ScalarType accumulate_type(c10::ScalarType logits) {
@@ -201,7 +255,7 @@ void check_row_values(const char* op, const LossConfig& cfg,
     if (bad.any().item<bool>()) {
       const int64_t row = bad.nonzero()[0][0].item<int64_t>();
       TORCH_CHECK(false, std::string(op) + ": weight[" + std::to_string(row) +
-                             "] = " + std::to_string(w[row].item<double>()) + " is negative");
+                             "] = " + num_str(w[row].item<double>()) + " is negative");
     }
   }
 }

@@ -18,6 +18,10 @@ namespace pykd {
 // Error messages are built with std::to_string: streaming a number into a std::ostream inside an
 // extension crashed the process on a CUDA 13 / torch 2.11 image (csrc/README.md).
 std::string shape_str(c10::IntArrayRef sizes);
+// A double as printf's %f with trailing zeros trimmed (0.5, 2.0, inf).
+std::string num_str(double x);
+// A dtype by its Python name (float32, int64).
+std::string dtype_str(c10::ScalarType t);
 
 struct LossConfig {
   Divergence divergence;
@@ -30,8 +34,10 @@ struct LossConfig {
   int64_t classes;  // V: size of the last dim
 };
 
-// Argument checks that need no data (docs/loss.md, "Bad input"). Python checks first, with the
-// same rules, so these fire only for direct torch.ops calls; `op` prefixes every message.
+// The argument checks (docs/loss.md, "Bad input"): the one home of each rule, raising ValueError
+// (shapes, options, devices) or TypeError (dtypes) in Python. pykd/_checks.py repeats them, with
+// the same text, only for the fake kernels (under torch.compile and on the meta device these never
+// run); `op` prefixes every message.
 LossConfig check_loss_options(const char* op, c10::string_view divergence, double temperature,
                               double alpha, double beta, int64_t ignore_index,
                               c10::string_view reduction, bool has_target);
@@ -39,9 +45,14 @@ LossConfig check_loss_options(const char* op, c10::string_view divergence, doubl
 void check_row_inputs(const char* op, const at::Tensor& like, c10::IntArrayRef lead,
                       const std::optional<at::Tensor>& weight,
                       const std::optional<at::Tensor>& target);
+// x (named `what`) sits on the device of `like` (named `like_what`).
+void check_same_device(const char* op, const char* what, const at::Tensor& x,
+                       const at::Tensor& like, const char* like_what = "student");
 // x (named `what`) has a logits dtype equal to `like`'s and sits on its device.
 void check_logits_dtype(const char* op, const char* what, const at::Tensor& x,
-                        const at::Tensor& like);
+                        const at::Tensor& like, const char* like_what = "student");
+// student is (*, V) with V >= 1.
+void check_logits_shape(const char* op, const at::Tensor& student);
 // All of distill_loss's argument checks; fills rows (N) and classes (V).
 LossConfig check_distill_args(const at::Tensor& student, const at::Tensor& teacher,
                               const std::optional<at::Tensor>& weight,

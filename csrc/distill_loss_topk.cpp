@@ -23,29 +23,30 @@ LossConfig check_topk_args(const at::Tensor& student, const at::Tensor& index,
                                       reduction, target.has_value());
   // Off the top-k the teacher has no mass: reverse KL would be infinite, and mse/cosine compare
   // values the cache does not hold.
-  TORCH_CHECK(cfg.divergence == Divergence::KL || cfg.divergence == Divergence::JSD,
-              name + "divergence must be kl or jsd with a top-k teacher, got '" +
-                  std::string(divergence) + "'");
+  TORCH_CHECK_VALUE(cfg.divergence == Divergence::KL || cfg.divergence == Divergence::JSD,
+                    name + "divergence must be kl or jsd with a top-k teacher, got '" +
+                        std::string(divergence) +
+                        "' (reverse KL is infinite off the teacher's top-k)");
   check_logits_dtype(kOp, "student", student, student);
-  TORCH_CHECK(student.dim() >= 1 && student.size(-1) >= 1,
-              name + "student must be (*, V) with V >= 1, got " + shape_str(student.sizes()));
+  check_logits_shape(kOp, student);
   const auto lead = student.sizes().slice(0, student.dim() - 1);
-  TORCH_CHECK(index.dim() == student.dim() && index.sizes().slice(0, index.dim() - 1) == lead &&
-                  index.size(-1) >= 1,
-              name + "teacher_indices must be (*, k) with the student's leading dims, got " +
-                  shape_str(index.sizes()) + " for student " + shape_str(student.sizes()));
-  TORCH_CHECK(logit.sizes() == index.sizes(),
-              name + "teacher_logits shape " + shape_str(logit.sizes()) +
-                  " must equal teacher_indices shape " + shape_str(index.sizes()));
-  TORCH_CHECK(index.scalar_type() == at::kLong || index.scalar_type() == at::kInt,
-              name + "teacher_indices must be int64 or int32, got " +
-                  std::string(c10::toString(index.scalar_type())));
-  TORCH_CHECK(at::isFloatingType(logit.scalar_type()),
-              name + "teacher_logits must be floating point, got " +
-                  std::string(c10::toString(logit.scalar_type())));
-  TORCH_CHECK(index.device() == student.device() && logit.device() == student.device(),
-              name + "teacher_indices and teacher_logits must be on the student's device " +
-                  student.device().str());
+  TORCH_CHECK_VALUE(index.dim() == student.dim() &&
+                        index.sizes().slice(0, index.dim() - 1) == lead && index.size(-1) >= 1,
+                    name +
+                        "teacher_indices must be (*, k) with k >= 1 and the student's leading "
+                        "dims, got " +
+                        shape_str(index.sizes()) + " for student " + shape_str(student.sizes()));
+  TORCH_CHECK_VALUE(logit.sizes() == index.sizes(),
+                    name + "teacher_logits shape " + shape_str(logit.sizes()) +
+                        " must equal teacher_indices shape " + shape_str(index.sizes()));
+  TORCH_CHECK_TYPE(
+      index.scalar_type() == at::kLong || index.scalar_type() == at::kInt,
+      name + "teacher_indices must be int64 or int32, got " + dtype_str(index.scalar_type()));
+  TORCH_CHECK_TYPE(
+      at::isFloatingType(logit.scalar_type()),
+      name + "teacher_logits must be floating point, got " + dtype_str(logit.scalar_type()));
+  check_same_device(kOp, "teacher_indices", index, student);
+  check_same_device(kOp, "teacher_logits", logit, student);
   check_row_inputs(kOp, student, lead, weight, target);
   cfg.rows = c10::multiply_integers(lead);
   cfg.classes = student.size(-1);

@@ -26,35 +26,34 @@ LossConfig check_fused_linear_args(const at::Tensor& hs, const at::Tensor& ws,
   LossConfig cfg = check_loss_options(kOp, divergence, temperature, alpha, beta, ignore_index,
                                       reduction, target.has_value());
   // The weight gradient is a sum over rows, so per-row incoming gradients could not be applied.
-  TORCH_CHECK(cfg.reduction != Reduction::None,
-              name + "reduction 'none' is not supported; use 'sum' with per-row weights");
-  TORCH_CHECK(chunk_size >= 1, name + "chunk_size must be >= 1, got " + std::to_string(chunk_size));
-  check_logits_dtype(kOp, "student_hidden", hs, hs);
-  check_logits_dtype(kOp, "student_weight", ws, hs);
-  check_logits_dtype(kOp, "teacher_hidden", ht, hs);
-  check_logits_dtype(kOp, "teacher_weight", wt, hs);
-  TORCH_CHECK(hs.dim() >= 1 && ht.dim() == hs.dim(),
-              name +
-                  "student_hidden (*, Hs) and teacher_hidden (*, Ht) must share the leading "
-                  "dims, got " +
-                  shape_str(hs.sizes()) + " and " + shape_str(ht.sizes()));
+  TORCH_CHECK_VALUE(cfg.reduction != Reduction::None,
+                    name + "reduction 'none' is not supported; use 'sum' with per-row weights");
+  TORCH_CHECK_VALUE(chunk_size >= 1,
+                    name + "chunk_size must be >= 1, got " + std::to_string(chunk_size));
+  check_logits_dtype(kOp, "student_hidden", hs, hs, "student_hidden");
+  check_logits_dtype(kOp, "student_weight", ws, hs, "student_hidden");
+  check_logits_dtype(kOp, "teacher_hidden", ht, hs, "student_hidden");
+  check_logits_dtype(kOp, "teacher_weight", wt, hs, "student_hidden");
+  TORCH_CHECK_VALUE(hs.dim() >= 1 && ht.dim() == hs.dim() &&
+                        ht.sizes().slice(0, ht.dim() - 1) == hs.sizes().slice(0, hs.dim() - 1),
+                    name +
+                        "student_hidden (*, Hs) and teacher_hidden (*, Ht) must share the "
+                        "leading dims, got " +
+                        shape_str(hs.sizes()) + " and " + shape_str(ht.sizes()));
   const auto lead = hs.sizes().slice(0, hs.dim() - 1);
-  TORCH_CHECK(ht.sizes().slice(0, ht.dim() - 1) == lead,
-              name + "teacher_hidden's leading dims " + shape_str(ht.sizes()) +
-                  " must equal student_hidden's " + shape_str(hs.sizes()));
-  TORCH_CHECK(ws.dim() == 2 && ws.size(1) == hs.size(-1) && ws.size(0) >= 1,
-              name + "student_weight must be [V, Hs] with Hs = " + std::to_string(hs.size(-1)) +
-                  ", got " + shape_str(ws.sizes()));
+  TORCH_CHECK_VALUE(ws.dim() == 2 && ws.size(1) == hs.size(-1) && ws.size(0) >= 1,
+                    name + "student_weight must be [V, Hs] with V >= 1 and Hs = " +
+                        std::to_string(hs.size(-1)) + ", got " + shape_str(ws.sizes()));
   const int64_t V = ws.size(0);
-  TORCH_CHECK(wt.dim() == 2 && wt.size(0) == V && wt.size(1) == ht.size(-1),
-              name + "teacher_weight must be [V, Ht] = [" + std::to_string(V) + ", " +
-                  std::to_string(ht.size(-1)) + "], got " + shape_str(wt.sizes()));
+  TORCH_CHECK_VALUE(wt.dim() == 2 && wt.size(0) == V && wt.size(1) == ht.size(-1),
+                    name + "teacher_weight must be [V, Ht] = [" + std::to_string(V) + ", " +
+                        std::to_string(ht.size(-1)) + "], got " + shape_str(wt.sizes()));
   for (const auto& [b, what] : {std::pair{&bs, "student_bias"}, std::pair{&bt, "teacher_bias"}}) {
     if (!b->has_value()) continue;
-    check_logits_dtype(kOp, what, **b, hs);
-    TORCH_CHECK((*b)->dim() == 1 && (*b)->size(0) == V, name + what + " must be [V] = [" +
-                                                            std::to_string(V) + "], got " +
-                                                            shape_str((*b)->sizes()));
+    check_logits_dtype(kOp, what, **b, hs, "student_hidden");
+    TORCH_CHECK_VALUE((*b)->dim() == 1 && (*b)->size(0) == V, name + what + " must be [V] = [" +
+                                                                  std::to_string(V) + "], got " +
+                                                                  shape_str((*b)->sizes()));
   }
   check_row_inputs(kOp, hs, lead, weight, target);
   cfg.rows = c10::multiply_integers(lead);

@@ -2,91 +2,17 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
+from pykd._checks import DIVERGENCES as DIVERGENCES
+from pykd._checks import REDUCTIONS as REDUCTIONS
+from pykd._checks import as_int, as_options, check_tensors
+from pykd._checks import check_loss_options as check_loss_options
 from pykd._extension import require_extension
 
-DIVERGENCES = ("kl", "reverse_kl", "jsd", "mse", "cosine")
-REDUCTIONS = ("mean", "sum", "batchmean", "none")
-_LOGIT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
-def check_loss_options(
-    divergence: str, temperature: float, alpha: float, beta: float, reduction: str,
-    has_target: bool,
-) -> None:
-    """Raise ValueError for loss options outside the spec; needs no tensor."""
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
-            and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
-    if not 0.0 < beta < 1.0:
-        raise ValueError(
-            f"beta must be in the open interval (0, 1), got {beta!r} "
-            "(at its ends jsd is 0: use divergence='kl' or 'reverse_kl')"
-        )
-    if not has_target and alpha != 1.0:
-        raise ValueError(
-            f"alpha={alpha!r} mixes in a hard-label term, but no target was given: "
-            "pass target=... or keep alpha=1"
-        )
-
-
-def _check_tensors(
-    student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor | None,
-    target: torch.Tensor | None,
-) -> None:
-    if not isinstance(student, torch.Tensor) or not isinstance(teacher, torch.Tensor):
-        raise TypeError("student and teacher must be tensors")
-    if student.dtype not in _LOGIT_DTYPES:
-        raise TypeError(
-            f"student must be float32, float64, float16 or bfloat16, got {student.dtype}"
-        )
-    if teacher.dtype != student.dtype:
-        raise TypeError(
-            f"teacher dtype {teacher.dtype} must match student dtype {student.dtype} "
-            "(cast the teacher's logits, e.g. teacher.to(student.dtype))"
-        )
-    if student.dim() < 1 or student.shape[-1] < 1:
-        raise ValueError(f"student must be shaped (*, V) with V >= 1, got {tuple(student.shape)}")
-    if teacher.shape != student.shape:
-        raise ValueError(
-            f"teacher shape {tuple(teacher.shape)} must equal student shape {tuple(student.shape)}"
-        )
-    if teacher.device != student.device:
-        raise ValueError(f"teacher is on {teacher.device} but student is on {student.device}")
-    _check_row_inputs(student.shape[:-1], student.dtype, student.device, weight, target)
-
-
-def _check_row_inputs(
-    lead: torch.Size, dtype: torch.dtype, device: torch.device, weight: torch.Tensor | None,
-    target: torch.Tensor | None,
-) -> None:
-    if weight is not None:
-        if weight.shape != lead:
-            raise ValueError(
-                f"weight shape {tuple(weight.shape)} must be the leading shape {tuple(lead)}"
-            )
-        if weight.dtype not in (torch.float32, dtype):
-            raise TypeError(f"weight must be float32 or {dtype}, got {weight.dtype}")
-        if weight.device != device:
-            raise ValueError(f"weight is on {weight.device} but student is on {device}")
-    if target is not None:
-        if target.shape != lead:
-            raise ValueError(
-                f"target shape {tuple(target.shape)} must be the leading shape {tuple(lead)}"
-            )
-        if target.dtype != torch.int64:
-            raise TypeError(f"target must be int64 class indices, got {target.dtype}")
-        if target.device != device:
-            raise ValueError(f"target is on {target.device} but student is on {device}")
+# The argument checks live in the ops (docs/loss.md, "Bad input"); pykd._checks says why. What runs
+# here is only the conversion to the schema's types, which must happen before the dispatcher sees
+# the arguments.
 
 
 def distillation_loss(
@@ -150,12 +76,11 @@ def distillation_loss(
         torch.Size([8, 100])
     """
     require_extension()
-    check_loss_options(divergence, temperature, alpha, beta, reduction, target is not None)
-    _check_tensors(student, teacher, weight, target)
+    op = "distill_loss"
+    check_tensors(op, student=student, teacher=teacher, weight=weight, target=target)
     return torch.ops.pykd.distill_loss(
         student, teacher, weight, target,
-        divergence=divergence, temperature=float(temperature), alpha=float(alpha),
-        beta=float(beta), ignore_index=int(ignore_index), reduction=reduction,
+        **as_options(op, divergence, temperature, alpha, beta, ignore_index, reduction),
     )
 
 
@@ -208,40 +133,16 @@ def fused_linear_distillation_loss(
         >>> loss.backward()
     """
     require_extension()
-    check_loss_options(divergence, temperature, alpha, beta, reduction, target is not None)
-    if reduction == "none":
-        raise ValueError("reduction='none' is not supported by the fused linear loss; "
-                         "use reduction='sum' with per-row weights")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    for name, x in (("student_weight", student_weight), ("teacher_weight", teacher_weight)):
-        if x.dim() != 2:
-            raise ValueError(f"{name} must be [V, H], got {tuple(x.shape)}")
-    if student_weight.shape[1] != student_hidden.shape[-1]:
-        raise ValueError(f"student_weight {tuple(student_weight.shape)} must be [V, Hs] with "
-                         f"Hs = student_hidden.shape[-1] = {student_hidden.shape[-1]}")
-    if teacher_weight.shape != (student_weight.shape[0], teacher_hidden.shape[-1]):
-        raise ValueError(f"teacher_weight {tuple(teacher_weight.shape)} must be [V, Ht] = "
-                         f"{(student_weight.shape[0], teacher_hidden.shape[-1])}")
-    if teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
-        raise ValueError(f"teacher_hidden {tuple(teacher_hidden.shape)} and student_hidden "
-                         f"{tuple(student_hidden.shape)} must share the leading dims")
-    for name, x in (("student_weight", student_weight), ("teacher_hidden", teacher_hidden),
-                    ("teacher_weight", teacher_weight), ("student_bias", student_bias),
-                    ("teacher_bias", teacher_bias)):
-        if x is not None and (x.dtype != student_hidden.dtype or x.device != student_hidden.device):
-            raise TypeError(f"{name} must have student_hidden's dtype {student_hidden.dtype} and "
-                            f"device {student_hidden.device}, got {x.dtype} on {x.device}")
-    if student_hidden.dtype not in _LOGIT_DTYPES:
-        raise TypeError(f"student_hidden must be float32, float64, float16 or bfloat16, got "
-                        f"{student_hidden.dtype}")
-    _check_row_inputs(student_hidden.shape[:-1], student_hidden.dtype, student_hidden.device,
-                      weight, target)
+    op = "fused_linear_distill_loss"
+    check_tensors(op, student_hidden=student_hidden, student_weight=student_weight,
+                  student_bias=student_bias, teacher_hidden=teacher_hidden,
+                  teacher_weight=teacher_weight, teacher_bias=teacher_bias, weight=weight,
+                  target=target)
     return torch.ops.pykd.fused_linear_distill_loss(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
-        teacher_bias, weight, target, divergence=divergence, temperature=float(temperature),
-        alpha=float(alpha), beta=float(beta), ignore_index=int(ignore_index),
-        reduction=reduction, chunk_size=chunk_size,
+        teacher_bias, weight, target,
+        **as_options(op, divergence, temperature, alpha, beta, ignore_index, reduction),
+        chunk_size=as_int(op, "chunk_size", chunk_size),
     )
 
 
@@ -286,32 +187,10 @@ def distillation_loss_topk(
         >>> loss.backward()
     """
     require_extension()
-    check_loss_options(divergence, temperature, alpha, beta, reduction, target is not None)
-    if divergence not in ("kl", "jsd"):
-        raise ValueError(f"divergence must be 'kl' or 'jsd' with a top-k teacher, got "
-                         f"{divergence!r} (reverse KL is infinite off the teacher's top-k)")
-    if student.dtype not in _LOGIT_DTYPES:
-        raise TypeError(f"student must be float32, float64, float16 or bfloat16, got "
-                        f"{student.dtype}")
-    lead = student.shape[:-1]
-    if student.dim() < 1 or student.shape[-1] < 1:
-        raise ValueError(f"student must be shaped (*, V) with V >= 1, got {tuple(student.shape)}")
-    if teacher_indices.shape[:-1] != lead or teacher_indices.dim() != student.dim():
-        raise ValueError(f"teacher_indices {tuple(teacher_indices.shape)} must be (*, k) with the "
-                         f"student's leading dims {tuple(lead)}")
-    if teacher_logits.shape != teacher_indices.shape:
-        raise ValueError(f"teacher_logits shape {tuple(teacher_logits.shape)} must equal "
-                         f"teacher_indices shape {tuple(teacher_indices.shape)}")
-    if teacher_indices.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"teacher_indices must be int64 or int32, got {teacher_indices.dtype}")
-    if not teacher_logits.is_floating_point():
-        raise TypeError(f"teacher_logits must be floating point, got {teacher_logits.dtype}")
-    for name, x in (("teacher_indices", teacher_indices), ("teacher_logits", teacher_logits)):
-        if x.device != student.device:
-            raise ValueError(f"{name} is on {x.device} but student is on {student.device}")
-    _check_row_inputs(lead, student.dtype, student.device, weight, target)
+    op = "distill_loss_topk"
+    check_tensors(op, student=student, teacher_indices=teacher_indices,
+                  teacher_logits=teacher_logits, weight=weight, target=target)
     return torch.ops.pykd.distill_loss_topk(
-        student, teacher_indices, teacher_logits, weight, target, divergence=divergence,
-        temperature=float(temperature), alpha=float(alpha), beta=float(beta),
-        ignore_index=int(ignore_index), reduction=reduction,
+        student, teacher_indices, teacher_logits, weight, target,
+        **as_options(op, divergence, temperature, alpha, beta, ignore_index, reduction),
     )

@@ -5,11 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pykd.functional import (
-    check_loss_options,
-    distillation_loss,
-    fused_linear_distillation_loss,
-)
+from pykd._checks import check_fused_linear_options, check_loss_options
+from pykd.functional import distillation_loss, fused_linear_distillation_loss
 
 
 class DistillationLoss(nn.Module):
@@ -89,9 +86,9 @@ class FusedLinearDistillationLoss(nn.Module):
         chunk_size: int = 1024,
     ) -> None:
         super().__init__()
-        check_loss_options(divergence, temperature, alpha, beta, reduction, has_target=True)
-        if reduction == "none":
-            raise ValueError("reduction='none' is not supported by the fused linear loss")
+        check_loss_options(divergence, temperature, alpha, beta, reduction, has_target=True,
+                           op="fused_linear_distill_loss")
+        check_fused_linear_options(reduction, int(chunk_size))
         self.divergence = divergence
         self.temperature = float(temperature)
         self.alpha = float(alpha)
