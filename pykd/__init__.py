@@ -4,8 +4,8 @@ The core is one fused, weighted distillation loss (KL with temperature, reverse 
 cosine; hard-label mix; per-row weights) with its backward, in C++ and CUDA, registered as
 ``torch.ops.pykd.distill_loss``. On top of it, :class:`pykd.Distiller` trains a student from one
 or more frozen teachers (or a :class:`pykd.TeacherCache` of their outputs), and
-:class:`pykd.MutualDistiller` and :func:`pykd.propagate` train models together or down a chain
-(docs/guide.md).
+:class:`pykd.MutualDistiller` and :func:`pykd.propagate` train models together or down a chain;
+all run one :class:`pykd.TrainingLoop` over an :class:`pykd.Objective` (docs/guide.md).
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -24,7 +24,9 @@ from pykd.functional import (
     distillation_loss_topk,
     fused_linear_distillation_loss,
 )
+from pykd.loop import TrainingLoop
 from pykd.losses import DistillationLoss, FusedLinearDistillationLoss
+from pykd.objective import Objective
 from pykd.propagation import MutualDistiller, propagate
 from pykd.teachers import adaptive_weights, combine_teachers
 
@@ -43,8 +45,10 @@ __all__ = [
     "HiddenMatch",
     "MutualDistiller",
     "NonFiniteLossError",
+    "Objective",
     "StaleCacheError",
     "TeacherCache",
+    "TrainingLoop",
     "adaptive_weights",
     "build_info",
     "combine_teachers",

@@ -1,14 +1,24 @@
-"""Batches and model outputs as the Distiller and the teacher cache read them."""
+"""Batches and model outputs as the training loop, its objectives and the teacher cache read
+them, and the order of an epoch's batches."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+import itertools
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Union
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, SequentialSampler
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    IterableDataset,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+)
 
 Outputs = tuple[torch.Tensor, Union[Sequence[torch.Tensor], None]]  # logits, hidden states
 
@@ -189,3 +199,64 @@ def shift_left(x: torch.Tensor, fill: Any) -> torch.Tensor:
     slicing them would make the loss copy them.
     """
     return torch.cat([x[:, 1:], x.new_full((x.shape[0], 1), fill)], dim=1)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch) % 2**63
+
+
+class _OrderSampler(Sampler[int]):
+    """The sample order the training loop controls, so a resumed run sees the same batches.
+
+    A permutation seeded from (seed, epoch) (or the identity), padded by wrapping around to a
+    multiple of the world size when every process must run the same number of steps, strided
+    across processes like ``DistributedSampler`` and minus the samples already consumed.
+    """
+
+    def __init__(self, n: int, *, shuffle: bool, seed: int, epoch: int, rank: int, world: int,
+                 pad: bool, skip: int) -> None:
+        if shuffle:
+            generator = torch.Generator().manual_seed(_epoch_seed(seed, epoch))
+            order = torch.randperm(n, generator=generator).tolist()
+        else:
+            order = list(range(n))
+        if pad and n % world:
+            total = math.ceil(n / world) * world
+            order = (order * math.ceil(total / n))[:total]
+        self.indices = order[rank::world][skip:]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def epoch_batches(data: Iterable[Any], *, epoch: int, skip: int, train: bool, seed: int,
+                  rank: int, world: int) -> tuple[Iterator[Any], int | None]:
+    """This process's batches of ``epoch`` after the first ``skip``, and how many remain.
+
+    A :func:`rebuildable` loader is re-created with the loop's own order (shuffled from
+    ``(seed, epoch)`` when it shuffles and ``train``), sharded across the ``world`` processes;
+    any other iterable is used as it is.
+    """
+    if rebuildable(data):
+        sampler = _OrderSampler(
+            len(data.dataset), shuffle=train and isinstance(data.sampler, RandomSampler),
+            seed=seed, epoch=epoch, rank=rank, world=world, pad=train,
+            skip=skip * data.batch_size,
+        )
+        loader = loader_like(
+            data, data.dataset, data.collate_fn, sampler=sampler,
+            # Its own generator: otherwise creating the iterator draws from the global RNG,
+            # which a resumed run would replay at a different point.
+            generator=torch.Generator().manual_seed(_epoch_seed(seed, epoch) + rank),
+        )
+        return iter(loader), len(loader)
+    set_epoch = getattr(getattr(data, "sampler", None), "set_epoch", None)
+    if callable(set_epoch):
+        set_epoch(epoch)
+    with torch.random.fork_rng(devices=[]):
+        batches = iter(data)
+    total = len(data) - skip if hasattr(data, "__len__") else None
+    return itertools.islice(batches, skip, None), total

@@ -3,8 +3,9 @@
 :class:`MutualDistiller` trains several models together, each from the labels and from the
 others' predictions (Deep Mutual Learning, Zhang et al. 2018); :func:`propagate` distils down a
 chain of models of decreasing size, one :class:`pykd.Distiller` per link (teacher-assistant KD,
-Mirzadeh et al. 2020). Both reuse the Distiller's batches, accumulation, checkpoints, metrics and
-DDP.
+Mirzadeh et al. 2020). Both run the training loop of the Distiller (:class:`pykd.TrainingLoop`:
+batches, accumulation, checkpoints, metrics, DDP); mutual learning with its own objective,
+:class:`MutualObjective`.
 """
 
 from __future__ import annotations
@@ -15,20 +16,23 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from pykd._batches import Outputs, call_model, logits_and_hidden
-from pykd.distiller import (
-    _STATS,
-    Distiller,
+from pykd._batches import call_model, logits_and_hidden
+from pykd.distiller import Distiller
+from pykd.loop import TrainingLoop
+from pykd.objective import (
+    STATS,
+    Layout,
+    LogitObjective,
+    LogitRows,
     OptimizerLike,
+    Optimizers,
     SchedulerLike,
-    _check_alpha_schedule,
-    _check_rows,
-    _make_optimizer,
-    _make_scheduler,
-    _Prepared,
-    _Rows,
+    check_alpha_schedule,
+    make_optimizer,
+    make_scheduler,
+    param_device,
 )
-from pykd.heads import HeadLike
+from pykd.rows import Prepared
 from pykd.schedules import ScheduleLike, as_schedule
 from pykd.teachers import combine_teachers
 
@@ -37,6 +41,8 @@ _TEACHER_OPTIONS = frozenset({
     "teacher_weights", "sample_weighting", "incorrect_weight", "hidden", "fused_lm_head",
     "student_head", "teacher_head", "lm_head_chunk_size", "teacher_device", "teacher_dtype",
 })
+# The options that shape the objective; the others are the training loop's.
+_OBJECTIVE_OPTIONS = ("divergence", "temperature", "beta", "ignore_index", "causal_lm", "device")
 
 _V = TypeVar("_V")
 
@@ -64,7 +70,103 @@ class _Cohort(nn.Module):
         return [logits_and_hidden(call_model(model, inputs, {}))[0] for model in self.models]
 
 
-class MutualDistiller(Distiller):
+class MutualObjective(LogitObjective):
+    """Each of several models learns from the labels and from the others' mixture: the
+    objective of :class:`MutualDistiller`, whose docstring describes it. ``alpha`` holds one
+    value or schedule per model; :meth:`hyperparameters` gives ``(temperature, alphas)``."""
+
+    checkpoint_format = "pykd.mutual/1"
+
+    def __init__(self, models: Sequence[nn.Module], *,
+                 alpha: ScheduleLike | Sequence[ScheduleLike] = 0.5, divergence: str = "kl",
+                 temperature: ScheduleLike = 1.0, beta: float = 0.5, ignore_index: int = -100,
+                 causal_lm: bool = False, device: torch.device | str | None = None) -> None:
+        self.models = list(models)
+        if len(self.models) < 2:
+            raise ValueError(f"mutual learning needs at least two models, got {len(self.models)}")
+        alphas = [as_schedule(a) for a in _per_model(alpha, len(self.models), "alpha")]
+        for k, schedule in enumerate(alphas):
+            check_alpha_schedule(schedule, f"alpha[{k}]")
+        self.module = _Cohort(self.models)
+        super().__init__(
+            device=torch.device(device) if device is not None else param_device(self.module),
+            divergence=divergence, temperature=temperature,
+            alpha=lambda step: tuple(a(step) for a in alphas), beta=beta,
+            ignore_index=ignore_index, causal_lm=causal_lm,
+        )
+        self.module.to(self.device)
+
+    def make_optimizers(self, optimizer: OptimizerLike | Sequence[OptimizerLike] | None,
+                        lr: float | Sequence[float],
+                        scheduler: SchedulerLike | Sequence[SchedulerLike | None] | None
+                        ) -> Optimizers:
+        """One optimizer and scheduler per model (see :class:`MutualDistiller`)."""
+        n = len(self.models)
+        optimizers = [
+            make_optimizer(opt, model, rate) for opt, model, rate in
+            zip(_per_model(optimizer, n, "optimizer"), self.models, _per_model(lr, n, "lr"))
+        ]
+        return optimizers, [make_scheduler(s, opt) for s, opt in
+                            zip(_per_model(scheduler, n, "scheduler"), optimizers)]
+
+    def state_dict(self) -> dict[str, Any]:
+        # "projections" (always empty) keeps the layout of the checkpoints saved so far.
+        return {"student": self.module.state_dict(), "projections": {}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["student"])
+
+    def probe(self, inputs: Any) -> Layout:
+        # Outside the RNG streams, so that probing (once per run) leaves a resumed run's
+        # dropout masks as they would have been.
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            return self.layout_of(logits_and_hidden(call_model(self.models[0], inputs, {}))[0])
+
+    def forward(self, prep: Prepared, model: nn.Module, hyper: tuple[float, tuple[float, ...]]
+                ) -> list[LogitRows]:
+        if prep.target is None:
+            raise ValueError("mutual learning needs labels in every batch")
+        logits = model(prep.batch.inputs)
+        uniform = [1.0 / (len(logits) - 1)] * (len(logits) - 1)
+        rows = []
+        for k, own in enumerate(logits):
+            prep.check_logits(own)
+            # The peers are detached: model k's objective treats their distribution as a fixed
+            # target. Letting the op's teacher gradient reach a peer instead would train it on
+            # alpha_k * d KL(p_peer || p_k) / d peer, which is not the peer's own objective
+            # (KL(p_others || p_peer) with its alpha; KL is asymmetric). So every model gets
+            # its own loss call, in which it is the student.
+            peers = [other.detach() for j, other in enumerate(logits) if j != k]
+            teacher = peers[0] if len(peers) == 1 else combine_teachers(peers, uniform, hyper[0])
+            rows.append(LogitRows(own, teacher.to(own.dtype), prep.target, prep.valid,
+                                  prep.logit_w, []))
+        return rows
+
+    def loss(self, rows: list[LogitRows], inverse: torch.Tensor,
+             hyper: tuple[float, tuple[float, ...]]) -> torch.Tensor:
+        # Each model's parameters reach only its own term, so one backward of the sum trains all.
+        temperature, alphas = hyper
+        return sum(self.rows_loss(r, inverse, temperature, a) for r, a in zip(rows, alphas))
+
+    def zero_stats(self) -> torch.Tensor:
+        return super().zero_stats().repeat(len(self.models))
+
+    def stats(self, rows: list[LogitRows], prep: Prepared,
+              hyper: tuple[float, tuple[float, ...]]) -> torch.Tensor:
+        return torch.cat([self.rows_stats(r, prep, hyper[0]) for r in rows])
+
+    def summary(self, sums: torch.Tensor, hyper: tuple[float, tuple[float, ...]],
+                has_labels: bool) -> dict[str, float]:
+        out = {}
+        for k, (part, a) in enumerate(zip(sums.split(len(STATS)), hyper[1])):
+            summary = self.rows_summary(part, a, has_labels)
+            out.update({f"{name}/{k}": value for name, value in summary.items()})
+        out["loss"] = sum(out[f"loss/{k}"] for k in range(len(self.models)))
+        return dict(sorted(out.items()))
+
+
+class MutualDistiller(TrainingLoop):
     """Train several models together, each from the labels and from the others (DML).
 
     Model ``k`` minimises, over the valid rows of the step::
@@ -102,7 +204,7 @@ class MutualDistiller(Distiller):
         models: the models; ``optimizers`` and ``schedulers``: theirs, in the same order.
     """
 
-    _format = "pykd.mutual/1"
+    objective: MutualObjective
 
     def __init__(
         self,
@@ -114,100 +216,13 @@ class MutualDistiller(Distiller):
         scheduler: SchedulerLike | Sequence[SchedulerLike | None] | None = None,
         **options: Any,
     ) -> None:
-        self.models = list(models)
-        if len(self.models) < 2:
-            raise ValueError(f"mutual learning needs at least two models, got {len(self.models)}")
         refused = sorted(_TEACHER_OPTIONS & options.keys())
         if refused:
             raise TypeError(f"MutualDistiller does not take {', '.join(refused)}")
-        alphas = [as_schedule(a) for a in _per_model(alpha, len(self.models), "alpha")]
-        for k, schedule in enumerate(alphas):
-            _check_alpha_schedule(schedule, f"alpha[{k}]")
-        super().__init__(self.models, _Cohort(self.models), optimizer=optimizer, lr=lr,
-                         scheduler=scheduler, **options)
-        self.alpha = lambda step: tuple(a(step) for a in alphas)
-
-    # Distiller's construction steps, for a cohort of trained models instead of frozen teachers.
-
-    def _init_teachers(self, teacher: Any, weights: Sequence[float] | None,
-                       device: torch.device | str | None, head: HeadLike) -> None:
-        self.cache, self.teachers, self.teacher_weights = None, [], []
-
-    def _init_student(self, ddp_kwargs: Mapping[str, Any] | None, head: HeadLike) -> None:
-        self.projections = nn.ModuleDict()
-        self._teacher_layers, self._student_head = [], None
-        self._stack = self.student
-        self._model = self._wrap_ddp(self._stack, ddp_kwargs)
-
-    def _init_optimizer(self, optimizer: Any, lr: Any, scheduler: Any) -> None:
-        n = len(self.models)
-        self.optimizers = [
-            _make_optimizer(opt, model, rate) for opt, model, rate in
-            zip(_per_model(optimizer, n, "optimizer"), self.models, _per_model(lr, n, "lr"))
-        ]
-        self.schedulers = [_make_scheduler(s, opt) for s, opt in
-                           zip(_per_model(scheduler, n, "scheduler"), self.optimizers)]
-
-    def _optimizers(self) -> list[torch.optim.Optimizer]:
-        return self.optimizers
-
-    def _schedulers(self) -> list[torch.optim.lr_scheduler.LRScheduler | None]:
-        return self.schedulers
-
-    # Rows, losses and metrics: one set per model.
-
-    def _probe_outputs(self, inputs: Any) -> Outputs:
-        # Outside the RNG streams, so that probing (once per run) leaves a resumed run's
-        # dropout masks as they would have been.
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
-            return logits_and_hidden(call_model(self.models[0], inputs, {}))
-
-    def _forward(self, prep: _Prepared, model: nn.Module, temperature: float) -> list[_Rows]:
-        if prep.target is None:
-            raise ValueError("mutual learning needs labels in every batch")
-        logits = model(prep.batch.inputs)
-        uniform = [1.0 / (len(logits) - 1)] * (len(logits) - 1)
-        rows = []
-        for k, own in enumerate(logits):
-            _check_rows(prep, own)
-            # The peers are detached: model k's objective treats their distribution as a fixed
-            # target. Letting the op's teacher gradient reach a peer instead would train it on
-            # alpha_k * d KL(p_peer || p_k) / d peer, which is not the peer's own objective
-            # (KL(p_others || p_peer) with its alpha; KL is asymmetric). So every model gets
-            # its own loss call, in which it is the student.
-            peers = [other.detach() for j, other in enumerate(logits) if j != k]
-            teacher = peers[0] if len(peers) == 1 else combine_teachers(peers, uniform,
-                                                                        temperature)
-            rows.append(_Rows(own, teacher.to(own.dtype), prep.target, prep.valid, prep.logit_w,
-                              []))
-        return rows
-
-    def _loss(self, rows: list[_Rows], inv_logit: torch.Tensor, inv_hidden: torch.Tensor,
-              temperature: float, alpha: tuple[float, ...]) -> torch.Tensor:
-        # Each model's parameters reach only its own term, so one backward of the sum trains all.
-        return sum(super(MutualDistiller, self)._loss(r, inv_logit, inv_hidden, temperature, a)
-                   for r, a in zip(rows, alpha))
-
-    def _stats(self, rows: list[_Rows], prep: _Prepared, temperature: float) -> torch.Tensor:
-        return torch.cat([super(MutualDistiller, self)._stats(r, prep, temperature)
-                          for r in rows])
-
-    def _zero_stats(self) -> torch.Tensor:
-        return super()._zero_stats().repeat(len(self.models))
-
-    def _summary(self, sums: torch.Tensor, alpha: tuple[float, ...],
-                 has_labels: bool) -> dict[str, float]:
-        out = {}
-        for k, (part, a) in enumerate(zip(sums.split(len(_STATS)), alpha)):
-            summary = super()._summary(part, a, has_labels)
-            out.update({f"{name}/{k}": value for name, value in summary.items()})
-        out["loss"] = sum(out[f"loss/{k}"] for k in range(len(self.models)))
-        return dict(sorted(out.items()))
-
-    def _schedule_metrics(self, temperature: float, alpha: tuple[float, ...]
-                          ) -> dict[str, float]:
-        return {"temperature": temperature, **{f"alpha/{k}": a for k, a in enumerate(alpha)}}
+        shaping = {name: options.pop(name) for name in _OBJECTIVE_OPTIONS if name in options}
+        objective = MutualObjective(models, alpha=alpha, **shaping)
+        self.models = objective.models
+        super().__init__(objective, optimizer=optimizer, lr=lr, scheduler=scheduler, **options)
 
 
 def propagate(

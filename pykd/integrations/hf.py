@@ -31,8 +31,9 @@ except ImportError as exc:  # pragma: no cover - exercised by tests with transfo
         'pip install "pykd[hf]"'
     ) from exc
 
-from pykd._batches import parse_batch, shift_left, to_device, token_positions
+from pykd._batches import parse_batch, to_device
 from pykd.functional import distillation_loss
+from pykd.rows import loss_rows
 
 __all__ = ["DistillationTrainer"]
 
@@ -75,7 +76,10 @@ class DistillationTrainer(transformers.Trainer):
     :func:`pykd.functional.distillation_loss` with ``ignore_index=-100``. Per valid row the loss
     is ``alpha * soft + (1 - alpha) * CE(student, label)``; a batch without ``labels`` uses the
     soft term alone (``alpha = 1``) and, for ``[B, T, V]`` logits, weighs the positions by the
-    ``attention_mask`` if there is one.
+    ``attention_mask`` if there is one. The rows scored are those :class:`pykd.Distiller` scores
+    on the same batch (:func:`pykd.rows.loss_rows`): a causal LM's position counts only where
+    the next token exists and is not padding, and, with labels and an ``attention_mask``, where
+    the position itself is in the mask.
 
     Sequence classification (``[B, C]`` logits, ``[B]`` labels) and token-level models
     (``[B, T, V]`` logits, ``[B, T]`` labels with ``-100`` padding) both work. For a causal LM
@@ -85,10 +89,9 @@ class DistillationTrainer(transformers.Trainer):
     Gradient accumulation (and data parallelism) gives the gradient of one step on the whole
     batch, with or without labels: the Trainer's ``num_items_in_batch`` is replaced by the number
     of loss rows over all the micro-batches of an optimizer step (and, with
-    ``average_tokens_across_devices``, over all processes): the labels other than ``-100`` (shifted
-    for a causal LM), else the ``attention_mask`` positions of ``[B, T, V]`` logits, else the
-    sequences. Each micro-batch's loss is its sum over its rows divided by that count, so every row
-    weighs the same however the rows fall into micro-batches. The division is done by per-row
+    ``average_tokens_across_devices``, over all processes), the rows described above. Each
+    micro-batch's loss is its sum over its rows divided by that count, so every row weighs the
+    same however the rows fall into micro-batches. The division is done by per-row
     weights inside the fused op (which computes the gradient in its forward pass) rather than by
     scaling the loss afterwards, which would cost another pass over the logits.
 
@@ -243,19 +246,15 @@ class DistillationTrainer(transformers.Trainer):
         self, inputs: Mapping[str, Any], labels: torch.Tensor | None
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """The target of each loss row (None without labels) and which rows count, both shaped
-        like the logits without their last dimension."""
-        if labels is not None:
-            target = labels
-            if self.causal_lm:  # shift the labels, not the logits (that would copy [B, T, V])
-                target = shift_left(target, -100)
-            return target, target != -100
-        batch = parse_batch(inputs)
-        if self._token_logits is None:  # counting before any loss: ask the teacher, once
+        like the logits without their last dimension: the rows of :func:`pykd.rows.loss_rows`,
+        as the Distiller scores them."""
+        batch = parse_batch(dict(inputs) if labels is None else {**inputs, "labels": labels})
+        if labels is None and self._token_logits is None:
+            # Counting before any loss: ask the teacher, once.
             device = self._student_device() or self.args.device
             self._token_logits = self._teacher_logits(inputs, device).dim() == 3
-        if self._token_logits:
-            return None, token_positions(batch)
-        return None, torch.ones(batch.size, dtype=torch.bool)
+        return loss_rows(batch, token_logits=bool(self._token_logits), causal_lm=self.causal_lm,
+                         ignore_index=-100)
 
     def _teacher_logits(self, inputs: Mapping[str, Any], device: torch.device) -> torch.Tensor:
         """The frozen teacher's logits on ``inputs`` (no labels), run on ``device``."""

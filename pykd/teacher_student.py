@@ -1,0 +1,365 @@
+"""The objective of :class:`pykd.Distiller`: a student matching frozen teachers (or a cache).
+
+Every loss term goes through :func:`pykd.distillation_loss` (or its fused LM-head form) with
+``reduction="sum"`` and per-row weights that already hold the normaliser (and any loss scale), so
+``loss.backward()`` reaches the op with an incoming gradient of exactly 1 and the op's gradient is
+used without another pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from pykd._batches import (
+    Batch,
+    Outputs,
+    call_model,
+    floating_dtype,
+    logits_and_hidden,
+    to_device,
+    token_positions,
+)
+from pykd.cache import TeacherCache, TopKRows
+from pykd.heads import HeadCapture, HeadLike, LinearRows, resolve_head
+from pykd.objective import (
+    Layout,
+    LogitObjective,
+    LogitRows,
+    OptimizerLike,
+    Optimizers,
+    SchedulerLike,
+    TeacherLogits,
+    check_alpha_schedule,
+    make_optimizer,
+    make_scheduler,
+    param_device,
+    require_hidden,
+)
+from pykd.rows import Prepared
+from pykd.schedules import ScheduleLike, as_schedule
+from pykd.teachers import (
+    WEIGHTINGS,
+    WeightFn,
+    adaptive_weights,
+    combine_teachers,
+    normalize_teacher_weights,
+)
+
+
+@dataclasses.dataclass
+class HiddenMatch:
+    """Match intermediate hidden states (TinyBERT style) alongside the logits.
+
+    ``layers`` maps a student layer to a teacher layer, both indexing the models'
+    ``hidden_states`` (for Hugging Face models index 0 is the embeddings). Student states pass
+    through a learnable ``nn.Linear`` when the widths differ; the widths are read from
+    ``model.config.hidden_size`` unless given. The term is ``weight * sum over mapped layers``
+    of the per-row ``divergence`` (``"mse"``: ``sum_h (t - s)^2``; ``"cosine"``: ``1 - cos``)
+    averaged over the non-padding tokens (attention mask) of the batch.
+    """
+
+    layers: Mapping[int, int]
+    weight: float = 1.0
+    divergence: str = "mse"
+    student_width: int | None = None
+    teacher_width: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            raise ValueError("HiddenMatch.layers must map at least one student layer")
+        if self.divergence not in ("mse", "cosine"):
+            raise ValueError(
+                f"hidden divergence must be 'mse' or 'cosine', got {self.divergence!r}"
+            )
+        if not (math.isfinite(self.weight) and self.weight >= 0):
+            raise ValueError(f"hidden weight must be finite and >= 0, got {self.weight!r}")
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _model_width(model: nn.Module, given: int | None, who: str) -> int:
+    width = given if given is not None else getattr(getattr(model, "config", None),
+                                                    "hidden_size", None)
+    if not isinstance(width, int):
+        raise ValueError(
+            f"HiddenMatch needs the {who}'s hidden width: pass {who}_width=... "
+            "(or use a model whose config has hidden_size)"
+        )
+    return width
+
+
+def _run(model: nn.Module, inputs: Any, extra: Mapping[str, Any], head: nn.Linear | None,
+         who: str) -> Outputs:
+    """The model's logits and hidden states; with a fused ``head``, the head's input instead of
+    the logits (which are never computed)."""
+    if head is None:
+        return logits_and_hidden(call_model(model, inputs, extra))
+    with HeadCapture(head, who) as capture:
+        logits, hidden = logits_and_hidden(call_model(model, inputs, extra))
+    return capture.hidden(logits), hidden
+
+
+class _StudentStack(nn.Module):
+    """The student and its hidden-state projections as one module, so that DDP syncs both."""
+
+    def __init__(self, student: nn.Module, projections: nn.ModuleDict, layers: list[int],
+                 extra: Mapping[str, Any], head: nn.Linear | None) -> None:
+        super().__init__()
+        self.student, self.projections = student, projections
+        self.layers, self.extra = layers, dict(extra)
+        self._head = (head,)  # in a tuple: the student already registers it as a submodule
+
+    def forward(self, inputs: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        logits, hidden = _run(self.student, inputs, self.extra, self._head[0], "student")
+        if not self.layers:
+            return logits, []
+        hidden = require_hidden(hidden, "student")
+        return logits, [self.projections[str(layer)](hidden[layer]) for layer in self.layers]
+
+
+class TeacherStudentObjective(LogitObjective):
+    """A student trained to match frozen teachers: the objective of :class:`pykd.Distiller`,
+    whose docstring describes the arguments (the same names) and the loss."""
+
+    checkpoint_format = "pykd.distiller/2"
+
+    def __init__(
+        self,
+        teacher: nn.Module | Sequence[nn.Module] | TeacherCache,
+        student: nn.Module,
+        *,
+        teacher_weights: Sequence[float] | None = None,
+        divergence: str = "kl",
+        temperature: ScheduleLike = 1.0,
+        alpha: ScheduleLike = 1.0,
+        beta: float = 0.5,
+        ignore_index: int = -100,
+        causal_lm: bool = False,
+        sample_weighting: str | WeightFn | None = None,
+        incorrect_weight: float = 0.1,
+        hidden: HiddenMatch | None = None,
+        fused_lm_head: bool = False,
+        student_head: HeadLike = "lm_head",
+        teacher_head: HeadLike = "lm_head",
+        lm_head_chunk_size: int = 1024,
+        device: torch.device | str | None = None,
+        teacher_device: torch.device | str | None = None,
+        teacher_dtype: torch.dtype | None = None,
+    ) -> None:
+        if sample_weighting is not None and not callable(sample_weighting) \
+                and sample_weighting not in WEIGHTINGS:
+            raise ValueError(
+                f"sample_weighting must be one of {WEIGHTINGS}, a function or None, "
+                f"got {sample_weighting!r}"
+            )
+        if incorrect_weight < 0:
+            raise ValueError(f"incorrect_weight must be >= 0, got {incorrect_weight!r}")
+        if not isinstance(lm_head_chunk_size, int) or lm_head_chunk_size < 1:
+            raise ValueError(f"lm_head_chunk_size must be a positive int, got "
+                             f"{lm_head_chunk_size!r}")
+        if fused_lm_head and sample_weighting is not None:
+            raise ValueError("sample_weighting needs the teacher's logits, which fused_lm_head "
+                             "never computes; use one or the other")
+        alpha = as_schedule(alpha)
+        # Checked here as well as in the op, which never sees alpha without labels.
+        check_alpha_schedule(alpha)
+        super().__init__(
+            device=torch.device(device) if device is not None else param_device(student),
+            divergence=divergence, temperature=temperature, alpha=alpha, beta=beta,
+            ignore_index=ignore_index, causal_lm=causal_lm, chunk_size=lm_head_chunk_size,
+            hidden_divergence=hidden.divergence if hidden is not None else None,
+        )
+        self.hidden = hidden
+        self.sample_weighting, self.incorrect_weight = sample_weighting, float(incorrect_weight)
+        self.fused_lm_head = bool(fused_lm_head)
+        self.student = student
+        student.to(self.device)
+        self.teacher_dtype = teacher_dtype
+        # Asked of the models only when hidden states are matched and their forward takes it.
+        self._hidden_kwarg = {"output_hidden_states": True} if hidden is not None else {}
+        self._init_teachers(teacher, teacher_weights, teacher_device, teacher_head)
+        self._init_student(student_head)
+
+    def _init_teachers(self, teacher: nn.Module | Sequence[nn.Module] | TeacherCache,
+                       weights: Sequence[float] | None, device: torch.device | str | None,
+                       head: HeadLike) -> None:
+        self.cache = teacher if isinstance(teacher, TeacherCache) else None
+        self._teacher_devices, self._teacher_extra = [], []
+        self._teacher_dtypes: list[torch.dtype | None] = []  # what their floating inputs become
+        self._teacher_head: nn.Linear | None = None
+        if self.cache is not None:
+            self._check_cache(weights)
+            self.teachers, self.teacher_weights = [], [1.0]
+            return
+        single = isinstance(teacher, nn.Module) and not isinstance(teacher, nn.ModuleList)
+        self.teachers = [teacher] if single else list(teacher)
+        if not self.teachers:
+            raise ValueError("give at least one teacher")
+        if any(isinstance(model, TeacherCache) for model in self.teachers):
+            raise TypeError("a TeacherCache is given on its own as the teacher, not in a list")
+        self.teacher_weights = normalize_teacher_weights(weights, len(self.teachers))
+        if self.fused_lm_head:
+            if len(self.teachers) > 1:
+                raise ValueError("fused_lm_head works with one teacher: a mixture of teachers "
+                                 "needs their logits")
+            self._teacher_head = resolve_head(self.teachers[0], head, "teacher")
+        placement = {k: v for k, v in (("device", device), ("dtype", self.teacher_dtype))
+                     if v is not None}
+        for model in self.teachers:
+            model.eval().requires_grad_(False)
+            if placement:
+                model.to(**placement)
+            self._teacher_devices.append(param_device(model, default=self.device))
+            self._teacher_dtypes.append(floating_dtype(model))
+            self._teacher_extra.append(
+                self._hidden_kwarg if _accepts(model, "output_hidden_states") else {}
+            )
+
+    def _check_cache(self, weights: Sequence[float] | None) -> None:
+        """What training from :attr:`cache` rules out, refused before anything runs."""
+        cache = self.cache
+        cache.require_complete()
+        refused = {
+            "teacher_weights": weights is not None,
+            "hidden (the cache holds no hidden states)": self.hidden is not None,
+            "fused_lm_head (the cache holds logits)": self.fused_lm_head,
+        }
+        if cache.top_k is not None:
+            refused["sample_weighting (a top-k cache lacks the full distribution)"] = \
+                self.sample_weighting is not None
+            refused[f"divergence={self.divergence!r} (a top-k cache takes 'kl' or 'jsd')"] = \
+                self.divergence not in ("kl", "jsd")
+        bad = [name for name, hit in refused.items() if hit]
+        if bad:
+            raise ValueError(f"training from a TeacherCache does not support {', '.join(bad)}")
+        if self.causal_lm and not cache.token_level:
+            raise ValueError("causal_lm=True needs token-level logits; the cache holds one row "
+                             "per sample")
+        self.layout = Layout(token_logits=cache.token_level, token_hidden=False)
+
+    def _init_student(self, head: HeadLike) -> None:
+        """The projections and the student stack (:attr:`module`)."""
+        self.projections = nn.ModuleDict()
+        layers: list[int] = []
+        if self.hidden is not None:
+            s_width = _model_width(self.student, self.hidden.student_width, "student")
+            t_width = _model_width(self.teachers[0], self.hidden.teacher_width, "teacher")
+            layers = sorted(self.hidden.layers)
+            for layer in layers:
+                self.projections[str(layer)] = (
+                    nn.Linear(s_width, t_width) if s_width != t_width else nn.Identity()
+                )
+            self.projections.to(self.device)
+        self._teacher_layers = [self.hidden.layers[layer] for layer in layers]
+        self._student_head = (resolve_head(self.student, head, "student")
+                              if self.fused_lm_head else None)
+        self.module = _StudentStack(
+            self.student, self.projections, layers,
+            self._hidden_kwarg if _accepts(self.student, "output_hidden_states") else {},
+            self._student_head,
+        )
+
+    def make_optimizers(self, optimizer: OptimizerLike | None, lr: float,
+                        scheduler: SchedulerLike | None) -> Optimizers:
+        """One optimizer over the student and projections (added to a given optimizer as a
+        parameter group where it lacks them)."""
+        built = make_optimizer(optimizer, self.module, lr, extra=self.projections)
+        return [built], [make_scheduler(scheduler, built)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"student": self.student.state_dict(),
+                "projections": self.projections.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.student.load_state_dict(state["student"])
+        self.projections.load_state_dict(state["projections"])
+
+    # ---------------------------------------------------------------------- rows and forward
+
+    def probe(self, inputs: Any) -> Layout:
+        logits, hidden = self._run_teacher(0, inputs)
+        token_hidden = False
+        if self.hidden is not None:
+            token_hidden = require_hidden(hidden, "teacher")[self._teacher_layers[0]].dim() >= 3
+        return self.layout_of(logits, token_hidden)
+
+    def hidden_rows(self, batch: Batch, layout: Layout) -> torch.Tensor | None:
+        if self.hidden is None:
+            return None
+        return (token_positions(batch) if layout.token_hidden
+                else torch.ones(batch.size, dtype=torch.bool, device=self.device))
+
+    def _run_teacher(self, k: int, inputs: Any) -> Outputs:
+        with torch.no_grad():
+            return _run(self.teachers[k],
+                        to_device(inputs, self._teacher_devices[k], self._teacher_dtypes[k]),
+                        self._teacher_extra[k], self._teacher_head, "teacher")
+
+    def forward(self, prep: Prepared, model: nn.Module, hyper: tuple[float, Any]) -> LogitRows:
+        temperature = hyper[0]
+        outputs = [self._run_teacher(k, prep.batch.inputs) for k in range(len(self.teachers))]
+        student, projected = model(prep.batch.inputs)
+        prep.check_logits(student)  # a head's input has the logits' rows too
+        teacher: TeacherLogits
+        if self._student_head is not None:
+            # The heads' inputs stand for the logits, which the op computes chunk by chunk; the
+            # heads' weights take the dtype of the student's hidden states, as under autocast.
+            student = LinearRows(student, self._student_head.weight, self._student_head.bias)
+            student = student.to(student.hidden.device, student.hidden.dtype)
+            teacher = LinearRows(outputs[0][0], self._teacher_head.weight,
+                                 self._teacher_head.bias).to(student.hidden.device,
+                                                             student.hidden.dtype)
+        elif self.cache is not None:
+            teacher = plain = self._cached_teacher(prep.batch, student)
+        else:
+            teacher_logits = [logits.to(student.device) for logits, _ in outputs]
+            if len(teacher_logits) == 1:
+                plain = teacher_logits[0]
+                teacher = plain.to(student.dtype)
+            else:
+                teacher = combine_teachers(teacher_logits, self.teacher_weights,
+                                           temperature).to(student.dtype)
+                plain = (combine_teachers(teacher_logits, self.teacher_weights, 1.0)
+                         if self.sample_weighting is not None else teacher)
+        weight = prep.logit_w
+        if self.sample_weighting is not None:
+            weight = weight * adaptive_weights(plain, prep.target, self.sample_weighting,
+                                               incorrect_weight=self.incorrect_weight)
+        hidden = []
+        if self.hidden is not None:
+            teacher_hidden = require_hidden(outputs[0][1], "teacher")
+            row_weight = prep.hidden_w * self.hidden.weight
+            for s_h, t_layer in zip(projected, self._teacher_layers):
+                t_h = teacher_hidden[t_layer].to(device=s_h.device, dtype=s_h.dtype)
+                hidden.append((s_h, t_h, row_weight))
+        return LogitRows(student, teacher, prep.target, prep.valid, weight, hidden)
+
+    def _cached_teacher(self, batch: Batch, student: torch.Tensor) -> torch.Tensor | TopKRows:
+        """The cached teacher rows of ``batch``, laid out like the student's logits."""
+        if batch.index is None:
+            raise ValueError("training from a TeacherCache needs batches that carry their "
+                             "samples' indices: use cache.attach(loader)")
+        positions = token_positions(batch) if self.cache.token_level else None
+        if student.shape[-1] != self.cache.vocab_size:
+            # A top-k cache's indices would fit in a larger student's logits without complaint.
+            raise ValueError(
+                f"the TeacherCache holds a teacher with {self.cache.vocab_size} classes, but the "
+                f"student gives {student.shape[-1]} logits per row: the two must be the same"
+            )
+        values, index = self.cache.lookup(batch.index, positions)
+        if index is None:
+            return values.to(student.device, student.dtype)
+        # The top-k op reads the cached float16 logits as they are.
+        return TopKRows(index.to(student.device), values.to(student.device))
