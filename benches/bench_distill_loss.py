@@ -13,8 +13,8 @@ import torch
 from conftest import RESULTS, device_name
 
 import pykd
-from pykd.bench import eager_kl as _eager_kl
-from pykd.bench import peak_extra_bytes
+from pykd.apps.bench import eager_kl as _eager_kl
+from pykd.apps.bench import peak_extra_bytes
 
 T = 2.0
 CASES = [  # (N, V, dtype)

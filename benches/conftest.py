@@ -7,7 +7,7 @@ import platform
 
 import torch
 
-from pykd.bench import fix_mmap_threshold
+from pykd.apps.bench import fix_mmap_threshold
 
 RESULTS: list[dict] = []
 

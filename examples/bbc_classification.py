@@ -1,6 +1,6 @@
 """BBC News topic classification: MiniLM-L6 teacher -> 1.96M-parameter student, over seeds.
 
-The `pykd demo` pipeline (see pykd/demo.py) on all 2,225 articles, once per seed, then the mean
+The `pykd demo` pipeline (see pykd/apps/demo.py) on all 2,225 articles, once per seed, then the mean
 and spread of every number and the quality bars of docs/results.md: the distilled student keeps
 at least 97% of the teacher's accuracy with at most 1/10 of its parameters, runs at least 5x
 faster on the CPU, and beats the same student trained on labels alone.
@@ -15,13 +15,11 @@ rerun only trains the students. Writes ``--output/summary.json``.
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 from pathlib import Path
 from typing import Any
 
-from pykd.checkpoint import write_atomic
-from pykd.demo import DemoConfig, format_table, run_demo
+from pykd.apps.common import mean_std, write_json
+from pykd.apps.demo import DemoConfig, format_table, run_demo
 
 TEACHER, ALONE, DISTILLED = "teacher (MiniLM-L6)", "student, labels only", "student, distilled"
 
@@ -32,11 +30,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for name in runs[0]["models"]:
         out["models"][name] = {}
         for metric in ("accuracy", "macro_f1", "params", "latency_ms"):
-            values = [r["models"][name][metric] for r in runs]
-            out["models"][name][metric] = {
-                "mean": statistics.fmean(values),
-                "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            }
+            out["models"][name][metric] = mean_std([r["models"][name][metric] for r in runs])
     m = {k: {metric: v["mean"] for metric, v in d.items()} for k, d in out["models"].items()}
     out["bars"] = {
         "kept_share_of_teacher_accuracy": m[DISTILLED]["accuracy"] / m[TEACHER]["accuracy"],
@@ -82,8 +76,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"  {d['latency_ms']['mean']:.2f} ms/article")
     for bar, ok in summary["bars_met"].items():
         print(f"  {'met   ' if ok else 'MISSED'} {bar}")
-    write_atomic(args.output / "summary.json",
-                 lambda f: f.write((json.dumps(summary, indent=2) + "\n").encode()))
+    write_json(args.output / "summary.json", summary)
     return summary
 
 

