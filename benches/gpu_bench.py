@@ -2,13 +2,16 @@
 
 Run on a machine with a CUDA GPU after building pykd with CUDA (benches/gpu_check.sh does both):
 ``python3 benches/gpu_bench.py``. The floor is one fused pass (read student and teacher logits,
-write the student gradient: 3 N V bytes) at the copy bandwidth measured here, first.
+write the student gradient: 3 N V bytes) at the copy bandwidth measured here, first. Each row is
+printed as soon as it is measured, so a run cut short by a timeout keeps what it measured.
+torch.compile's rows (a minute or more of compiling) are left out unless PYKD_BENCH_COMPILE=1.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import statistics
 
 import torch
@@ -28,8 +31,14 @@ def pykd_kl(s, t):
     return pykd.distillation_loss(s, t, temperature=T, reduction="batchmean")
 
 
+def emit(line: str) -> None:
+    print(line, flush=True)
+
+
 def implementations():
-    impls = {"pykd": pykd_kl, "eager": eager_kl, "torch.compile": torch.compile(eager_kl)}
+    impls = {"pykd": pykd_kl, "eager": eager_kl}
+    if os.environ.get("PYKD_BENCH_COMPILE") == "1":
+        impls["torch.compile"] = torch.compile(eager_kl)
     try:
         from liger_kernel.transformers import LigerKLDIVLoss
 
@@ -62,7 +71,7 @@ def copy_bandwidth():
     return 2 * x.numel() / (ms * 1e-3)
 
 
-def fused_linear_rows(rows: int, iters: int, tflops: float) -> list[str]:
+def fused_linear_rows(rows: int, iters: int, tflops: float) -> None:
     """LM-head KD at the issue's shape: pykd's chunked fused linear vs Liger's (if importable)."""
     hs_dim, ht_dim, vocab = 2048, 4096, 128256
     kw = dict(device="cuda", dtype=torch.bfloat16)
@@ -84,7 +93,7 @@ def fused_linear_rows(rows: int, iters: int, tflops: float) -> list[str]:
             hs, ws, ht, wt, divergence="jsd", beta=0.5, temperature=T, chunk_size=1024)
     except ImportError:
         pass
-    lines = []
+    emit(f"| (matmul floor at {tflops:.0f} TFLOP/s) | | {floor_ms:.2f} | 1.00x | | |")
     for name, fn in impls.items():
         def step():
             hs.grad = ws.grad = None
@@ -101,15 +110,13 @@ def fused_linear_rows(rows: int, iters: int, tflops: float) -> list[str]:
             torch.cuda.synchronize()
             peak_gb = (torch.cuda.max_memory_allocated() - base) / 1e9
             ms = time_ms(step, iters)
-            lines.append(f"| N={rows} Hs={hs_dim} Ht={ht_dim} V={vocab} bf16 | {name} | {ms:.2f} | "
-                         f"{ms / floor_ms:.2f}x | {peak_gb:.2f} | |")
+            emit(f"| N={rows} Hs={hs_dim} Ht={ht_dim} V={vocab} bf16 | {name} | {ms:.2f} | "
+                 f"{ms / floor_ms:.2f}x | {peak_gb:.2f} | |")
         except torch.cuda.OutOfMemoryError:
-            lines.append(f"| fused linear | {name} | OOM | | | |")
+            emit(f"| fused linear | {name} | OOM | | | |")
         except Exception as exc:  # a comparison library's API drift must not end the run
-            lines.append(f"| fused linear | {name} | failed: {type(exc).__name__}: {exc} | | | |")
+            emit(f"| fused linear | {name} | failed: {type(exc).__name__}: {exc} | | | |")
         torch.cuda.empty_cache()
-    lines.append(f"| (matmul floor at {tflops:.0f} TFLOP/s) | | {floor_ms:.2f} | 1.00x | | |")
-    return lines
 
 
 def matmul_tflops() -> float:
@@ -126,13 +133,22 @@ def main():
     parser.add_argument("--iters", type=int, default=20)
     args = parser.parse_args()
     torch.manual_seed(0)
+    # The caption and header first: every row below is printed the moment it is measured.
+    emit(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, "
+         f"{datetime.date.today().isoformat()}, KL T={T} forward+backward, median of "
+         f"{args.iters}; peak = memory above the inputs (the bf16 gradient alone is "
+         f"{args.rows * 128256 * 2 / 1e9:.2f} / {args.rows * 32000 * 2 / 1e9:.2f} GB); "
+         "grad diff = max |grad - pykd's grad|; the fused linear rows' peak includes the "
+         "returned gradients (the bf16 [V, Hs] head gradient alone is 0.53 GB)")
+    emit("| shape | impl | ms | vs floor | peak extra GB | grad diff |")
+    emit("|---|---|---|---|---|---|")
     bw = copy_bandwidth()
     impls = implementations()
-    lines = []
     for vocab in (128256, 32000):
         s = torch.randn(args.rows, vocab, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         t = torch.randn(args.rows, vocab, device="cuda", dtype=torch.bfloat16)
         floor_ms = 3 * s.numel() * s.element_size() / bw * 1e3
+        emit(f"| (floor at {bw / 1e12:.2f} TB/s copy) | | {floor_ms:.2f} | 1.00x | | |")
         ref = None
         for name, fn in impls.items():
             def step():
@@ -151,33 +167,22 @@ def main():
                 peak_gb = (torch.cuda.max_memory_allocated() - base) / 1e9
                 ms = time_ms(step, args.iters)
             except torch.cuda.OutOfMemoryError:
-                lines.append(f"| N={args.rows} V={vocab} bf16 | {name} | OOM | | | |")
+                emit(f"| N={args.rows} V={vocab} bf16 | {name} | OOM | | | |")
                 torch.cuda.empty_cache()
                 continue
             except Exception as exc:  # a comparison library's API drift must not end the run
-                lines.append(f"| N={args.rows} V={vocab} bf16 | {name} | failed: "
-                             f"{type(exc).__name__}: {exc} | | | |")
+                emit(f"| N={args.rows} V={vocab} bf16 | {name} | failed: "
+                     f"{type(exc).__name__}: {exc} | | | |")
                 continue
             grad = s.grad.float()
             if ref is None:
                 ref = grad
             err = (grad - ref).abs().max().item()
-            lines.append(f"| N={args.rows} V={vocab} bf16 | {name} | {ms:.2f} | "
-                         f"{ms / floor_ms:.2f}x | {peak_gb:.2f} | {err:.1e} |")
+            emit(f"| N={args.rows} V={vocab} bf16 | {name} | {ms:.2f} | "
+                 f"{ms / floor_ms:.2f}x | {peak_gb:.2f} | {err:.1e} |")
             s.grad = None
             torch.cuda.empty_cache()
-        lines.append(f"| (floor at {bw / 1e12:.2f} TB/s copy) | | {floor_ms:.2f} | 1.00x | | |")
-    tflops = matmul_tflops()
-    lines += fused_linear_rows(args.rows, max(5, args.iters // 2), tflops)
-    print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, "
-          f"{datetime.date.today().isoformat()}, KL T={T} forward+backward, median of "
-          f"{args.iters}; peak = memory above the inputs (the bf16 gradient alone is "
-          f"{args.rows * 128256 * 2 / 1e9:.2f} / {args.rows * 32000 * 2 / 1e9:.2f} GB); "
-          "grad diff = max |grad - pykd's grad|; the fused linear rows' peak includes the "
-          "returned gradients (the bf16 [V, Hs] head gradient alone is 0.53 GB)")
-    print("| shape | impl | ms | vs floor | peak extra GB | grad diff |")
-    print("|---|---|---|---|---|---|")
-    print("\n".join(lines))
+    fused_linear_rows(args.rows, max(5, args.iters // 2), matmul_tflops())
 
 
 if __name__ == "__main__":

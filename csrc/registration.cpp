@@ -5,6 +5,15 @@
 
 #include "cpu/distill_loss_kernel.h"
 
+#ifdef PYKD_WITH_CUDA
+#include <string>
+
+namespace pykd::cuda {
+// csrc/cuda/distill_loss.cu: the launch plan for rows of `classes` columns (tests, debugging).
+std::string launch_plan(int64_t classes, const std::string& dtype, int64_t device, bool aligned);
+}  // namespace pykd::cuda
+#endif
+
 TORCH_LIBRARY(pykd, m) {
   // The fused distillation loss of docs/loss.md; asks _distill_loss_fused for the grads
   // autograd will need, so they are made in the same pass as the loss.
@@ -75,4 +84,11 @@ PYBIND11_MODULE(_C, m) {
         return d;
       },
       "Versions and kernels this extension was built with.");
+#ifdef PYKD_WITH_CUDA
+  m.def("cuda_launch_plan", &pykd::cuda::launch_plan, pybind11::arg("classes"),
+        pybind11::arg("dtype"), pybind11::arg("device") = 0, pybind11::arg("aligned") = true,
+        "How distill_loss launches rows of `classes` columns of `dtype` ('bfloat16', ...) on "
+        "`device`: 'single' or 'cluster<N>', 'cached' or 'uncached', 'packed' or 'scalar' loads. "
+        "Honours PYKD_CUDA_PLAN=single.");
+#endif
 }

@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <string>
@@ -283,26 +284,43 @@ __global__ void __launch_bounds__(kMaxThreads)
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % kPackBytes == 0; }
 
-Layout plan(const RowKernelArgs& a, int64_t elem_bytes, bool clusters_ok, int64_t max_cached) {
+// Every row of the call starts on a 16-byte boundary and spans whole 16-byte packs.
+bool rows_packed(const RowKernelArgs& a, int64_t elem_bytes) {
+  return aligned16(a.student) && aligned16(a.teacher) &&
+         (a.student_stride * elem_bytes) % kPackBytes == 0 &&
+         (a.teacher_stride * elem_bytes) % kPackBytes == 0 &&
+         (a.classes * elem_bytes) % kPackBytes == 0 &&
+         (!a.grad_student || aligned16(a.grad_student)) &&
+         (!a.grad_teacher || aligned16(a.grad_teacher));
+}
+
+Layout plan(int64_t classes, int64_t elem_bytes, bool packed, bool clusters_ok,
+            int64_t max_cached) {
   Layout L;
   const int64_t pack = kPackBytes / elem_bytes;
-  L.packed = aligned16(a.student) && aligned16(a.teacher) &&
-             (a.student_stride * elem_bytes) % kPackBytes == 0 &&
-             (a.teacher_stride * elem_bytes) % kPackBytes == 0 &&
-             (a.classes * elem_bytes) % kPackBytes == 0 &&
-             (!a.grad_student || aligned16(a.grad_student)) &&
-             (!a.grad_teacher || aligned16(a.grad_teacher));
-  const int64_t row_bytes = 2 * a.classes * elem_bytes;
+  L.packed = packed;
+  const int64_t row_bytes = 2 * classes * elem_bytes;
   L.cluster = 1;
   if (clusters_ok && row_bytes > kSliceBytes) {
     L.cluster = static_cast<int>(
         std::min<int64_t>(kMaxCluster, (row_bytes + kSliceBytes - 1) / kSliceBytes));
   }
-  int64_t slice = (a.classes + L.cluster - 1) / L.cluster;
+  int64_t slice = (classes + L.cluster - 1) / L.cluster;
   if (L.packed) slice = (slice + pack - 1) / pack * pack;
   L.slice = slice;
   L.cached = 2 * slice * elem_bytes <= std::min(kMaxCachedBytes, max_cached);
   return L;
+}
+
+// PYKD_CUDA_PLAN=single keeps each row in one block where clusters are available (the sm_80
+// paths, so tests can run them on sm_90); auto (or unset) is the default. Read at every launch, so
+// a test can switch it within one process; a getenv costs far less than the launch.
+bool single_block_forced() {
+  const char* env = std::getenv("PYKD_CUDA_PLAN");
+  const std::string mode = env ? env : "";
+  TORCH_CHECK(mode.empty() || mode == "auto" || mode == "single",
+              "PYKD_CUDA_PLAN must be auto or single, got '" + mode + "'");
+  return mode == "single";
 }
 
 // What one kernel instantiation can do on one device, asked once. Clusters need a cluster-capable
@@ -343,7 +361,8 @@ void launch_typed(const RowKernelArgs& a) {
   const int device = c10::cuda::current_device();
   auto kernel = distill_loss_kernel<S, D, kHard>;
   const KernelLimits& lim = kernel_limits(kernel, device);
-  const Layout L = plan(a, sizeof(S), lim.clusters, lim.max_dynamic_smem);
+  const Layout L = plan(a.classes, sizeof(S), rows_packed(a, sizeof(S)),
+                        lim.clusters && !single_block_forced(), lim.max_dynamic_smem);
   const size_t smem = L.cached ? 2 * L.slice * sizeof(S) : 0;
   // Enough threads for the slice in 16-byte packs, a whole number of warps, at most 512.
   const int64_t work = L.packed ? (L.slice * sizeof(S) + kPackBytes - 1) / kPackBytes : L.slice;
@@ -627,6 +646,36 @@ void scale_grad_cuda(const at::Tensor& grad, const at::Tensor& scale) {
 }
 
 }  // namespace
+
+// The plan distill_loss launches for rows of `classes` columns of `dtype` on `device`, its rows
+// 16-byte aligned or not: "single" or "cluster<blocks per row>", then "cached" (the slice stays in
+// shared memory between sweeps) or "uncached", then "packed" (16-byte loads) or "scalar". Tests
+// use it to know which path they exercise. Every divergence and target/no-target kernel uses the
+// same static shared memory, so the KL kernel's limits stand for all of them.
+std::string launch_plan(int64_t classes, const std::string& dtype, int64_t device, bool aligned) {
+  static const std::map<std::string, at::ScalarType> kTypes = {{"float32", at::kFloat},
+                                                               {"float64", at::kDouble},
+                                                               {"float16", at::kHalf},
+                                                               {"bfloat16", at::kBFloat16}};
+  const auto type = kTypes.find(dtype);
+  TORCH_CHECK(type != kTypes.end(),
+              "dtype must be float32, float64, float16 or bfloat16, got '" + dtype + "'");
+  TORCH_CHECK(classes > 0, "classes must be positive, got " + std::to_string(classes));
+  TORCH_CHECK(device >= 0 && device < c10::cuda::device_count(),
+              "no CUDA device " + std::to_string(device));
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  std::string name;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, type->second, "launch_plan", [&] {
+    const int64_t elem = sizeof(scalar_t);
+    const KernelLimits& lim = kernel_limits(distill_loss_kernel<scalar_t, Divergence::KL, false>,
+                                            static_cast<int>(device));
+    const Layout L = plan(classes, elem, aligned && (classes * elem) % kPackBytes == 0,
+                          lim.clusters && !single_block_forced(), lim.max_dynamic_smem);
+    name = (L.cluster > 1 ? "cluster" + std::to_string(L.cluster) : std::string("single")) +
+           (L.cached ? "/cached" : "/uncached") + (L.packed ? "/packed" : "/scalar");
+  });
+  return name;
+}
 
 TORCH_LIBRARY_IMPL(pykd, CUDA, m) {
   m.impl("_distill_loss_fused", &distill_loss_fused_cuda);
