@@ -25,7 +25,7 @@ from pykd.functional import (
     fused_linear_distillation_loss,
 )
 from pykd.loop import TrainingLoop
-from pykd.losses import DistillationLoss, FusedLinearDistillationLoss
+from pykd.losses import DistillationLoss, FusedLinearDistillationLoss, TopKDistillationLoss
 from pykd.objective import Objective
 from pykd.propagation import MutualDistiller, propagate
 from pykd.teachers import adaptive_weights, combine_teachers
@@ -42,6 +42,7 @@ __all__ = [
     "DistillationLoss",
     "Distiller",
     "FusedLinearDistillationLoss",
+    "TopKDistillationLoss",
     "HiddenMatch",
     "MutualDistiller",
     "NonFiniteLossError",

@@ -164,14 +164,21 @@ def check_distill_args(student, teacher, weight, target, divergence, temperature
     check_row_inputs(op, student, student.shape[:-1], weight, target)
 
 
+def check_topk_options(divergence: str, temperature: float, alpha: float, beta: float,
+                       reduction: str, has_target: bool) -> None:
+    """The loss options of ``distill_loss_topk``: those of the dense loss, kl or jsd only."""
+    op = "distill_loss_topk"
+    check_loss_options(divergence, temperature, alpha, beta, reduction, has_target, op=op)
+    if divergence not in ("kl", "jsd"):
+        raise ValueError(f"{op}: divergence must be kl or jsd with a top-k teacher, got "
+                         f"'{divergence}' (reverse KL is infinite off the teacher's top-k)")
+
+
 def check_topk_args(student, teacher_indices, teacher_logits, weight, target, divergence,
                     temperature, alpha, beta, ignore_index, reduction) -> None:
     """The C++ ``check_topk_args`` of ``distill_loss_topk``."""
     op = "distill_loss_topk"
-    check_loss_options(divergence, temperature, alpha, beta, reduction, target is not None, op=op)
-    if divergence not in ("kl", "jsd"):
-        raise ValueError(f"{op}: divergence must be kl or jsd with a top-k teacher, got "
-                         f"'{divergence}' (reverse KL is infinite off the teacher's top-k)")
+    check_topk_options(divergence, temperature, alpha, beta, reduction, target is not None)
     check_logits_dtype(op, "student", student, student)
     check_logits_shape(op, student)
     lead = student.shape[:-1]

@@ -1,15 +1,40 @@
-"""nn.Module faces of pykd's losses."""
+"""nn.Module faces of pykd's losses: each holds its options, checked when it is made."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from pykd._checks import check_fused_linear_options, check_loss_options
-from pykd.functional import distillation_loss, fused_linear_distillation_loss
+from pykd._checks import check_fused_linear_options, check_loss_options, check_topk_options
+from pykd.functional import (
+    distillation_loss,
+    distillation_loss_topk,
+    fused_linear_distillation_loss,
+)
 
 
-class DistillationLoss(nn.Module):
+class _LossOptions(nn.Module):
+    """The options every distillation loss takes (docs/loss.md), stored and shown in repr."""
+
+    def __init__(self, divergence: str, temperature: float, alpha: float, beta: float,
+                 ignore_index: int, reduction: str) -> None:
+        super().__init__()
+        self.divergence = divergence
+        self.temperature = float(temperature)
+        self.alpha = float(alpha)
+        self.beta = float(beta)
+        self.ignore_index = int(ignore_index)
+        self.reduction = reduction
+
+    def _options(self) -> dict[str, object]:
+        return dict(divergence=self.divergence, temperature=self.temperature, alpha=self.alpha,
+                    beta=self.beta, ignore_index=self.ignore_index, reduction=self.reduction)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self._options().items())
+
+
+class DistillationLoss(_LossOptions):
     """Module form of :func:`pykd.functional.distillation_loss` with fixed options.
 
     Example:
@@ -29,15 +54,9 @@ class DistillationLoss(nn.Module):
         ignore_index: int = -100,
         reduction: str = "mean",
     ) -> None:
-        super().__init__()
         # alpha < 1 needs a target at call time; everything else can be checked now.
         check_loss_options(divergence, temperature, alpha, beta, reduction, has_target=True)
-        self.divergence = divergence
-        self.temperature = float(temperature)
-        self.alpha = float(alpha)
-        self.beta = float(beta)
-        self.ignore_index = int(ignore_index)
-        self.reduction = reduction
+        super().__init__(divergence, temperature, alpha, beta, ignore_index, reduction)
 
     def forward(
         self,
@@ -46,20 +65,47 @@ class DistillationLoss(nn.Module):
         target: torch.Tensor | None = None,
         weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return distillation_loss(
-            student, teacher, weight=weight, target=target, divergence=self.divergence,
-            temperature=self.temperature, alpha=self.alpha, beta=self.beta,
-            ignore_index=self.ignore_index, reduction=self.reduction,
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"divergence={self.divergence!r}, temperature={self.temperature}, alpha={self.alpha}, "
-            f"beta={self.beta}, ignore_index={self.ignore_index}, reduction={self.reduction!r}"
-        )
+        return distillation_loss(student, teacher, weight=weight, target=target, **self._options())
 
 
-class FusedLinearDistillationLoss(nn.Module):
+class TopKDistillationLoss(_LossOptions):
+    """Module form of :func:`pykd.functional.distillation_loss_topk`: the student against a
+    teacher given as its top-k (index, logit) pairs per row, e.g. from a ``TeacherCache``.
+
+    Example:
+        >>> import torch, pykd
+        >>> loss_fn = pykd.TopKDistillationLoss(temperature=2.0, alpha=0.5)
+        >>> student = torch.randn(6, 100, requires_grad=True)
+        >>> top = torch.randn(6, 100).topk(8, dim=-1)
+        >>> loss = loss_fn(student, top.indices, top.values, target=torch.randint(0, 100, (6,)))
+        >>> loss.backward()
+    """
+
+    def __init__(
+        self,
+        divergence: str = "kl",
+        temperature: float = 1.0,
+        alpha: float = 1.0,
+        beta: float = 0.5,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+    ) -> None:
+        check_topk_options(divergence, temperature, alpha, beta, reduction, has_target=True)
+        super().__init__(divergence, temperature, alpha, beta, ignore_index, reduction)
+
+    def forward(
+        self,
+        student: torch.Tensor,
+        teacher_indices: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        target: torch.Tensor | None = None,
+        weight: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return distillation_loss_topk(student, teacher_indices, teacher_logits, weight=weight,
+                                      target=target, **self._options())
+
+
+class FusedLinearDistillationLoss(_LossOptions):
     """Module form of :func:`pykd.functional.fused_linear_distillation_loss`.
 
     For LM heads: takes the hidden states that feed the student's and the teacher's vocabulary
@@ -85,16 +131,10 @@ class FusedLinearDistillationLoss(nn.Module):
         reduction: str = "mean",
         chunk_size: int = 1024,
     ) -> None:
-        super().__init__()
         check_loss_options(divergence, temperature, alpha, beta, reduction, has_target=True,
                            op="fused_linear_distill_loss")
         check_fused_linear_options(reduction, int(chunk_size))
-        self.divergence = divergence
-        self.temperature = float(temperature)
-        self.alpha = float(alpha)
-        self.beta = float(beta)
-        self.ignore_index = int(ignore_index)
-        self.reduction = reduction
+        super().__init__(divergence, temperature, alpha, beta, ignore_index, reduction)
         self.chunk_size = int(chunk_size)
 
     def forward(
@@ -111,14 +151,8 @@ class FusedLinearDistillationLoss(nn.Module):
         return fused_linear_distillation_loss(
             student_hidden, student_weight, teacher_hidden, teacher_weight,
             student_bias=student_bias, teacher_bias=teacher_bias, weight=weight, target=target,
-            divergence=self.divergence, temperature=self.temperature, alpha=self.alpha,
-            beta=self.beta, ignore_index=self.ignore_index, reduction=self.reduction,
-            chunk_size=self.chunk_size,
+            chunk_size=self.chunk_size, **self._options(),
         )
 
     def extra_repr(self) -> str:
-        return (
-            f"divergence={self.divergence!r}, temperature={self.temperature}, alpha={self.alpha}, "
-            f"beta={self.beta}, ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-            f"chunk_size={self.chunk_size}"
-        )
+        return f"{super().extra_repr()}, chunk_size={self.chunk_size}"

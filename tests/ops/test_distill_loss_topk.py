@@ -165,3 +165,17 @@ def test_opcheck_and_compile():
     (g,) = torch.autograd.grad(compiled, s)
     torch.testing.assert_close(compiled, eager)
     torch.testing.assert_close(g, g_eager)
+
+
+def test_module_face_matches_functional():
+    s, t, w, y = make_case((6, 40), torch.float32, weight=True, target=True)
+    top = t.topk(5, dim=-1)
+    loss_fn = pykd.TopKDistillationLoss(divergence="jsd", temperature=3.0, alpha=0.25, beta=0.2,
+                                        reduction="batchmean")
+    assert "divergence='jsd'" in repr(loss_fn) and "temperature=3.0" in repr(loss_fn)
+    expected = pykd.distillation_loss_topk(s, top.indices, top.values, weight=w, target=y,
+                                           divergence="jsd", temperature=3.0, alpha=0.25,
+                                           beta=0.2, reduction="batchmean")
+    torch.testing.assert_close(loss_fn(s, top.indices, top.values, target=y, weight=w), expected)
+    with pytest.raises(ValueError, match="kl or jsd"):
+        pykd.TopKDistillationLoss(divergence="reverse_kl")
