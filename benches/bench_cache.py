@@ -12,8 +12,7 @@ import tempfile
 
 import pytest
 import torch
-from bench_distill_loss import cpu_peak_extra_bytes
-from conftest import RESULTS, device_name
+from conftest import RESULTS, cpu_peak_extra_bytes, device_name
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 

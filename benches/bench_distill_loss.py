@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import RESULTS, device_name
+from conftest import measure
 
 import pykd
 from pykd.apps.bench import eager_kl as _eager_kl
-from pykd.apps.bench import peak_extra_bytes
 
 T = 2.0
 CASES = [  # (N, V, dtype)
@@ -37,10 +36,6 @@ _compiled = torch.compile(eager_kl, dynamic=False)
 IMPLS = {"pykd": pykd_kl, "eager": eager_kl, "compile": _compiled}
 
 
-def cpu_peak_extra_bytes(step) -> int:
-    return peak_extra_bytes(step, torch.device("cpu"))
-
-
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device"))])
 @pytest.mark.parametrize("impl", list(IMPLS))
@@ -57,19 +52,9 @@ def test_kl_forward_backward(benchmark, impl, n, v, dtype, device):
         fn(s, t).backward()
         sync()
 
-    step()  # compile / warm up
-    step()
     grad_bytes = s.numel() * s.element_size()
-    s.grad = None
-    peak = peak_extra_bytes(step, torch.device(device))
-    rounds = 3 if device == "cpu" and n * v > 10**7 else 20
-    benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=0)
-    ms = benchmark.stats.stats.median * 1e3
-    floor_bytes = 3 * grad_bytes
-    info = {"table": "distill_loss KL T=2 forward+backward (median ms)",
-            "case": f"N={n} V={v} {str(dtype).replace('torch.', '')} {device}", "impl": impl,
-            "ms": ms, "GB/s over 3NV bytes": floor_bytes / (ms * 1e-3) / 1e9,
-            "peak extra MB": peak / 2**20, "extra / gradient": peak / grad_bytes,
-            "device": device_name(device)}
-    benchmark.extra_info.update(info)
-    RESULTS.append(info)
+    measure(benchmark, step, device=device, grad_bytes=grad_bytes, floor_bytes=3 * grad_bytes,
+            rounds=3 if device == "cpu" and n * v > 10**7 else 20,
+            info={"table": "distill_loss KL T=2 forward+backward (median ms; floor 3 N V bytes)",
+                  "case": f"N={n} V={v} {str(dtype).replace('torch.', '')} {device}",
+                  "impl": impl})

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import RESULTS, device_name
+from conftest import measure
 
 import pykd
-from pykd.apps.bench import eager_kl, peak_extra_bytes
+from pykd.apps.bench import eager_kl
 
 T = 2.0
 CASES = [  # (N, V, k, dtype)
@@ -52,17 +52,10 @@ def test_topk_kl_forward_backward(benchmark, impl, n, v, k, dtype, device):
         fn(s, idx, val).backward()
         sync()
 
-    step()  # compile / warm up
-    step()
     grad_bytes = s.numel() * s.element_size()
-    s.grad = None
-    peak = peak_extra_bytes(step, torch.device(device))
-    benchmark.pedantic(step, rounds=3 if device == "cpu" else 20, iterations=1, warmup_rounds=0)
-    ms = benchmark.stats.stats.median * 1e3
-    info = {"table": "distill_loss_topk KL T=2 forward+backward (median ms)",
-            "case": f"N={n} V={v} k={k} {str(dtype).replace('torch.', '')} {device}",
-            "impl": impl, "ms": ms, "GB/s over 2NV bytes": 2 * grad_bytes / (ms * 1e-3) / 1e9,
-            "peak extra MB": peak / 2**20, "extra / gradient": peak / grad_bytes,
-            "device": device_name(device)}
-    benchmark.extra_info.update(info)
-    RESULTS.append(info)
+    measure(benchmark, step, device=device, grad_bytes=grad_bytes, floor_bytes=2 * grad_bytes,
+            rounds=3 if device == "cpu" else 20,
+            info={"table": "distill_loss_topk KL T=2 forward+backward (median ms; floor 2 N V "
+                           "bytes)",
+                  "case": f"N={n} V={v} k={k} {str(dtype).replace('torch.', '')} {device}",
+                  "impl": impl})

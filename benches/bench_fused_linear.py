@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from bench_distill_loss import cpu_peak_extra_bytes
-from conftest import RESULTS, device_name
+from conftest import RESULTS, cpu_peak_extra_bytes, device_name
 
 import pykd
 

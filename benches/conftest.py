@@ -7,7 +7,7 @@ import platform
 
 import torch
 
-from pykd.apps.bench import fix_mmap_threshold
+from pykd.apps.bench import fix_mmap_threshold, peak_extra_bytes
 
 RESULTS: list[dict] = []
 
@@ -25,6 +25,26 @@ def device_name(device: str) -> str:
     except (OSError, StopIteration):
         pass
     return f"{model}, {torch.get_num_threads()} threads"
+
+
+def cpu_peak_extra_bytes(step) -> int | None:
+    return peak_extra_bytes(step, torch.device("cpu"))
+
+
+def measure(benchmark, step, *, device: str, grad_bytes: int, floor_bytes: int, rounds: int,
+            info: dict) -> None:
+    """Warm ``step`` up (compiles), read its peak memory, time it, and add a row to the table:
+    median ms, GB/s over the one-pass floor, extra memory as a multiple of the gradient."""
+    step()
+    step()
+    peak = peak_extra_bytes(step, torch.device(device))
+    benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=0)
+    ms = benchmark.stats.stats.median * 1e3
+    info = {**info, "ms": ms, "GB/s over the floor": floor_bytes / (ms * 1e-3) / 1e9,
+            "peak extra MB": peak / 2**20, "extra / gradient": peak / grad_bytes,
+            "device": device_name(device)}
+    benchmark.extra_info.update(info)
+    RESULTS.append(info)
 
 
 def pytest_report_header(config):

@@ -14,10 +14,22 @@ from pykd.functional import (
 
 
 class _LossOptions(nn.Module):
-    """The options every distillation loss takes (docs/loss.md), stored and shown in repr."""
+    """The options every distillation loss takes (docs/loss.md), checked when the module is made
+    (by the op's own rule, ``_check``; alpha < 1 needs a target only at call time) and shown in
+    its repr."""
 
-    def __init__(self, divergence: str, temperature: float, alpha: float, beta: float,
-                 ignore_index: int, reduction: str) -> None:
+    _check = staticmethod(check_loss_options)
+
+    def __init__(
+        self,
+        divergence: str = "kl",
+        temperature: float = 1.0,
+        alpha: float = 1.0,
+        beta: float = 0.5,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+    ) -> None:
+        self._check(divergence, temperature, alpha, beta, reduction, has_target=True)
         super().__init__()
         self.divergence = divergence
         self.temperature = float(temperature)
@@ -45,19 +57,6 @@ class DistillationLoss(_LossOptions):
         >>> loss.backward()
     """
 
-    def __init__(
-        self,
-        divergence: str = "kl",
-        temperature: float = 1.0,
-        alpha: float = 1.0,
-        beta: float = 0.5,
-        ignore_index: int = -100,
-        reduction: str = "mean",
-    ) -> None:
-        # alpha < 1 needs a target at call time; everything else can be checked now.
-        check_loss_options(divergence, temperature, alpha, beta, reduction, has_target=True)
-        super().__init__(divergence, temperature, alpha, beta, ignore_index, reduction)
-
     def forward(
         self,
         student: torch.Tensor,
@@ -81,17 +80,7 @@ class TopKDistillationLoss(_LossOptions):
         >>> loss.backward()
     """
 
-    def __init__(
-        self,
-        divergence: str = "kl",
-        temperature: float = 1.0,
-        alpha: float = 1.0,
-        beta: float = 0.5,
-        ignore_index: int = -100,
-        reduction: str = "mean",
-    ) -> None:
-        check_topk_options(divergence, temperature, alpha, beta, reduction, has_target=True)
-        super().__init__(divergence, temperature, alpha, beta, ignore_index, reduction)
+    _check = staticmethod(check_topk_options)
 
     def forward(
         self,
@@ -121,6 +110,10 @@ class FusedLinearDistillationLoss(_LossOptions):
         >>> loss.backward()
     """
 
+    @staticmethod
+    def _check(*options, has_target: bool) -> None:
+        check_loss_options(*options, has_target=has_target, op="fused_linear_distill_loss")
+
     def __init__(
         self,
         divergence: str = "kl",
@@ -131,8 +124,6 @@ class FusedLinearDistillationLoss(_LossOptions):
         reduction: str = "mean",
         chunk_size: int = 1024,
     ) -> None:
-        check_loss_options(divergence, temperature, alpha, beta, reduction, has_target=True,
-                           op="fused_linear_distill_loss")
         check_fused_linear_options(reduction, int(chunk_size))
         super().__init__(divergence, temperature, alpha, beta, ignore_index, reduction)
         self.chunk_size = int(chunk_size)

@@ -160,10 +160,9 @@ def _fine_tune_teacher(model: nn.Module, data: _Encoded, cfg: DemoConfig) -> lis
 
     The embeddings (11.7M of the 22.7M parameters) and the lowest ``teacher_frozen_layers``
     transformer layers stay as pre-trained: ~1,800 articles say little about 30k word pieces or
-    low-level syntax, and the backward pass then stops at the first trained layer. Predicted 2/3
-    of a full fine-tuning step (forward 1 + backward 2 units per layer: 12 units instead of
-    18); measured 0.70 (2 epochs: 208 s instead of 299 s on 2 cores) with higher test accuracy
-    (98.0% instead of 97.3%, seed 0).
+    low-level syntax, and the backward pass then stops at the first trained layer: about 2/3 of
+    a full fine-tuning step (forward 1 + backward 2 units per layer: 12 units instead of 18).
+    The measurement is in docs/perf-notes.md.
     """
     bert = model.base_model
     for module in (bert.embeddings, *bert.encoder.layer[:cfg.teacher_frozen_layers]):
