@@ -3,15 +3,10 @@
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 
-#include "cpu/distill_loss_kernel.h"
+#include "cpu/isa.h"
 
 #ifdef PYKD_WITH_CUDA
-#include <string>
-
-namespace pykd::cuda {
-// csrc/cuda/distill_loss.cu: the launch plan for rows of `classes` columns (tests, debugging).
-std::string launch_plan(int64_t classes, const std::string& dtype, int64_t device, bool aligned);
-}  // namespace pykd::cuda
+#include "cuda/distill_loss.h"
 #endif
 
 TORCH_LIBRARY(pykd, m) {

@@ -9,8 +9,6 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
 #include <atomic>
@@ -18,70 +16,10 @@
 #include <type_traits>
 #include <vector>
 
-namespace pykd {
-inline namespace PYKD_ISA_NAMESPACE {
-// Lane-group math for the shared formulas: exp_u20 is ATen's fast float exp (about 1e-6 relative
-// error, a third of Sleef's cost); it is plain exp for double.
-template <typename A>
-struct VMath<at::vec::Vectorized<A>> {
-  using Vec = at::vec::Vectorized<A>;
-  static Vec exp(Vec x) { return x.exp_u20(); }
-  static Vec log(Vec x) { return x.log(); }
-  static Vec keep(Vec c, Vec v) { return Vec::blendv(Vec(A(0)), v, c > Vec(A(0))); }
-};
-}  // namespace PYKD_ISA_NAMESPACE
-}  // namespace pykd
+#include "cpu/row_kernel.h"
 
 namespace pykd::cpu::CPU_CAPABILITY {
 namespace {
-
-using at::vec::Vectorized;
-
-// Columns per chunk: two float inputs and two gradients of this size fit a 48 KB L1.
-constexpr int64_t kChunk = 2048;
-
-template <typename S, typename A>
-const A* widen(const S* src, int64_t n, A* buf) {
-  if constexpr (std::is_same_v<S, A>) {
-    return src;
-  } else {
-    at::vec::convert(src, buf, n);
-    return buf;
-  }
-}
-
-template <typename A>
-A lane_sum(Vectorized<A> v) {
-  return at::vec::vec_reduce_all<A>([](Vectorized<A> x, Vectorized<A> y) { return x + y; }, v);
-}
-
-// Max (or with kAbs, max |x|) of a chunk, NaN kept: the row's non-finite check reads it, and no
-// kernel may rely on its exp to carry a NaN along (ATen's fast exp does not on every ISA). Four
-// independent accumulators keep the max units busy (one running max is a latency-bound chain).
-template <bool kAbs = false, typename A>
-A chunk_max(const A* x, int64_t n) {
-  using Vec = Vectorized<A>;
-  constexpr int64_t W = Vec::size();
-  A m = kAbs ? A(0) : -std::numeric_limits<A>::infinity();
-  auto load = [&](int64_t j) {
-    const Vec v = Vec::loadu(x + j);
-    return kAbs ? v.abs() : v;
-  };
-  int64_t j = 0;
-  if (n >= 4 * W) {
-    Vec m0(m), m1(m), m2(m), m3(m);
-    for (; j + 4 * W <= n; j += 4 * W) {
-      m0 = at::vec::maximum(load(j), m0);
-      m1 = at::vec::maximum(load(j + W), m1);
-      m2 = at::vec::maximum(load(j + 2 * W), m2);
-      m3 = at::vec::maximum(load(j + 3 * W), m3);
-    }
-    const Vec mv = at::vec::maximum(at::vec::maximum(m0, m1), at::vec::maximum(m2, m3));
-    m = at::vec::vec_reduce_all<A>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, mv);
-  }
-  for (; j < n; ++j) m = nan_max(m, kAbs ? std::abs(x[j]) : x[j]);
-  return m;
-}
 
 // The first sweep's exps of one row, kept (L2-resident: 3 x V floats per thread) so the later
 // sweeps turn them into probabilities with one multiply instead of an exp. `shift` holds, per
@@ -363,155 +301,6 @@ void run_typed(const KernelArgs& a) {
   }
 }
 
-// ---- distill_loss_topk ---------------------------------------------------------------------
-
-template <typename S, typename A, Divergence D, bool kHard>
-void run_topk_rows(const TopkKernelArgs& a, int64_t begin, int64_t end) {
-  alignas(64) A buf[2 * kChunk];
-  A* const s_buf = buf;
-  A* const g_buf = buf + kChunk;
-  constexpr bool kInPlace = std::is_same_v<S, A>;
-  const Options<A> o{D, A(a.temperature), A(1.0 / a.temperature), A(a.alpha), A(a.beta), kHard};
-  const int64_t V = a.classes, K = a.k;
-  const A norm = *static_cast<const A*>(a.norm);
-  const A* w = static_cast<const A*>(a.weight);
-  A* u = static_cast<A*>(a.row_loss);
-  std::vector<A> p(K);
-  constexpr A kInf = std::numeric_limits<A>::infinity();
-
-  for (int64_t i = begin; i < end; ++i) {
-    const S* srow = static_cast<const S*>(a.student) + i * a.student_stride;
-    S* g_row = a.grad_student ? static_cast<S*>(a.grad_student) + i * V : nullptr;
-    const int64_t* idx = a.topk_index + i * K;
-    const A* tl = static_cast<const A*>(a.topk_logit) + i * K;
-    auto fill_row = [&](A u_value, S g_value) {
-      u[i] = u_value;
-      if (g_row) std::fill_n(g_row, V, g_value);
-    };
-    auto bad = [&] {
-      std::atomic_ref<int64_t>(*a.bad_row).store(i, std::memory_order_relaxed);
-      fill_row(std::numeric_limits<A>::quiet_NaN(), S(NAN));
-    };
-    int64_t y = -1;
-    if constexpr (kHard) {
-      y = a.target[i];
-      if (y == a.ignore_index) {
-        fill_row(A(0), S(0));
-        continue;
-      }
-      if (y < 0 || y >= V) {
-        fill_row(std::numeric_limits<A>::quiet_NaN(), S(NAN));
-        continue;
-      }
-    }
-    bool indices_ok = true;
-    for (int64_t j = 0; j < K; ++j) indices_ok &= idx[j] >= 0 && idx[j] < V;
-    if (!indices_ok) {
-      bad();
-      continue;
-    }
-
-    // The student's softmax at T (and at 1 for the hard term): one streaming sweep.
-    Lse<A> ls, l1;
-    for (int64_t off = 0; off < V; off += kChunk) {
-      const int64_t n = std::min(kChunk, V - off);
-      const A* sc = widen(srow + off, n, s_buf);
-      const A m = chunk_max(sc, n);
-      advance(ls, m * o.inv_temperature);
-      if constexpr (kHard) advance(l1, m);
-      using Vec = Vectorized<A>;
-      const A sh = ls.shift(), sh1 = l1.shift();
-      Vec acc(A(0)), acc1(A(0));
-      A tail = 0, tail1 = 0;
-      int64_t j = 0;
-      for (; j + Vec::size() <= n; j += Vec::size()) {
-        const Vec x = Vec::loadu(sc + j);
-        acc = acc + VMath<Vec>::exp(x * Vec(o.inv_temperature) - Vec(sh));
-        if constexpr (kHard) acc1 = acc1 + VMath<Vec>::exp(x - Vec(sh1));
-      }
-      for (; j < n; ++j) {
-        tail += std::exp(sc[j] * o.inv_temperature - sh);
-        if constexpr (kHard) tail1 += std::exp(sc[j] - sh1);
-      }
-      ls.sum += lane_sum(acc) + tail;
-      l1.sum += lane_sum(acc1) + tail1;
-    }
-    // The teacher's softmax over its k entries at T.
-    A tmax = -kInf;
-    for (int64_t j = 0; j < K; ++j) tmax = nan_max(tmax, tl[j] * o.inv_temperature);
-    if (ls.max == -kInf || tmax == -kInf || (kHard && l1.max == -kInf)) {
-      bad();
-      continue;
-    }
-    if (bad_max(ls.max) || bad_max(tmax) || (kHard && bad_max(l1.max))) {
-      fill_row(std::numeric_limits<A>::quiet_NaN(), S(NAN));  // a NaN or +inf logit
-      continue;
-    }
-    A tsum = 0;
-    for (int64_t j = 0; j < K; ++j) tsum += std::exp(tl[j] * o.inv_temperature - tmax);
-    const A lt = std::log(tsum);
-
-    TopkConsts<A> kc{};
-    kc.ms = ls.shift();
-    kc.ls = ls.log_sum();
-    kc.m1 = l1.shift();
-    kc.l1 = l1.log_sum();
-    A acc_p = 0, acc_q = 0, q_mass = 0;
-    bool target_in_topk = false;
-    for (int64_t j = 0; j < K; ++j) {
-      const A lp = (tl[j] * o.inv_temperature - tmax) - lt;
-      p[j] = std::exp(lp);
-      topk_entry<D>(o, kc, p[j], lp, static_cast<A>(srow[idx[j]]), acc_p, acc_q, q_mass);
-      target_in_topk |= idx[j] == y;
-    }
-    const A soft = topk_finish<D>(o, acc_p, acc_q, q_mass, kc);
-    const A hard = kHard ? (kc.m1 - static_cast<A>(srow[y])) + kc.l1 : A(0);
-    u[i] = kHard ? o.alpha * soft + (A(1) - o.alpha) * hard : soft;
-    if (!g_row) continue;
-
-    grad_scales(o, row_scale(w[i], norm), kc.gs_soft, kc.gs_hard);
-    for (int64_t off = 0; off < V; off += kChunk) {
-      const int64_t n = std::min(kChunk, V - off);
-      const A* sc = widen(srow + off, n, s_buf);
-      A* g = nullptr;
-      if constexpr (kInPlace) {
-        g = g_row + off;
-      } else {
-        g = g_buf;
-      }
-      using Vec = Vectorized<A>;
-      int64_t j = 0;
-      for (; j + Vec::size() <= n; j += Vec::size()) {
-        topk_plain_grad<D, kHard>(Vec::loadu(sc + j), o, kc).store(g + j);
-      }
-      for (; j < n; ++j) g[j] = topk_plain_grad<D, kHard>(sc[j], o, kc);
-      // The top-k columns and the target are rewritten whole, so each is rounded once.
-      for (int64_t e = 0; e < K; ++e) {
-        const int64_t col = idx[e];
-        if (col >= off && col < off + n) {
-          g[col - off] = topk_special_grad<D, kHard>(sc[col - off], p[e], true, col == y, o, kc);
-        }
-      }
-      if (kHard && !target_in_topk && y >= off && y < off + n) {
-        g[y - off] = topk_special_grad<D, kHard>(sc[y - off], A(0), false, true, o, kc);
-      }
-      if constexpr (!kInPlace) at::vec::convert(g, g_row + off, n);
-    }
-  }
-}
-
-template <typename S, typename A, Divergence D>
-void run_topk_divergence(const TopkKernelArgs& a) {
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(a.classes, 1));
-  at::parallel_for(0, a.rows, grain, [&](int64_t begin, int64_t end) {
-    if (a.target) {
-      run_topk_rows<S, A, D, true>(a, begin, end);
-    } else {
-      run_topk_rows<S, A, D, false>(a, begin, end);
-    }
-  });
-}
-
 }  // namespace
 
 void distill_loss_rows(const KernelArgs& args) {
@@ -519,22 +308,6 @@ void distill_loss_rows(const KernelArgs& args) {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     run_typed<scalar_t, acc_t>(args);
   });
-}
-
-}  // namespace pykd::cpu::CPU_CAPABILITY
-
-namespace pykd::cpu::CPU_CAPABILITY {
-
-void distill_loss_topk_rows(const TopkKernelArgs& args) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, args.dtype, "distill_loss_topk_cpu", [&] {
-        using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-        if (args.divergence == Divergence::KL) {
-          run_topk_divergence<scalar_t, acc_t, Divergence::KL>(args);
-        } else {
-          run_topk_divergence<scalar_t, acc_t, Divergence::JSD>(args);
-        }
-      });
 }
 
 }  // namespace pykd::cpu::CPU_CAPABILITY

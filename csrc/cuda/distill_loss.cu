@@ -8,13 +8,13 @@
 // shared memory and writes each gradient element once, so HBM sees one read of each input and one
 // write of each gradient: the 3 N V floor. Without clusters (sm_80) or when a slice does not fit,
 // the later sweeps read the slice again and rely on it still being in L2. All the math is the
-// shared header's (csrc/include/pykd/distill_math.h); nothing here syncs with the host.
+// shared header's (csrc/include/pykd/distill_math.h), the block and cluster merges are
+// cuda/row_common.cuh's; nothing here syncs with the host.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
@@ -23,41 +23,19 @@
 #include <map>
 #include <mutex>
 #include <string>
-#include <type_traits>
 #include <utility>
 
+#include "cuda/distill_loss.h"
+#include "cuda/row_common.cuh"
 #include "distill_loss_common.h"
-#include "distill_loss_topk.h"
-#include "fused_linear_distill_loss.h"
 #include "pykd/distill_math.h"
 
 namespace pykd::cuda {
 namespace {
 
-namespace cg = cooperative_groups;
-
-constexpr int kMaxThreads = 512;
-constexpr int kMaxWarps = kMaxThreads / 32;
 constexpr int kMaxCluster = 8;                   // the portable cluster size
 constexpr int64_t kSliceBytes = 64 * 1024;       // student + teacher slice cached per block
 constexpr int64_t kMaxCachedBytes = 160 * 1024;  // largest slice still worth caching
-constexpr int kPackBytes = 16;                   // one vector load or store
-
-template <typename S>
-using acc_type_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
-
-// Raw shared storage: __shared__ variables cannot have constructors, RowStats has initialisers.
-template <typename T, int N = 1>
-struct SharedArray {
-  alignas(T) unsigned char bytes[N * sizeof(T)];
-  __device__ T* get() { return reinterpret_cast<T*>(bytes); }
-};
-
-template <typename S>
-struct alignas(kPackBytes) Pack {
-  static constexpr int kSize = kPackBytes / sizeof(S);
-  S v[kSize];
-};
 
 // Launch shape shared by every block of one call.
 struct Layout {
@@ -66,101 +44,6 @@ struct Layout {
   bool cached;    // the slice lives in shared memory between sweeps
   bool packed;    // rows are 16-byte aligned: 16-byte loads and stores
 };
-
-template <typename A>
-__device__ RowStats<A> shfl_xor(const RowStats<A>& v, int mask) {
-  RowStats<A> o;
-  o.t.max = __shfl_xor_sync(0xffffffffu, v.t.max, mask);
-  o.t.sum = __shfl_xor_sync(0xffffffffu, v.t.sum, mask);
-  o.s.max = __shfl_xor_sync(0xffffffffu, v.s.max, mask);
-  o.s.sum = __shfl_xor_sync(0xffffffffu, v.s.sum, mask);
-  o.s1.max = __shfl_xor_sync(0xffffffffu, v.s1.max, mask);
-  o.s1.sum = __shfl_xor_sync(0xffffffffu, v.s1.sum, mask);
-  o.cross = __shfl_xor_sync(0xffffffffu, v.cross, mask);
-  o.nss = __shfl_xor_sync(0xffffffffu, v.nss, mask);
-  o.ntt = __shfl_xor_sync(0xffffffffu, v.ntt, mask);
-  o.abs_s = __shfl_xor_sync(0xffffffffu, v.abs_s, mask);
-  o.abs_t = __shfl_xor_sync(0xffffffffu, v.abs_t, mask);
-  o.jsd_p = __shfl_xor_sync(0xffffffffu, v.jsd_p, mask);
-  o.jsd_q = __shfl_xor_sync(0xffffffffu, v.jsd_q, mask);
-  return o;
-}
-
-// Merges every thread's statistics into `out` (shared memory), in a fixed order: deterministic.
-template <Divergence D, typename A>
-__device__ void block_merge(RowStats<A> v, RowStats<A>* warp_buf, RowStats<A>* out) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int warps = (blockDim.x + 31) / 32;
-  for (int m = 16; m > 0; m >>= 1) merge_stats<D>(v, shfl_xor(v, m));
-  if (lane == 0) warp_buf[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    v = lane < warps ? warp_buf[lane] : RowStats<A>{};
-    for (int m = 16; m > 0; m >>= 1) merge_stats<D>(v, shfl_xor(v, m));
-    if (lane == 0) *out = v;
-  }
-  __syncthreads();
-}
-
-// Merges the per-block statistics of a row's cluster into `row` (every block gets the same,
-// merged in rank order). A single-block row just copies.
-template <Divergence D, typename A>
-__device__ void cluster_merge(RowStats<A>* block, RowStats<A>* row, int cluster) {
-  if (cluster == 1) {
-    if (threadIdx.x == 0) *row = *block;
-    __syncthreads();
-    return;
-  }
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  cg::cluster_group cl = cg::this_cluster();
-  cl.sync();
-  if (threadIdx.x == 0) {
-    RowStats<A> total = *cl.map_shared_rank(block, 0);
-    for (int r = 1; r < cluster; ++r) merge_stats<D>(total, *cl.map_shared_rank(block, r));
-    *row = total;
-  }
-  cl.sync();  // no block leaves (or reuses `block`) while another still reads it
-#else
-  __trap();  // clusters are only launched on sm_90 and newer
-#endif
-}
-
-// Calls f(g, column, s, t, count) for each group of this block's slice, reading sp/tp (shared or
-// global memory): a 16-byte pack (count = pack size, g = pack index) when packed, else a single
-// column (count = 1, g = column index). s and t are in the accumulation type. With cache_s and
-// cache_t, the raw values are also copied there (the first sweep filling shared memory).
-template <typename S, typename A, typename F>
-__device__ void for_each_group(const S* sp, const S* tp, int64_t first, int64_t n, bool packed,
-                               S* cache_s, S* cache_t, F&& f) {
-  // tp == nullptr: a student-only sweep (the top-k op); f then sees the student values as t too.
-  if (packed) {
-    constexpr int P = Pack<S>::kSize;
-    for (int64_t g = threadIdx.x; g * P < n; g += blockDim.x) {
-      const Pack<S> ps = reinterpret_cast<const Pack<S>*>(sp)[g];
-      const Pack<S> pt = tp ? reinterpret_cast<const Pack<S>*>(tp)[g] : ps;
-      if (cache_s) {
-        reinterpret_cast<Pack<S>*>(cache_s)[g] = ps;
-        reinterpret_cast<Pack<S>*>(cache_t)[g] = pt;
-      }
-      A s[P], t[P];
-#pragma unroll
-      for (int e = 0; e < P; ++e) {
-        s[e] = static_cast<A>(ps.v[e]);
-        t[e] = static_cast<A>(pt.v[e]);
-      }
-      f(g, first + g * P, s, t, P);
-    }
-  } else {
-    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
-      if (cache_s) {
-        cache_s[j] = sp[j];
-        cache_t[j] = tp[j];
-      }
-      const A s = static_cast<A>(sp[j]), t = tp ? static_cast<A>(tp[j]) : s;
-      f(j, first + j, &s, &t, 1);
-    }
-  }
-}
 
 template <typename S, Divergence D, bool kHard>
 __global__ void __launch_bounds__(kMaxThreads)
@@ -282,8 +165,6 @@ __global__ void __launch_bounds__(kMaxThreads)
                        });
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % kPackBytes == 0; }
-
 // Every row of the call starts on a 16-byte boundary and spans whole 16-byte packs.
 bool rows_packed(const RowKernelArgs& a, int64_t elem_bytes) {
   return aligned16(a.student) && aligned16(a.teacher) &&
@@ -403,10 +284,14 @@ void launch_divergence(const RowKernelArgs& a) {
   }
 }
 
-void launch_rows(const RowKernelArgs& a) {
+}  // namespace
+
+void launch_distill_loss_rows(const RowKernelArgs& a) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "distill_loss_cuda",
                                   [&] { launch_divergence<scalar_t>(a); });
 }
+
+namespace {
 
 // student, teacher: (*, V); weight: (*) or None; target: (*) int64 or None. See the CPU version.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_loss_fused_cuda(
@@ -416,195 +301,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_loss_fused_cu
     std::array<bool, 3> grad_mask) {
   const c10::cuda::CUDAGuard guard(student.device());
   return distill_loss_fused_impl(student, teacher, weight, target, divergence, temperature, alpha,
-                                 beta, ignore_index, reduction, grad_mask, &launch_rows,
+                                 beta, ignore_index, reduction, grad_mask,
+                                 &launch_distill_loss_rows,
                                  /*value_checks=*/debug_checks_enabled());
-}
-
-// The fused linear op on CUDA: cuBLAS matmuls (through ATen) around the same row kernel.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-fused_linear_distill_loss_cuda(const at::Tensor& hs, const at::Tensor& ws,
-                               const std::optional<at::Tensor>& bs, const at::Tensor& ht,
-                               const at::Tensor& wt, const std::optional<at::Tensor>& bt,
-                               const std::optional<at::Tensor>& weight,
-                               const std::optional<at::Tensor>& target, c10::string_view divergence,
-                               double temperature, double alpha, double beta, int64_t ignore_index,
-                               c10::string_view reduction, int64_t chunk_size,
-                               std::array<bool, 4> grad_mask) {
-  const c10::cuda::CUDAGuard guard(hs.device());
-  return fused_linear_distill_loss_impl(hs, ws, bs, ht, wt, bt, weight, target, divergence,
-                                        temperature, alpha, beta, ignore_index, reduction,
-                                        chunk_size, grad_mask, &launch_rows,
-                                        /*value_checks=*/debug_checks_enabled());
-}
-
-// ---- distill_loss_topk: one block per row; the row is read twice (its second read from L2) ----
-
-template <typename S, Divergence D, bool kHard>
-__global__ void __launch_bounds__(kMaxThreads)
-    distill_loss_topk_kernel(const TopkKernelArgs a, const bool packed) {
-  using A = acc_type_t<S>;
-  __shared__ SharedArray<RowStats<A>, kMaxWarps> warp_slots;
-  __shared__ SharedArray<RowStats<A>> row_slot;
-  __shared__ SharedArray<TopkConsts<A>> consts_slot;
-  __shared__ A teacher_max, teacher_log_sum;
-  __shared__ bool target_in_topk, row_is_bad;
-  RowStats<A>* const row_stats = row_slot.get();
-  TopkConsts<A>* const kc_shared = consts_slot.get();
-
-  const int64_t row = blockIdx.x, V = a.classes, K = a.k;
-  const S* srow = static_cast<const S*>(a.student) + row * a.student_stride;
-  S* g_row = a.grad_student ? static_cast<S*>(a.grad_student) + row * V : nullptr;
-  const int64_t* idx = a.topk_index + row * K;
-  const A* tl = static_cast<const A*>(a.topk_logit) + row * K;
-  A* u = static_cast<A*>(a.row_loss);
-  const Options<A> o{D, A(a.temperature), A(1.0 / a.temperature), A(a.alpha), A(a.beta), kHard};
-  auto fill_row = [&](A u_value, float g_value) {
-    for (int64_t j = threadIdx.x; g_row && j < V; j += blockDim.x)
-      g_row[j] = static_cast<S>(g_value);
-    if (threadIdx.x == 0) u[row] = u_value;
-  };
-  int64_t y = -1;
-  if constexpr (kHard) {
-    y = a.target[row];
-    if (y == a.ignore_index) return fill_row(A(0), 0.f);
-    if (y < 0 || y >= V) return fill_row(A(NAN), NAN);
-  }
-
-  // The student's streaming log-sum-exp at T (stream s) and at 1 (stream s1).
-  RowStats<A> st;
-  for_each_group<S, A>(srow, nullptr, 0, V, packed, nullptr, nullptr,
-                       [&](int64_t, int64_t, const A* s, const A*, int cnt) {
-                         A m = s[0];
-                         for (int e = 1; e < cnt; ++e) m = nan_max(m, s[e]);
-                         advance(st.s, m * o.inv_temperature);
-                         if (kHard) advance(st.s1, m);
-                         for (int e = 0; e < cnt; ++e) {
-                           st.s.sum += ::exp(s[e] * o.inv_temperature - st.s.shift());
-                           if (kHard) st.s1.sum += ::exp(s[e] - st.s1.shift());
-                         }
-                       });
-  block_merge<Divergence::JSD>(st, warp_slots.get(), row_stats);
-
-  // The k entries: one thread, k scalar steps (the rows' columns dominate the work).
-  if (threadIdx.x == 0) {
-    const RowStats<A> rs = *row_stats;
-    TopkConsts<A> kc{};
-    kc.ms = rs.s.shift();
-    kc.ls = rs.s.log_sum();
-    kc.m1 = rs.s1.shift();
-    kc.l1 = rs.s1.log_sum();
-    A tmax = -INFINITY;
-    bool bad = rs.s.max == -INFINITY || (kHard && rs.s1.max == -INFINITY);
-    for (int64_t j = 0; j < K; ++j) {
-      bad |= idx[j] < 0 || idx[j] >= V;  // never read out of bounds
-      tmax = nan_max(tmax, tl[j] * o.inv_temperature);
-    }
-    bad |= tmax == -INFINITY;
-    // A NaN or +inf logit gives a NaN row, as on the CPU, without reporting a bad row.
-    const bool nonfinite = bad_max(rs.s.max) || bad_max(tmax) || (kHard && bad_max(rs.s1.max));
-    A lt = 0, acc_p = 0, acc_q = 0, q_mass = 0;
-    bool in_topk = false;
-    if (!bad && nonfinite) {
-      bad = true;
-    } else if (!bad) {
-      A tsum = 0;
-      for (int64_t j = 0; j < K; ++j) tsum += ::exp(tl[j] * o.inv_temperature - tmax);
-      lt = ::log(tsum);
-      for (int64_t j = 0; j < K; ++j) {
-        const A lp = (tl[j] * o.inv_temperature - tmax) - lt;
-        topk_entry<D>(o, kc, ::exp(lp), lp, static_cast<A>(srow[idx[j]]), acc_p, acc_q, q_mass);
-        in_topk |= idx[j] == y;
-      }
-      const A soft = topk_finish<D>(o, acc_p, acc_q, q_mass, kc);
-      const A hard = kHard ? (kc.m1 - static_cast<A>(srow[y])) + kc.l1 : A(0);
-      u[row] = kHard ? o.alpha * soft + (A(1) - o.alpha) * hard : soft;
-      grad_scales(o,
-                  row_scale(static_cast<const A*>(a.weight)[row], *static_cast<const A*>(a.norm)),
-                  kc.gs_soft, kc.gs_hard);
-    } else {
-      *a.bad_row = row;
-    }
-    *kc_shared = kc;
-    teacher_max = tmax;
-    teacher_log_sum = lt;
-    target_in_topk = in_topk;
-    row_is_bad = bad;
-  }
-  __syncthreads();
-  if (row_is_bad) return fill_row(A(NAN), NAN);
-  if (!g_row) return;
-
-  // Every column's plain gradient, then the k columns and the target rewritten whole (after a
-  // barrier, so the later store wins): each element is rounded once.
-  const TopkConsts<A> kc = *kc_shared;
-  for_each_group<S, A>(srow, nullptr, 0, V, packed, nullptr, nullptr,
-                       [&](int64_t g, int64_t col, const A* s, const A*, int cnt) {
-                         constexpr int P = Pack<S>::kSize;
-                         if (cnt == 1) {
-                           g_row[col] = static_cast<S>(topk_plain_grad<D, kHard>(s[0], o, kc));
-                           return;
-                         }
-                         Pack<S> out;
-#pragma unroll
-                         for (int e = 0; e < P; ++e)
-                           out.v[e] = static_cast<S>(topk_plain_grad<D, kHard>(s[e], o, kc));
-                         reinterpret_cast<Pack<S>*>(g_row)[g] = out;
-                       });
-  __syncthreads();
-  for (int64_t j = threadIdx.x; j < K; j += blockDim.x) {
-    const int64_t col = idx[j];
-    const A p = ::exp((tl[j] * o.inv_temperature - teacher_max) - teacher_log_sum);
-    g_row[col] = static_cast<S>(
-        topk_special_grad<D, kHard>(static_cast<A>(srow[col]), p, true, col == y, o, kc));
-  }
-  if (kHard && threadIdx.x == 0 && !target_in_topk) {
-    g_row[y] = static_cast<S>(
-        topk_special_grad<D, kHard>(static_cast<A>(srow[y]), A(0), false, true, o, kc));
-  }
-}
-
-void launch_topk_rows(const TopkKernelArgs& a) {
-  TORCH_CHECK(a.rows < (int64_t(1) << 31), "distill_loss_topk: " + std::to_string(a.rows) +
-                                               " rows exceed one CUDA launch; split the batch");
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "distill_loss_topk_cuda", [&] {
-    using S = scalar_t;
-    const int64_t elem = sizeof(S);
-    const bool packed = aligned16(a.student) && (a.student_stride * elem) % kPackBytes == 0 &&
-                        (a.classes * elem) % kPackBytes == 0 &&
-                        (!a.grad_student || aligned16(a.grad_student));
-    const int64_t work = packed ? a.classes * elem / kPackBytes : a.classes;
-    const int threads =
-        static_cast<int>(std::clamp<int64_t>((work + 31) / 32 * 32, 32, kMaxThreads));
-    auto stream = c10::cuda::getCurrentCUDAStream();
-    const bool hard = a.target != nullptr;
-    const dim3 grid(static_cast<unsigned>(a.rows));
-    if (a.divergence == Divergence::KL) {
-      if (hard) {
-        distill_loss_topk_kernel<S, Divergence::KL, true><<<grid, threads, 0, stream>>>(a, packed);
-      } else {
-        distill_loss_topk_kernel<S, Divergence::KL, false><<<grid, threads, 0, stream>>>(a, packed);
-      }
-    } else {
-      if (hard) {
-        distill_loss_topk_kernel<S, Divergence::JSD, true><<<grid, threads, 0, stream>>>(a, packed);
-      } else {
-        distill_loss_topk_kernel<S, Divergence::JSD, false>
-            <<<grid, threads, 0, stream>>>(a, packed);
-      }
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_loss_topk_cuda(
-    const at::Tensor& student, const at::Tensor& index, const at::Tensor& logit,
-    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& target,
-    c10::string_view divergence, double temperature, double alpha, double beta,
-    int64_t ignore_index, c10::string_view reduction, std::array<bool, 2> grad_mask) {
-  const c10::cuda::CUDAGuard guard(student.device());
-  return distill_loss_topk_impl(student, index, logit, weight, target, divergence, temperature,
-                                alpha, beta, ignore_index, reduction, grad_mask, &launch_topk_rows,
-                                /*value_checks=*/debug_checks_enabled());
 }
 
 // grad (rows, classes) *= scale: one scalar (a thread returns at once when it is exactly 1, so the
@@ -680,8 +379,6 @@ std::string launch_plan(int64_t classes, const std::string& dtype, int64_t devic
 TORCH_LIBRARY_IMPL(pykd, CUDA, m) {
   m.impl("_distill_loss_fused", &distill_loss_fused_cuda);
   m.impl("_scale_grad_", &scale_grad_cuda);
-  m.impl("_fused_linear_distill_loss", &fused_linear_distill_loss_cuda);
-  m.impl("_distill_loss_topk_fused", &distill_loss_topk_cuda);
 }
 
 }  // namespace pykd::cuda
