@@ -49,9 +49,9 @@ void stats_chunk(const A* s, const A* t, int64_t n, const Options<A>& o, RowStat
   ChunkMax<A> m{kNoMax, kNoMax, A(0), A(0)};
   if (kSoftmax || kHard) m.s = chunk_max(s, n);
   if (kSoftmax) m.t = chunk_max(t, n);
-  if (!kSoftmax) {
-    m.abs_s = chunk_max<true>(s, n);
-    m.abs_t = chunk_max<true>(t, n);
+  if (D == Divergence::Cosine) {  // its scales; mse needs no maximum (see run_rows)
+    m.abs_s = chunk_max<true, false>(s, n);
+    m.abs_t = chunk_max<true, false>(t, n);
   }
   move_maxima<D, kHard>(o, m, st);
   const Shifts<A> sh = chunk_shifts<D>(st);
@@ -218,6 +218,14 @@ void run_rows(const KernelArgs& a, int64_t begin, int64_t end) {
       const int64_t n = std::min(kChunk, V - off);
       stats_chunk<D, kHard>(widen(srow + off, n, s_buf), widen(trow + off, n, t_buf), n, o, st,
                             keep, off);
+    }
+    if constexpr (D == Divergence::MSE) {
+      // mse takes no maxima: a finite sum of squares means finite features, and only a row whose
+      // sum is not finite is read again, to tell a NaN or infinite feature (a NaN row) from an
+      // overflow (an infinite loss).
+      if (!(st.cross - st.cross == A(0)) && (any_nonfinite(srow, V) || any_nonfinite(trow, V))) {
+        st.abs_s = std::numeric_limits<A>::infinity();
+      }
     }
     if (row_has_empty_softmax(o, st)) {  // a value error (all -inf); a NaN max is not -inf
       std::atomic_ref<int64_t>(*a.bad_row).store(i, std::memory_order_relaxed);

@@ -57,29 +57,65 @@ A lane_sum(Vectorized<A> v) {
 // Max (or with kAbs, max |x|) of a chunk, NaN kept: the row's non-finite check reads it, and no
 // kernel may rely on its exp to carry a NaN along (ATen's fast exp does not on every ISA). Four
 // independent accumulators keep the max units busy (one running max is a latency-bound chain).
-template <bool kAbs = false, typename A>
+// The max itself is the one-instruction kind, which may drop a NaN (at::vec::maximum keeps it
+// but costs four, measured +12..30% on whole calls); instead the bits of x * 0 are OR-ed
+// alongside, which turn NaN for any NaN or infinite x, and only a chunk flagged that way is
+// scanned again for NaN (a chunk with masked -inf entries pays that L1-resident pass).
+// Without kFlag no NaN is looked for (cosine: a NaN shows in its scaled sums instead).
+template <bool kAbs = false, bool kFlag = true, typename A>
 A chunk_max(const A* x, int64_t n) {
   using Vec = Vectorized<A>;
   constexpr int64_t W = Vec::size();
   A m = kAbs ? A(0) : -std::numeric_limits<A>::infinity();
+  A flag = 0;
   auto load = [&](int64_t j) {
     const Vec v = Vec::loadu(x + j);
     return kAbs ? v.abs() : v;
   };
   int64_t j = 0;
   if (n >= 4 * W) {
-    Vec m0(m), m1(m), m2(m), m3(m);
+    const Vec zero(A(0));
+    Vec m0(m), m1(m), m2(m), m3(m), f0(zero), f1(zero);
     for (; j + 4 * W <= n; j += 4 * W) {
-      m0 = at::vec::maximum(load(j), m0);
-      m1 = at::vec::maximum(load(j + W), m1);
-      m2 = at::vec::maximum(load(j + 2 * W), m2);
-      m3 = at::vec::maximum(load(j + 3 * W), m3);
+      const Vec a = load(j), b = load(j + W), c = load(j + 2 * W), d = load(j + 3 * W);
+      m0 = at::vec::clamp_min(a, m0);
+      m1 = at::vec::clamp_min(b, m1);
+      m2 = at::vec::clamp_min(c, m2);
+      m3 = at::vec::clamp_min(d, m3);
+      // x * 0 is a signed zero unless x is NaN or infinite; OR-ing the bits keeps a NaN
+      // pattern once one appears, with a one-cycle loop-carried dependency (an add or a fused
+      // multiply-add chain here made mse's first sweep latency-bound: +12 ms at 2048 x 32000).
+      if constexpr (kFlag) {
+        f0 = f0 | ((a * zero) | (b * zero));
+        f1 = f1 | ((c * zero) | (d * zero));
+      }
     }
-    const Vec mv = at::vec::maximum(at::vec::maximum(m0, m1), at::vec::maximum(m2, m3));
-    m = at::vec::vec_reduce_all<A>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, mv);
+    const Vec mv = at::vec::clamp_min(at::vec::clamp_min(m0, m1), at::vec::clamp_min(m2, m3));
+    m = at::vec::vec_reduce_all<A>([](Vec a, Vec b) { return at::vec::clamp_min(a, b); }, mv);
+    flag = lane_sum(f0 | f1);
   }
-  for (; j < n; ++j) m = nan_max(m, kAbs ? std::abs(x[j]) : x[j]);
+  for (; j < n; ++j) {
+    const A v = kAbs ? std::abs(x[j]) : x[j];
+    m = std::max(m, v);
+    if constexpr (kFlag) flag += v * A(0);
+  }
+  if (kFlag && flag != flag) {  // a NaN or an infinity somewhere: a NaN makes the max NaN
+    for (int64_t i = 0; i < n; ++i) {
+      if (x[i] != x[i]) return std::numeric_limits<A>::quiet_NaN();
+    }
+  }
   return m;
+}
+
+// Whether a row holds a NaN or an infinity: the slow path of a row whose sums came out
+// non-finite, to tell a bad input from an overflow.
+template <typename S>
+bool any_nonfinite(const S* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const double v = static_cast<double>(x[i]);
+    if (!(v - v == 0.0)) return true;
+  }
+  return false;
 }
 
 }  // namespace pykd::cpu::CPU_CAPABILITY

@@ -156,7 +156,8 @@ struct RowStats {
       T(0);      // kl: sum e_t (t'-s'); reverse_kl: sum e_s (s'-t'); mse: sum (t-s)^2; cosine: s.t
   T nss = T(0);  // cosine: |s|^2
   T ntt = T(0);  // cosine: |t|^2
-  // mse, cosine: running max |s| and |t| (NaN kept), the non-finite check and cosine's scales;
+  // mse, cosine: running max |s| and |t|, the non-finite check and cosine's scales (the GPU
+  // keeps a NaN in them; the CPU takes no maximum for mse and flags its non-finite rows itself);
   // cosine's cross, nss and ntt are kept on s * 2^-scale_exp(abs_s) and t * 2^-scale_exp(abs_t).
   T abs_s = T(0), abs_t = T(0);
   T jsd_p = T(0);  // jsd (second sweep): sum p (log p - log m)
@@ -227,6 +228,11 @@ template <typename T>
 PYKD_HD bool row_is_nonfinite(const Options<T>& o, const RowStats<T>& st) {
   if (uses_softmax(o.div) && (bad_max(st.t.max) || bad_max(st.s.max))) return true;
   if (!uses_softmax(o.div) && (bad_max(st.abs_s) || bad_max(st.abs_t))) return true;
+  // cosine's sums are of values scaled to at most 1, so they are finite unless a feature is not
+  // (the CPU takes its scales with a maximum that may drop a NaN).
+  if (o.div == Divergence::Cosine && !(st.nss - st.nss == T(0) && st.ntt - st.ntt == T(0))) {
+    return true;
+  }
   return o.hard && bad_max(st.s1.max);
 }
 
@@ -484,10 +490,13 @@ PYKD_HD void grad_lanes(V s, V t, const Probs<V>& pr, const Options<T>& o, const
       gs = V(k.gs_soft * (T(1) - o.beta)) * M::keep(q, q * ((lq - lm) - V(k.jsd_q)));
       gt = V(k.gt_soft * o.beta) * M::keep(p, p * ((lp - lm) - V(k.centre)));
     }
-  } else {
+  } else if constexpr (D == Divergence::Cosine) {
     const V ss = s * V(k.c_s), ts = t * V(k.c_t);
     gs = V(k.gs_soft * k.c_s) * (V(k.a_s) * ss + V(k.a_t) * ts);
     gt = V(k.gt_soft * k.c_t) * (V(k.b_s) * ss + V(k.b_t) * ts);
+  } else {  // mse: no scales (c_s = c_t = 1), so no multiplies for them either
+    gs = V(k.gs_soft) * (V(k.a_s) * s + V(k.a_t) * t);
+    gt = V(k.gt_soft) * (V(k.b_s) * s + V(k.b_t) * t);
   }
   if constexpr (kHard) gs = gs + V(k.gs_hard) * pr.q1;
 }
