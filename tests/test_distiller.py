@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import signal
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -28,6 +24,7 @@ from distiller_models import (
 )
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from torchrun import run_two_processes
 
 import pykd
 from pykd import checkpoint, schedules
@@ -570,20 +567,7 @@ def test_two_processes_equal_one_on_the_same_global_batch(tmp_path):
 
     out = tmp_path / "ddp.pt"
     worker = Path(distiller_ddp_worker.__file__)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # Its own session, so that on a timeout the launcher and both workers can be killed together.
-    launcher = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(worker), str(out), "4"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        cwd=tempfile.gettempdir(), env=env, start_new_session=True,
-    )
-    try:
-        log, _ = launcher.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        os.killpg(launcher.pid, signal.SIGKILL)
-        log, _ = launcher.communicate()
-    assert launcher.returncode == 0, log[-4000:]
+    run_two_processes(str(worker), str(out), "4", cwd=tempfile.gettempdir(), timeout=180)
     two = torch.load(out, weights_only=True)
     assert two["world_size"] == 2
     saved = torch.load(f"{out}.ckpt", weights_only=True)  # by rank 0, with both ranks' RNGs

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import importlib
 import os
-import signal
 import subprocess
 import sys
 
 import pytest
 import torch
+from torchrun import run_two_processes
 
 transformers = pytest.importorskip("transformers")
 
@@ -20,12 +20,17 @@ NO_DROPOUT_BERT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
 NO_DROPOUT_GPT2 = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 
 
-def bert_classifier(hidden, layers, seed):
+def tiny_bert(model_class, num_labels, hidden, layers, seed):
     torch.manual_seed(seed)
     config = transformers.BertConfig(
         vocab_size=50, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
-        intermediate_size=2 * hidden, max_position_embeddings=16, num_labels=3, **NO_DROPOUT_BERT)
-    return transformers.BertForSequenceClassification(config)
+        intermediate_size=2 * hidden, max_position_embeddings=16, num_labels=num_labels,
+        **NO_DROPOUT_BERT)
+    return model_class(config)
+
+
+def bert_classifier(hidden, layers, seed):
+    return tiny_bert(transformers.BertForSequenceClassification, 3, hidden, layers, seed)
 
 
 def gpt2_lm(hidden, layers, seed):
@@ -184,11 +189,7 @@ def test_import_error_names_the_extra(monkeypatch):
 
 
 def bert_tokens(hidden, layers, seed):
-    torch.manual_seed(seed)
-    config = transformers.BertConfig(
-        vocab_size=50, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
-        intermediate_size=2 * hidden, max_position_embeddings=16, num_labels=5, **NO_DROPOUT_BERT)
-    return transformers.BertForTokenClassification(config)
+    return tiny_bert(transformers.BertForTokenClassification, 5, hidden, layers, seed)
 
 
 def uneven_data(kind, labelled):
@@ -252,20 +253,7 @@ def test_two_processes_equal_one_step_on_their_batches(tmp_path):
     """2 processes x 2 micro-batches of 2 uneven rows: after DDP's average of the gradients, one
     step on all 8 rows (the count is summed over the processes, the loss scaled back by 2)."""
     out = tmp_path / "grads.pt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # Its own session, so that on a timeout the launcher and both workers can be killed together.
-    launcher = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         __file__, str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(tmp_path), env=env,
-        start_new_session=True,
-    )
-    try:
-        log, _ = launcher.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(launcher.pid, signal.SIGKILL)
-        log, _ = launcher.communicate()
-    assert launcher.returncode == 0, log[-4000:]
+    run_two_processes(__file__, str(out), cwd=str(tmp_path), timeout=240)
     two = torch.load(out, weights_only=True)
     for labelled in (True, False):
         whole = step_gradient(tmp_path, "causal", labelled, 8, 1)
