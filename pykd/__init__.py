@@ -18,6 +18,7 @@ if LOAD_ERROR is None:
 from pykd import functional, schedules
 from pykd.cache import CacheError, CorruptCacheError, StaleCacheError, TeacherCache
 from pykd.callbacks import Callback
+from pykd.config import DistillationConfig, TrainingConfig
 from pykd.distiller import Distiller, HiddenMatch, NonFiniteLossError
 from pykd.functional import (
     distillation_loss,
@@ -39,6 +40,7 @@ __all__ = [
     "CacheError",
     "Callback",
     "CorruptCacheError",
+    "DistillationConfig",
     "DistillationLoss",
     "Distiller",
     "FusedLinearDistillationLoss",
@@ -49,6 +51,7 @@ __all__ = [
     "Objective",
     "StaleCacheError",
     "TeacherCache",
+    "TrainingConfig",
     "TrainingLoop",
     "adaptive_weights",
     "build_info",

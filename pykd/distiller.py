@@ -8,21 +8,17 @@ checkpoints, callbacks, metrics and DDP; the objective what one step computes. S
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from pykd.cache import TeacherCache
-from pykd.callbacks import Callback
-from pykd.checkpoint import PathLike
-from pykd.heads import HeadLike
+from pykd.config import DistillationConfig, TrainingConfig, flat_signature, sort_options
 from pykd.loop import TrainingLoop
 from pykd.objective import OptimizerLike, SchedulerLike
-from pykd.schedules import ScheduleLike
 from pykd.teacher_student import HiddenMatch, TeacherStudentObjective
-from pykd.teachers import WeightFn
 from pykd.update import NonFiniteLossError
 
 __all__ = ["Distiller", "HiddenMatch", "NonFiniteLossError", "OptimizerLike", "SchedulerLike"]
@@ -50,6 +46,11 @@ class Distiller(TrainingLoop):
     whose rows all have zero weight (every label ``ignore_index`` or zero sample weight, and no
     hidden-state rows) is not taken either: it could only apply weight decay and momentum.
     Skipped steps count no ``global_step`` and call no ``on_step_end``.
+
+    The options are keywords, as below, or two configs: ``distillation``, a
+    :class:`pykd.DistillationConfig` (``teacher_weights`` to ``teacher_dtype``), and ``training``,
+    a :class:`pykd.TrainingConfig` (``optimizer`` to ``ddp_kwargs``); keywords are laid over the
+    configs.
 
     Args:
         teacher: a teacher module, or a sequence of them for a mixture (``teacher_weights``).
@@ -137,59 +138,13 @@ class Distiller(TrainingLoop):
 
     objective: TeacherStudentObjective
 
-    def __init__(
-        self,
-        teacher: nn.Module | Sequence[nn.Module] | TeacherCache,
-        student: nn.Module,
-        *,
-        teacher_weights: Sequence[float] | None = None,
-        divergence: str = "kl",
-        temperature: ScheduleLike = 1.0,
-        alpha: ScheduleLike = 1.0,
-        beta: float = 0.5,
-        ignore_index: int = -100,
-        causal_lm: bool = False,
-        sample_weighting: str | WeightFn | None = None,
-        incorrect_weight: float = 0.1,
-        hidden: HiddenMatch | None = None,
-        fused_lm_head: bool = False,
-        student_head: HeadLike = "lm_head",
-        teacher_head: HeadLike = "lm_head",
-        lm_head_chunk_size: int = 1024,
-        optimizer: OptimizerLike | None = None,
-        lr: float = 1e-4,
-        scheduler: SchedulerLike | None = None,
-        accumulation_steps: int = 1,
-        max_grad_norm: float | None = None,
-        precision: str = "fp32",
-        device: torch.device | str | None = None,
-        teacher_device: torch.device | str | None = None,
-        teacher_dtype: torch.dtype | None = None,
-        seed: int = 0,
-        checkpoint_path: PathLike | None = None,
-        checkpoint_every: int | None = None,
-        metrics_path: PathLike | None = None,
-        log_every: int = 50,
-        progress: bool = True,
-        callbacks: Sequence[Callback] = (),
-        ddp_kwargs: Mapping[str, Any] | None = None,
-    ) -> None:
-        objective = TeacherStudentObjective(
-            teacher, student, teacher_weights=teacher_weights, divergence=divergence,
-            temperature=temperature, alpha=alpha, beta=beta, ignore_index=ignore_index,
-            causal_lm=causal_lm, sample_weighting=sample_weighting,
-            incorrect_weight=incorrect_weight, hidden=hidden, fused_lm_head=fused_lm_head,
-            student_head=student_head, teacher_head=teacher_head,
-            lm_head_chunk_size=lm_head_chunk_size, device=device,
-            teacher_device=teacher_device, teacher_dtype=teacher_dtype,
-        )
-        super().__init__(
-            objective, optimizer=optimizer, lr=lr, scheduler=scheduler,
-            accumulation_steps=accumulation_steps, max_grad_norm=max_grad_norm,
-            precision=precision, seed=seed, checkpoint_path=checkpoint_path,
-            checkpoint_every=checkpoint_every, metrics_path=metrics_path, log_every=log_every,
-            progress=progress, callbacks=callbacks, ddp_kwargs=ddp_kwargs,
-        )
+    def __init__(self, teacher: nn.Module | Sequence[nn.Module] | TeacherCache,
+                 student: nn.Module, *, distillation: DistillationConfig | None = None,
+                 training: TrainingConfig | None = None, **options: Any) -> None:
+        objective_options, loop_options = sort_options(
+            "Distiller", options, DistillationConfig, TrainingConfig)
+        objective = TeacherStudentObjective(teacher, student, distillation, **objective_options)
+        super().__init__(objective, training, **loop_options)
 
     # The objective's pieces, where users of the Distiller have always found them.
 
@@ -227,3 +182,7 @@ class Distiller(TrainingLoop):
     def scheduler(self) -> torch.optim.lr_scheduler.LRScheduler | None:
         """The LR scheduler, stepped after every optimizer step, or None."""
         return self.schedulers[0]
+
+
+Distiller.__init__.__signature__ = flat_signature(  # type: ignore[attr-defined]
+    Distiller.__init__, DistillationConfig, TrainingConfig)

@@ -14,7 +14,7 @@ import json
 import numbers
 import time
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -24,30 +24,15 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from pykd._batches import epoch_batches
-from pykd.callbacks import Callback
 from pykd.checkpoint import PathLike, load_checked, rng_state, save_atomic, set_rng_state
-from pykd.objective import Objective, OptimizerLike, SchedulerLike
+from pykd.config import PRECISIONS, TrainingConfig, configure
+from pykd.objective import Objective
 from pykd.update import NonFiniteLossError, Updater
 
-_PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _CHECKPOINT_KEYS = ("format", "optimizer", "scheduler", "scaler", "global_step", "epoch",
                     "batch_in_epoch", "rng", "world_size")
 
 __all__ = ["NonFiniteLossError", "TrainingLoop"]
-
-
-def _check_options(accumulation_steps: int, max_grad_norm: float | None, precision: str,
-                   metrics_path: PathLike | None, log_every: int) -> None:
-    if accumulation_steps < 1:
-        raise ValueError(f"accumulation_steps must be >= 1, got {accumulation_steps!r}")
-    # A negative norm would flip the sign of the update, 0 would zero it (NaN: both).
-    if max_grad_norm is not None and not (isinstance(max_grad_norm, numbers.Real)
-                                          and max_grad_norm > 0):
-        raise ValueError(f"max_grad_norm must be a number > 0 or None, got {max_grad_norm!r}")
-    if precision not in _PRECISIONS:
-        raise ValueError(f"precision must be one of {tuple(_PRECISIONS)}, got {precision!r}")
-    if metrics_path is not None and log_every < 1:
-        raise ValueError("metrics_path needs log_every >= 1")
 
 
 def _all_rng_states(world_size: int) -> list[Any]:
@@ -97,51 +82,28 @@ class TrainingLoop:
 
     Args:
         objective: what each step computes.
-        optimizer, lr, scheduler: passed to the objective's
-            :meth:`~pykd.objective.Objective.make_optimizers`.
-        accumulation_steps: micro-batches per optimizer step.
-        max_grad_norm: clip the gradient norm of each optimizer's parameters to this (> 0).
-        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast; fp16 adds a ``GradScaler``).
-        seed: seeds the shuffling of the training data, together with the epoch.
-        checkpoint_path, checkpoint_every: save at every epoch end, and every this many steps.
-        metrics_path, log_every: append JSON lines of metrics every ``log_every`` steps.
-        progress: show tqdm progress bars.
-        callbacks: :class:`pykd.Callback` instances.
-        ddp_kwargs: keyword arguments for ``DistributedDataParallel`` (under torchrun).
+        config: the loop's options, a :class:`pykd.TrainingConfig` (``accumulation_steps``,
+            ``max_grad_norm``, ``precision``, ``seed``, checkpoints, metrics, ``progress``,
+            ``callbacks``, ``ddp_kwargs``, and the ``optimizer``, ``lr`` and ``scheduler``
+            passed to the objective's :meth:`~pykd.objective.Objective.make_optimizers`).
+        **options: any of those options, laid over ``config``.
 
     Attributes:
-        objective, optimizers, schedulers, scaler, callbacks: the pieces above.
+        config, objective, optimizers, schedulers, scaler, callbacks: the pieces above.
         global_step, epoch, batch_in_epoch: steps taken, the epoch in progress and the batches
             of it already consumed.
         rank, world_size, device: this process's place and the objective's device.
     """
 
-    def __init__(
-        self,
-        objective: Objective,
-        *,
-        optimizer: OptimizerLike | Any | None = None,
-        lr: float | Any = 1e-4,
-        scheduler: SchedulerLike | Any | None = None,
-        accumulation_steps: int = 1,
-        max_grad_norm: float | None = None,
-        precision: str = "fp32",
-        seed: int = 0,
-        checkpoint_path: PathLike | None = None,
-        checkpoint_every: int | None = None,
-        metrics_path: PathLike | None = None,
-        log_every: int = 50,
-        progress: bool = True,
-        callbacks: Sequence[Callback] = (),
-        ddp_kwargs: Mapping[str, Any] | None = None,
-    ) -> None:
-        _check_options(accumulation_steps, max_grad_norm, precision, metrics_path, log_every)
+    def __init__(self, objective: Objective, config: TrainingConfig | None = None,
+                 **options: Any) -> None:
+        self.config = config = configure(TrainingConfig, config, options)
         self.objective = objective
-        self.accumulation_steps, self.max_grad_norm = int(accumulation_steps), max_grad_norm
-        self.seed, self.log_every, self.progress = int(seed), int(log_every), progress
-        self.checkpoint_path, self.checkpoint_every = checkpoint_path, checkpoint_every
-        self.metrics_path = None if metrics_path is None else Path(metrics_path)
-        self.callbacks = list(callbacks)
+        for name in ("accumulation_steps", "max_grad_norm", "seed", "log_every", "progress",
+                     "checkpoint_path", "checkpoint_every"):
+            setattr(self, name, getattr(config, name))  # where users have always read them
+        self.metrics_path = None if config.metrics_path is None else Path(config.metrics_path)
+        self.callbacks = list(config.callbacks)
 
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.distributed else 0
@@ -151,11 +113,14 @@ class TrainingLoop:
         if self.world_size > 1:
             device_ids = [self.device] if self.device.type == "cuda" else None
             self._model = DistributedDataParallel(objective.module, device_ids=device_ids,
-                                                  **dict(ddp_kwargs or {}))
-        self.optimizers, self.schedulers = objective.make_optimizers(optimizer, lr, scheduler)
-        self._amp_dtype = _PRECISIONS[precision]
-        self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
-        self._updater = Updater(self.optimizers, self.schedulers, self.scaler, max_grad_norm)
+                                                  **dict(config.ddp_kwargs or {}))
+        self.optimizers, self.schedulers = objective.make_optimizers(
+            config.optimizer, config.lr, config.scheduler)
+        self._amp_dtype = PRECISIONS[config.precision]
+        self.scaler = (torch.amp.GradScaler(self.device.type) if config.precision == "fp16"
+                       else None)
+        self._updater = Updater(self.optimizers, self.schedulers, self.scaler,
+                                config.max_grad_norm)
 
         self._log = _MetricsLog(self.metrics_path if self.rank == 0 else None)
         self.global_step = 0

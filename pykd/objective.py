@@ -102,9 +102,15 @@ class Objective:
     def make_optimizers(self, optimizer: OptimizerLike | None, lr: float,
                         scheduler: SchedulerLike | None) -> Optimizers:
         """The optimizers and their schedulers (None where there is none), stepped together:
-        by default one ``AdamW(lr=lr)`` (or ``optimizer``) over :attr:`module`."""
-        built = make_optimizer(optimizer, self.module, lr)
+        by default one ``AdamW(lr=lr)`` (or ``optimizer``, with the parameters of
+        :meth:`added_parameters` it lacks added as a group) over :attr:`module`."""
+        built = make_optimizer(optimizer, self.module, lr, extra=self.added_parameters())
         return [built], [make_scheduler(scheduler, built)]
+
+    def added_parameters(self) -> nn.Module | None:
+        """Trainable parts the objective adds to the user's models (e.g. projections), which a
+        user's optimizer cannot know of; None by default."""
+        return None
 
     def hyperparameters(self, step: int) -> Any:
         """What the step's schedules give (temperature, alpha, ...), passed back to the other

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from pykd._batches import call_model, logits_and_hidden
+from pykd.config import DistillationConfig, TrainingConfig, sort_options
 from pykd.distiller import Distiller
 from pykd.loop import TrainingLoop
 from pykd.objective import (
@@ -36,13 +37,10 @@ from pykd.rows import Prepared
 from pykd.schedules import ScheduleLike, as_schedule
 from pykd.teachers import combine_teachers
 
-# Distiller options about a frozen teacher or a single student, which mutual learning lacks.
-_TEACHER_OPTIONS = frozenset({
-    "teacher_weights", "sample_weighting", "incorrect_weight", "hidden", "fused_lm_head",
-    "student_head", "teacher_head", "lm_head_chunk_size", "teacher_device", "teacher_dtype",
-})
-# The options that shape the objective; the others are the training loop's.
-_OBJECTIVE_OPTIONS = ("divergence", "temperature", "beta", "ignore_index", "causal_lm", "device")
+# The objective options mutual learning shares with the Distiller; the other ones of
+# DistillationConfig are about a frozen teacher or a single student.
+_MUTUAL_OPTIONS = frozenset({"divergence", "temperature", "beta", "ignore_index", "causal_lm",
+                             "device"})
 
 _V = TypeVar("_V")
 
@@ -192,13 +190,14 @@ class MutualDistiller(TrainingLoop):
             for all, or a list of them).
         optimizer: one per model (a list), or a factory ``fn(params)`` used for each; default
             ``AdamW(lr=lr)``.
-        lr: learning rate of the default optimizers, one for all or a list.
+        lr: learning rate of the default optimizers, one for all or a list (default 1e-4).
         scheduler: an LR scheduler per model (a list, entries may be None) or a factory
             ``fn(optimizer)`` used for each.
         **options: the training options of :class:`pykd.Distiller` (``divergence``,
             ``temperature``, ``beta``, ``ignore_index``, ``causal_lm``, ``accumulation_steps``,
             ``max_grad_norm``, ``precision``, ``device``, ``seed``, checkpoints, metrics,
             ``progress``, ``callbacks``, ``ddp_kwargs``); the teacher-side ones are refused.
+        training: the loop's options as a :class:`pykd.TrainingConfig`, under ``options``.
 
     Attributes:
         models: the models; ``optimizers`` and ``schedulers``: theirs, in the same order.
@@ -212,17 +211,21 @@ class MutualDistiller(TrainingLoop):
         *,
         alpha: ScheduleLike | Sequence[ScheduleLike] = 0.5,
         optimizer: OptimizerLike | Sequence[OptimizerLike] | None = None,
-        lr: float | Sequence[float] = 1e-4,
+        lr: float | Sequence[float] | None = None,
         scheduler: SchedulerLike | Sequence[SchedulerLike | None] | None = None,
+        training: TrainingConfig | None = None,
         **options: Any,
     ) -> None:
-        refused = sorted(_TEACHER_OPTIONS & options.keys())
+        shaping, loop_options = sort_options("MutualDistiller", options, DistillationConfig,
+                                             TrainingConfig)
+        refused = sorted(shaping.keys() - _MUTUAL_OPTIONS)
         if refused:
             raise TypeError(f"MutualDistiller does not take {', '.join(refused)}")
-        shaping = {name: options.pop(name) for name in _OBJECTIVE_OPTIONS if name in options}
         objective = MutualObjective(models, alpha=alpha, **shaping)
         self.models = objective.models
-        super().__init__(objective, optimizer=optimizer, lr=lr, scheduler=scheduler, **options)
+        given = {"optimizer": optimizer, "lr": lr, "scheduler": scheduler}
+        loop_options.update({name: value for name, value in given.items() if value is not None})
+        super().__init__(objective, training, **loop_options)
 
 
 def propagate(

@@ -27,26 +27,19 @@ from pykd._batches import (
     token_positions,
 )
 from pykd.cache import TeacherCache, TopKRows
+from pykd.config import DistillationConfig, configure
 from pykd.heads import HeadCapture, HeadLike, LinearRows, resolve_head
 from pykd.objective import (
     Layout,
     LogitObjective,
     LogitRows,
-    OptimizerLike,
-    Optimizers,
-    SchedulerLike,
     TeacherLogits,
-    check_alpha_schedule,
-    make_optimizer,
-    make_scheduler,
     param_device,
     require_hidden,
 )
 from pykd.rows import Prepared
-from pykd.schedules import ScheduleLike, as_schedule
+from pykd.schedules import as_schedule
 from pykd.teachers import (
-    WEIGHTINGS,
-    WeightFn,
     adaptive_weights,
     combine_teachers,
     normalize_teacher_weights,
@@ -131,66 +124,35 @@ class _StudentStack(nn.Module):
 
 class TeacherStudentObjective(LogitObjective):
     """A student trained to match frozen teachers: the objective of :class:`pykd.Distiller`,
-    whose docstring describes the arguments (the same names) and the loss."""
+    whose docstring describes the options (a :class:`pykd.DistillationConfig`, or its fields
+    as keywords laid over ``config``) and the loss."""
 
     checkpoint_format = "pykd.distiller/2"
 
-    def __init__(
-        self,
-        teacher: nn.Module | Sequence[nn.Module] | TeacherCache,
-        student: nn.Module,
-        *,
-        teacher_weights: Sequence[float] | None = None,
-        divergence: str = "kl",
-        temperature: ScheduleLike = 1.0,
-        alpha: ScheduleLike = 1.0,
-        beta: float = 0.5,
-        ignore_index: int = -100,
-        causal_lm: bool = False,
-        sample_weighting: str | WeightFn | None = None,
-        incorrect_weight: float = 0.1,
-        hidden: HiddenMatch | None = None,
-        fused_lm_head: bool = False,
-        student_head: HeadLike = "lm_head",
-        teacher_head: HeadLike = "lm_head",
-        lm_head_chunk_size: int = 1024,
-        device: torch.device | str | None = None,
-        teacher_device: torch.device | str | None = None,
-        teacher_dtype: torch.dtype | None = None,
-    ) -> None:
-        if sample_weighting is not None and not callable(sample_weighting) \
-                and sample_weighting not in WEIGHTINGS:
-            raise ValueError(
-                f"sample_weighting must be one of {WEIGHTINGS}, a function or None, "
-                f"got {sample_weighting!r}"
-            )
-        if incorrect_weight < 0:
-            raise ValueError(f"incorrect_weight must be >= 0, got {incorrect_weight!r}")
-        if not isinstance(lm_head_chunk_size, int) or lm_head_chunk_size < 1:
-            raise ValueError(f"lm_head_chunk_size must be a positive int, got "
-                             f"{lm_head_chunk_size!r}")
-        if fused_lm_head and sample_weighting is not None:
-            raise ValueError("sample_weighting needs the teacher's logits, which fused_lm_head "
-                             "never computes; use one or the other")
-        alpha = as_schedule(alpha)
-        # Checked here as well as in the op, which never sees alpha without labels.
-        check_alpha_schedule(alpha)
+    def __init__(self, teacher: nn.Module | Sequence[nn.Module] | TeacherCache,
+                 student: nn.Module, config: DistillationConfig | None = None,
+                 **options: Any) -> None:
+        self.config = config = configure(DistillationConfig, config, options)
+        device = config.device
         super().__init__(
             device=torch.device(device) if device is not None else param_device(student),
-            divergence=divergence, temperature=temperature, alpha=alpha, beta=beta,
-            ignore_index=ignore_index, causal_lm=causal_lm, chunk_size=lm_head_chunk_size,
-            hidden_divergence=hidden.divergence if hidden is not None else None,
+            divergence=config.divergence, temperature=config.temperature,
+            alpha=as_schedule(config.alpha), beta=config.beta, ignore_index=config.ignore_index,
+            causal_lm=config.causal_lm, chunk_size=config.lm_head_chunk_size,
+            hidden_divergence=config.hidden.divergence if config.hidden is not None else None,
         )
-        self.hidden = hidden
-        self.sample_weighting, self.incorrect_weight = sample_weighting, float(incorrect_weight)
-        self.fused_lm_head = bool(fused_lm_head)
+        self.hidden = config.hidden
+        self.sample_weighting = config.sample_weighting
+        self.incorrect_weight = float(config.incorrect_weight)
+        self.fused_lm_head = bool(config.fused_lm_head)
         self.student = student
         student.to(self.device)
-        self.teacher_dtype = teacher_dtype
+        self.teacher_dtype = config.teacher_dtype
         # Asked of the models only when hidden states are matched and their forward takes it.
-        self._hidden_kwarg = {"output_hidden_states": True} if hidden is not None else {}
-        self._init_teachers(teacher, teacher_weights, teacher_device, teacher_head)
-        self._init_student(student_head)
+        self._hidden_kwarg = {"output_hidden_states": True} if self.hidden is not None else {}
+        self._init_teachers(teacher, config.teacher_weights, config.teacher_device,
+                            config.teacher_head)
+        self._init_student(config.student_head)
 
     def _init_teachers(self, teacher: nn.Module | Sequence[nn.Module] | TeacherCache,
                        weights: Sequence[float] | None, device: torch.device | str | None,
@@ -271,12 +233,8 @@ class TeacherStudentObjective(LogitObjective):
             self._student_head,
         )
 
-    def make_optimizers(self, optimizer: OptimizerLike | None, lr: float,
-                        scheduler: SchedulerLike | None) -> Optimizers:
-        """One optimizer over the student and projections (added to a given optimizer as a
-        parameter group where it lacks them)."""
-        built = make_optimizer(optimizer, self.module, lr, extra=self.projections)
-        return [built], [make_scheduler(scheduler, built)]
+    def added_parameters(self) -> nn.Module:
+        return self.projections
 
     def state_dict(self) -> dict[str, Any]:
         return {"student": self.student.state_dict(),
