@@ -119,7 +119,39 @@ LossConfig check_loss_options(const char* op, c10::string_view divergence, doubl
   cfg.alpha = alpha;
   cfg.beta = beta;
   cfg.ignore_index = ignore_index;
+  cfg.soft_index = ignore_index;
   return cfg;
+}
+
+void check_row_options(const char* op, LossConfig& cfg, const at::Tensor& like,
+                       c10::IntArrayRef lead, const std::optional<at::Tensor>& row_temperature,
+                       const std::optional<at::Tensor>& row_alpha,
+                       std::optional<int64_t> soft_index, bool has_target) {
+  const std::string name = std::string(op) + ": ";
+  const std::pair<const char*, const std::optional<at::Tensor>*> given[] = {
+      {"temperature", &row_temperature}, {"alpha", &row_alpha}};
+  for (const auto& [what, x] : given) {
+    if (!x->has_value()) continue;
+    const auto& r = **x;
+    TORCH_CHECK_VALUE(r.sizes() == lead, name + "per-row " + what + " shape " +
+                                             shape_str(r.sizes()) + " must be the leading shape " +
+                                             shape_str(lead));
+    TORCH_CHECK_TYPE(
+        at::isFloatingType(r.scalar_type()),
+        name + "per-row " + what + " must be floating point, got " + dtype_str(r.scalar_type()));
+    check_same_device(op, what, r, like);
+  }
+  TORCH_CHECK_VALUE(has_target || !row_alpha.has_value(),
+                    name + "a per-row alpha needs a target (there is no hard term to mix)");
+  if (soft_index.has_value()) {
+    const int64_t s = *soft_index;
+    TORCH_CHECK_VALUE(s != cfg.ignore_index, name + "soft_index must differ from ignore_index (" +
+                                                 std::to_string(cfg.ignore_index) + ")");
+    TORCH_CHECK_VALUE(s < 0 || s >= cfg.classes,
+                      name + "soft_index " + std::to_string(s) + " is a class in [0, " +
+                          std::to_string(cfg.classes) + "); use a label outside it");
+    cfg.soft_index = s;
+  }
 }
 
 void check_row_inputs(const char* op, const at::Tensor& like, c10::IntArrayRef lead,
@@ -169,7 +201,10 @@ LossConfig check_distill_args(const at::Tensor& student, const at::Tensor& teach
                               const std::optional<at::Tensor>& weight,
                               const std::optional<at::Tensor>& target, c10::string_view divergence,
                               double temperature, double alpha, double beta, int64_t ignore_index,
-                              c10::string_view reduction) {
+                              c10::string_view reduction,
+                              const std::optional<at::Tensor>& row_temperature,
+                              const std::optional<at::Tensor>& row_alpha,
+                              std::optional<int64_t> soft_index) {
   constexpr const char* op = "distill_loss";
   LossConfig cfg = check_loss_options(op, divergence, temperature, alpha, beta, ignore_index,
                                       reduction, target.has_value());
@@ -183,6 +218,8 @@ LossConfig check_distill_args(const at::Tensor& student, const at::Tensor& teach
   const auto lead = student.sizes().slice(0, student.dim() - 1);
   cfg.rows = c10::multiply_integers(lead);
   check_row_inputs(op, student, lead, weight, target);
+  check_row_options(op, cfg, student, lead, row_temperature, row_alpha, soft_index,
+                    target.has_value());
   return cfg;
 }
 
@@ -206,7 +243,9 @@ at::Tensor as_rows(const at::Tensor& x, int64_t rows, int64_t classes) {
 
 RowWeights prepare_rows(const LossConfig& cfg, const at::Tensor& student,
                         const std::optional<at::Tensor>& weight,
-                        const std::optional<at::Tensor>& target) {
+                        const std::optional<at::Tensor>& target,
+                        const std::optional<at::Tensor>& row_temperature,
+                        const std::optional<at::Tensor>& row_alpha) {
   const auto opts = student.options().dtype(accumulate_type(student.scalar_type()));
   at::Tensor w = weight.has_value() ? weight->detach().reshape({cfg.rows}).to(opts)
                                     : at::ones({cfg.rows}, opts);
@@ -215,7 +254,7 @@ RowWeights prepare_rows(const LossConfig& cfg, const at::Tensor& student,
   if (target.has_value()) {
     const auto y = target->reshape({cfg.rows});
     valid = y != cfg.ignore_index;
-    const auto out_of_range = valid & ((y < 0) | (y >= cfg.classes));
+    const auto out_of_range = valid & (y != cfg.soft_index) & ((y < 0) | (y >= cfg.classes));
     w = at::where(out_of_range, at::full({}, NAN, opts), at::where(valid, w, at::zeros({}, opts)));
     valid_rows = valid.sum().to(opts.dtype());
   } else {
@@ -232,15 +271,21 @@ RowWeights prepare_rows(const LossConfig& cfg, const at::Tensor& student,
     default:
       norm = at::ones({}, opts);
   }
-  return {w.contiguous(), norm, valid};
+  auto per_row = [&](const std::optional<at::Tensor>& x) {
+    return x.has_value() ? x->detach().reshape({cfg.rows}).to(opts).contiguous() : at::Tensor();
+  };
+  return {w.contiguous(), norm, valid, per_row(row_temperature), per_row(row_alpha)};
 }
 
 void check_row_values(const char* op, const LossConfig& cfg,
                       const std::optional<at::Tensor>& weight,
-                      const std::optional<at::Tensor>& target) {
+                      const std::optional<at::Tensor>& target,
+                      const std::optional<at::Tensor>& row_temperature,
+                      const std::optional<at::Tensor>& row_alpha) {
   if (target.has_value()) {
     const auto y = target->reshape({cfg.rows});
-    const auto bad = (y != cfg.ignore_index) & ((y < 0) | (y >= cfg.classes));
+    const auto bad =
+        (y != cfg.ignore_index) & (y != cfg.soft_index) & ((y < 0) | (y >= cfg.classes));
     if (bad.any().item<bool>()) {
       const int64_t row = bad.nonzero()[0][0].item<int64_t>();
       TORCH_CHECK(false, std::string(op) + ": target[" + std::to_string(row) +
@@ -256,6 +301,24 @@ void check_row_values(const char* op, const LossConfig& cfg,
       const int64_t row = bad.nonzero()[0][0].item<int64_t>();
       TORCH_CHECK(false, std::string(op) + ": weight[" + std::to_string(row) +
                              "] = " + num_str(w[row].item<double>()) + " is negative");
+    }
+  }
+  if (row_temperature.has_value()) {
+    const auto t = row_temperature->detach().reshape({cfg.rows}).to(at::kDouble);
+    const auto bad = ~(t.isfinite() & (t > 0));
+    if (bad.any().item<bool>()) {
+      const int64_t row = bad.nonzero()[0][0].item<int64_t>();
+      TORCH_CHECK_VALUE(false, std::string(op) + ": temperature[" + std::to_string(row) + "] = " +
+                                   num_str(t[row].item<double>()) + " must be finite and > 0");
+    }
+  }
+  if (row_alpha.has_value()) {
+    const auto a = row_alpha->detach().reshape({cfg.rows}).to(at::kDouble);
+    const auto bad = ~((a >= 0) & (a <= 1));
+    if (bad.any().item<bool>()) {
+      const int64_t row = bad.nonzero()[0][0].item<int64_t>();
+      TORCH_CHECK_VALUE(false, std::string(op) + ": alpha[" + std::to_string(row) +
+                                   "] = " + num_str(a[row].item<double>()) + " must be in [0, 1]");
     }
   }
 }
@@ -308,6 +371,22 @@ bool debug_checks_enabled() {
   return on;
 }
 
+bool value_checks_for(const at::Tensor& t) { return t.is_cpu() || debug_checks_enabled(); }
+
+DeviceKernels& device_kernels(c10::DeviceType type) {
+  static DeviceKernels cpu, cuda, none;
+  if (type == c10::DeviceType::CPU) return cpu;
+  return type == c10::DeviceType::CUDA ? cuda : none;
+}
+
+const DeviceKernels& kernels_for(const at::Tensor& t) {
+  const DeviceKernels& k = device_kernels(t.device().type());
+  // A plain message: streaming values into TORCH_CHECK is unsafe on some toolchains.
+  TORCH_CHECK(k.rows != nullptr && k.topk != nullptr,
+              "pykd: this build has no kernels for the tensors' device (built without CUDA?)");
+  return k;
+}
+
 at::Tensor no_grad_output(const at::Tensor& like) { return at::empty({0}, like.options()); }
 
 // A fresh [N, V] gradient on the CPU is mostly page faults on first touch: 4 KB pages cost as
@@ -350,6 +429,10 @@ RowKernelArgs row_kernel_args(const LossConfig& cfg, const at::Tensor& s, const 
   a.alpha = cfg.alpha;
   a.beta = cfg.beta;
   a.ignore_index = cfg.ignore_index;
+  a.soft_index = cfg.soft_index;
+  a.row_temperature =
+      rw.temperature.defined() ? rw.temperature.narrow(0, first, rows).const_data_ptr() : nullptr;
+  a.row_alpha = rw.alpha.defined() ? rw.alpha.narrow(0, first, rows).const_data_ptr() : nullptr;
   a.target = y.defined() ? y.const_data_ptr<int64_t>() + first : nullptr;
   a.weight = rw.weight.narrow(0, first, rows).const_data_ptr();
   a.norm = rw.norm.const_data_ptr();
@@ -360,18 +443,25 @@ RowKernelArgs row_kernel_args(const LossConfig& cfg, const at::Tensor& s, const 
   return a;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_loss_fused_impl(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_loss_fused(
     const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& target, c10::string_view divergence, double temperature,
     double alpha, double beta, int64_t ignore_index, c10::string_view reduction,
-    std::array<bool, 3> grad_mask, RowKernelLauncher launch, bool value_checks) {
-  const LossConfig cfg = check_distill_args(student, teacher, weight, target, divergence,
-                                            temperature, alpha, beta, ignore_index, reduction);
-  if (value_checks) check_row_values("distill_loss", cfg, weight, target);
+    const std::optional<at::Tensor>& row_temperature, const std::optional<at::Tensor>& row_alpha,
+    std::optional<int64_t> soft_index, std::array<bool, 3> grad_mask) {
+  const at::OptionalDeviceGuard guard(at::device_of(student));
+  const RowKernelLauncher launch = kernels_for(student).rows;
+  const bool value_checks = value_checks_for(student);
+  const LossConfig cfg =
+      check_distill_args(student, teacher, weight, target, divergence, temperature, alpha, beta,
+                         ignore_index, reduction, row_temperature, row_alpha, soft_index);
+  if (value_checks) {
+    check_row_values("distill_loss", cfg, weight, target, row_temperature, row_alpha);
+  }
   const auto s = as_rows(student, cfg.rows, cfg.classes);
   const auto t = as_rows(teacher, cfg.rows, cfg.classes);
   const auto y = target.has_value() ? target->reshape({cfg.rows}).contiguous() : at::Tensor();
-  const RowWeights rw = prepare_rows(cfg, student, weight, target);
+  const RowWeights rw = prepare_rows(cfg, student, weight, target, row_temperature, row_alpha);
   const auto acc = student.options().dtype(accumulate_type(student.scalar_type()));
   auto u = at::empty({cfg.rows}, acc);
   auto grad_s = grad_mask[0] ? new_gradient(student) : no_grad_output(student);
@@ -396,20 +486,26 @@ at::Tensor distill_loss(const at::Tensor& student, const at::Tensor& teacher,
                         const std::optional<at::Tensor>& weight,
                         const std::optional<at::Tensor>& target, c10::string_view divergence,
                         double temperature, double alpha, double beta, int64_t ignore_index,
-                        c10::string_view reduction) {
+                        c10::string_view reduction,
+                        const std::optional<at::Tensor>& row_temperature,
+                        const std::optional<at::Tensor>& row_alpha,
+                        std::optional<int64_t> soft_index) {
   // Arguments are checked once, by _distill_loss_fused (and before that in Python).
   const bool grad_mode = c10::GradMode::is_enabled();
   const std::array<bool, 3> mask{grad_mode && student.requires_grad(),
                                  grad_mode && teacher.requires_grad(),
                                  grad_mode && weight.has_value() && weight->requires_grad()};
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("pykd::_distill_loss_fused", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-                           const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                           const std::optional<at::Tensor>&, c10::string_view, double, double,
-                           double, int64_t, c10::string_view, std::array<bool, 3>)>();
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("pykd::_distill_loss_fused", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+              const std::optional<at::Tensor>&, c10::string_view, double, double, double, int64_t,
+              c10::string_view, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+              std::optional<int64_t>, std::array<bool, 3>)>();
   return std::get<0>(op.call(student, teacher, weight, target, divergence, temperature, alpha, beta,
-                             ignore_index, reduction, mask));
+                             ignore_index, reduction, row_temperature, row_alpha, soft_index,
+                             mask));
 }
 
 }  // namespace

@@ -30,8 +30,9 @@ struct LossConfig {
   double alpha;
   double beta;
   int64_t ignore_index;
-  int64_t rows;     // N: product of the leading dims
-  int64_t classes;  // V: size of the last dim
+  int64_t soft_index;  // label of soft-only rows; ignore_index when there are none
+  int64_t rows;        // N: product of the leading dims
+  int64_t classes;     // V: size of the last dim
 };
 
 // The argument checks (docs/loss.md, "Bad input"): the one home of each rule, raising ValueError
@@ -53,33 +54,52 @@ void check_logits_dtype(const char* op, const char* what, const at::Tensor& x,
                         const at::Tensor& like, const char* like_what = "student");
 // student is (*, V) with V >= 1.
 void check_logits_shape(const char* op, const at::Tensor& student);
+// The per-row options: row_temperature / row_alpha (*) floating tensors on `like`'s device
+// replacing the scalars, row_alpha only with a target; soft_index a label outside [0, V) other than
+// ignore_index (rows carrying it have no label: the soft term alone). Sets cfg.soft_index.
+void check_row_options(const char* op, LossConfig& cfg, const at::Tensor& like,
+                       c10::IntArrayRef lead, const std::optional<at::Tensor>& row_temperature,
+                       const std::optional<at::Tensor>& row_alpha,
+                       std::optional<int64_t> soft_index, bool has_target);
 // All of distill_loss's argument checks; fills rows (N) and classes (V).
 LossConfig check_distill_args(const at::Tensor& student, const at::Tensor& teacher,
                               const std::optional<at::Tensor>& weight,
                               const std::optional<at::Tensor>& target, c10::string_view divergence,
                               double temperature, double alpha, double beta, int64_t ignore_index,
-                              c10::string_view reduction);
+                              c10::string_view reduction,
+                              const std::optional<at::Tensor>& row_temperature,
+                              const std::optional<at::Tensor>& row_alpha,
+                              std::optional<int64_t> soft_index);
 
 // Accumulation dtype: float64 for float64 logits, float32 otherwise.
 c10::ScalarType accumulate_type(c10::ScalarType logits);
 
-// Per-row weights with 0 on ignored rows, and the reduction's normaliser; both in the
-// accumulation dtype on `like`'s device. Labels outside [0, V) and negative weights make the
-// affected values NaN, so on CUDA (no check without PYKD_DEBUG) the loss comes out NaN.
+// What the kernels read per row, in the accumulation dtype on `like`'s device: the weights with 0
+// on ignored rows, the reduction's normaliser, and the per-row temperature and alpha (undefined
+// when the scalars serve). Labels outside [0, V) (other than ignore_index and soft_index) and
+// negative weights make the affected values NaN, so on CUDA (no check without PYKD_DEBUG) the loss
+// comes out NaN; so do out-of-range row options, in the kernel.
 struct RowWeights {
   at::Tensor weight;  // [rows]
   at::Tensor norm;    // []
   at::Tensor valid;  // [rows] bool, rows whose target is not ignore_index; undefined without target
+  at::Tensor temperature;  // [rows] or undefined
+  at::Tensor alpha;        // [rows] or undefined
 };
 RowWeights prepare_rows(const LossConfig& cfg, const at::Tensor& like,
                         const std::optional<at::Tensor>& weight,
-                        const std::optional<at::Tensor>& target);
+                        const std::optional<at::Tensor>& target,
+                        const std::optional<at::Tensor>& row_temperature,
+                        const std::optional<at::Tensor>& row_alpha);
 
-// Raises on labels outside [0, V) that are not ignore_index and on negative weights. Reads the
-// data, so on CUDA it syncs: called always on CPU, and on CUDA only with PYKD_DEBUG=1.
+// Raises on labels outside [0, V) that are neither ignore_index nor soft_index, on negative
+// weights and on row options out of range. Reads the data, so on CUDA it syncs: called always on
+// CPU, and on CUDA only with PYKD_DEBUG=1.
 void check_row_values(const char* op, const LossConfig& cfg,
                       const std::optional<at::Tensor>& weight,
-                      const std::optional<at::Tensor>& target);
+                      const std::optional<at::Tensor>& target,
+                      const std::optional<at::Tensor>& row_temperature,
+                      const std::optional<at::Tensor>& row_alpha);
 void raise_bad_row(const char* op, int64_t row);
 
 // From the unweighted row losses u: the loss (shaped `lead` for reduction none) and, if asked and
@@ -96,6 +116,9 @@ at::Tensor new_gradient(const at::Tensor& like);
 
 // Whether PYKD_DEBUG=1 asks the CUDA path to check the data (a device sync) and raise.
 bool debug_checks_enabled();
+// Whether an op on `t`'s device reads the data to raise on bad labels, weights and rows with no
+// finite logit: always on the CPU, on CUDA only with PYKD_DEBUG=1 (it costs a sync).
+bool value_checks_for(const at::Tensor& t);
 
 // Raw views of one call, handed to a device's row kernel. Pointers typed void are in the logits
 // dtype (`dtype`) or in the accumulation type (double for float64 logits, float otherwise).
@@ -112,15 +135,31 @@ struct RowKernelArgs {
   double alpha;
   double beta;
   int64_t ignore_index;
-  const int64_t* target;  // [rows] or nullptr
-  const void* weight;     // [rows] accumulation type: w_i, 0 on ignored rows
-  const void* norm;       // [] accumulation type: the reduction's normaliser
-  void* row_loss;         // [rows] accumulation type, out: unweighted row loss u_i (0 if ignored)
-  void* grad_student;     // [rows, classes] logits dtype, contiguous, out; nullptr = not wanted
-  void* grad_teacher;     // [rows, classes] logits dtype, contiguous, out; nullptr = not wanted
-  int64_t* bad_row;       // [1] out: a row with no finite logit where a softmax needs one; -1
+  int64_t soft_index;           // label of soft-only rows (ignore_index when none)
+  const void* row_temperature;  // [rows] accumulation type, or nullptr: `temperature` serves
+  const void* row_alpha;        // [rows] accumulation type, or nullptr: `alpha` serves
+  const int64_t* target;        // [rows] or nullptr
+  const void* weight;           // [rows] accumulation type: w_i, 0 on ignored rows
+  const void* norm;             // [] accumulation type: the reduction's normaliser
+  void* row_loss;      // [rows] accumulation type, out: unweighted row loss u_i (0 if ignored)
+  void* grad_student;  // [rows, classes] logits dtype, contiguous, out; nullptr = not wanted
+  void* grad_teacher;  // [rows, classes] logits dtype, contiguous, out; nullptr = not wanted
+  int64_t* bad_row;    // [1] out: a row with no finite logit where a softmax needs one; -1
 };
 using RowKernelLauncher = void (*)(const RowKernelArgs&);
+struct TopkKernelArgs;  // distill_loss_topk.h
+using TopkKernelLauncher = void (*)(const TopkKernelArgs&);
+
+// A device's row kernels. The host code of every op is written once for all devices and finds
+// the kernels here; each device's files set them where they register the ops for that device
+// (their TORCH_LIBRARY_IMPL block), so a build without CUDA simply has no CUDA entry.
+struct DeviceKernels {
+  RowKernelLauncher rows = nullptr;
+  TopkKernelLauncher topk = nullptr;
+};
+DeviceKernels& device_kernels(c10::DeviceType type);
+// The kernels for `t`'s device; raises if this build has none there.
+const DeviceKernels& kernels_for(const at::Tensor& t);
 
 // The kernel's view of rows [first, first + rows) of a call: s and t are [rows, V] logits with
 // unit column stride, y the full [N] targets (or undefined), u the full [N] row losses, grad_s /
@@ -130,13 +169,15 @@ RowKernelArgs row_kernel_args(const LossConfig& cfg, const at::Tensor& s, const 
                               void* grad_s, void* grad_t, const at::Tensor& bad_row, int64_t first,
                               int64_t rows);
 
-// The whole of _distill_loss_fused on one device around its row kernel: checks, buffers, row
-// weights, the launch, the reduction. `value_checks` reads the data to raise on bad labels,
-// weights and all -inf rows (always on CPU; on CUDA only with PYKD_DEBUG=1, since it syncs).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_loss_fused_impl(
+// _distill_loss_fused on any device around that device's row kernel: checks, buffers, row
+// weights, the launch, the reduction. student, teacher: (*, V); weight: (*) or None; target: (*)
+// int64 or None. Returns (loss: [] or (*), grad_student: (*, V) or [0], grad_teacher: (*, V) or
+// [0], grad_weight: (*) or [0]); gradients are those of the loss itself (d loss = 1).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_loss_fused(
     const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& target, c10::string_view divergence, double temperature,
     double alpha, double beta, int64_t ignore_index, c10::string_view reduction,
-    std::array<bool, 3> grad_mask, RowKernelLauncher launch, bool value_checks);
+    const std::optional<at::Tensor>& row_temperature, const std::optional<at::Tensor>& row_alpha,
+    std::optional<int64_t> soft_index, std::array<bool, 3> grad_mask);
 
 }  // namespace pykd

@@ -17,7 +17,10 @@ LossConfig check_topk_args(const at::Tensor& student, const at::Tensor& index,
                            const at::Tensor& logit, const std::optional<at::Tensor>& weight,
                            const std::optional<at::Tensor>& target, c10::string_view divergence,
                            double temperature, double alpha, double beta, int64_t ignore_index,
-                           c10::string_view reduction) {
+                           c10::string_view reduction,
+                           const std::optional<at::Tensor>& row_temperature,
+                           const std::optional<at::Tensor>& row_alpha,
+                           std::optional<int64_t> soft_index) {
   const std::string name = std::string(kOp) + ": ";
   LossConfig cfg = check_loss_options(kOp, divergence, temperature, alpha, beta, ignore_index,
                                       reduction, target.has_value());
@@ -50,27 +53,33 @@ LossConfig check_topk_args(const at::Tensor& student, const at::Tensor& index,
   check_row_inputs(kOp, student, lead, weight, target);
   cfg.rows = c10::multiply_integers(lead);
   cfg.classes = student.size(-1);
+  check_row_options(kOp, cfg, student, lead, row_temperature, row_alpha, soft_index,
+                    target.has_value());
   return cfg;
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_loss_topk_impl(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_loss_topk_fused(
     const at::Tensor& student, const at::Tensor& topk_index, const at::Tensor& topk_logit,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& target,
     c10::string_view divergence, double temperature, double alpha, double beta,
-    int64_t ignore_index, c10::string_view reduction, std::array<bool, 2> grad_mask,
-    TopkKernelLauncher launch, bool value_checks) {
+    int64_t ignore_index, c10::string_view reduction,
+    const std::optional<at::Tensor>& row_temperature, const std::optional<at::Tensor>& row_alpha,
+    std::optional<int64_t> soft_index, std::array<bool, 2> grad_mask) {
+  const at::OptionalDeviceGuard guard(at::device_of(student));
+  const TopkKernelLauncher launch = kernels_for(student).topk;
+  const bool value_checks = value_checks_for(student);
   const LossConfig cfg =
       check_topk_args(student, topk_index, topk_logit, weight, target, divergence, temperature,
-                      alpha, beta, ignore_index, reduction);
+                      alpha, beta, ignore_index, reduction, row_temperature, row_alpha, soft_index);
   const int64_t k = topk_index.size(-1);
   // [N, k] is small next to [N, V]: normalise its dtypes once here.
   const auto idx = topk_index.reshape({cfg.rows, k}).to(at::kLong).contiguous();
   const auto acc = student.options().dtype(accumulate_type(student.scalar_type()));
   const auto tlog = topk_logit.reshape({cfg.rows, k}).to(acc.dtype()).contiguous();
   if (value_checks) {
-    check_row_values(kOp, cfg, weight, target);
+    check_row_values(kOp, cfg, weight, target, row_temperature, row_alpha);
     const auto bad = (idx < 0) | (idx >= cfg.classes);
     if (bad.any().item<bool>()) {
       const auto where = bad.nonzero()[0];
@@ -93,7 +102,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_loss_topk_impl(
   auto s = student.reshape({cfg.rows, cfg.classes});
   if (s.stride(1) != 1) s = s.contiguous();
   const auto y = target.has_value() ? target->reshape({cfg.rows}).contiguous() : at::Tensor();
-  const RowWeights rw = prepare_rows(cfg, student, weight, target);
+  const RowWeights rw = prepare_rows(cfg, student, weight, target, row_temperature, row_alpha);
   auto u = at::empty({cfg.rows}, acc);
   auto grad_s = grad_mask[0] ? new_gradient(student) : no_grad_output(student);
   auto bad_row = at::full({1}, -1, student.options().dtype(at::kLong));
@@ -110,6 +119,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_loss_topk_impl(
   a.alpha = cfg.alpha;
   a.beta = cfg.beta;
   a.ignore_index = cfg.ignore_index;
+  a.soft_index = cfg.soft_index;
+  a.row_temperature = rw.temperature.defined() ? rw.temperature.const_data_ptr() : nullptr;
+  a.row_alpha = rw.alpha.defined() ? rw.alpha.const_data_ptr() : nullptr;
   a.topk_index = idx.const_data_ptr<int64_t>();
   a.topk_logit = tlog.const_data_ptr();
   a.target = y.defined() ? y.const_data_ptr<int64_t>() : nullptr;
@@ -132,7 +144,10 @@ at::Tensor distill_loss_topk(const at::Tensor& student, const at::Tensor& topk_i
                              const at::Tensor& topk_logit, const std::optional<at::Tensor>& weight,
                              const std::optional<at::Tensor>& target, c10::string_view divergence,
                              double temperature, double alpha, double beta, int64_t ignore_index,
-                             c10::string_view reduction) {
+                             c10::string_view reduction,
+                             const std::optional<at::Tensor>& row_temperature,
+                             const std::optional<at::Tensor>& row_alpha,
+                             std::optional<int64_t> soft_index) {
   const bool gm = c10::GradMode::is_enabled();
   const std::array<bool, 2> mask{gm && student.requires_grad(),
                                  gm && weight.has_value() && weight->requires_grad()};
@@ -142,9 +157,11 @@ at::Tensor distill_loss_topk(const at::Tensor& student, const at::Tensor& topk_i
           .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
               const at::Tensor&, const at::Tensor&, const at::Tensor&,
               const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, c10::string_view,
-              double, double, double, int64_t, c10::string_view, std::array<bool, 2>)>();
+              double, double, double, int64_t, c10::string_view, const std::optional<at::Tensor>&,
+              const std::optional<at::Tensor>&, std::optional<int64_t>, std::array<bool, 2>)>();
   return std::get<0>(op.call(student, topk_index, topk_logit, weight, target, divergence,
-                             temperature, alpha, beta, ignore_index, reduction, mask));
+                             temperature, alpha, beta, ignore_index, reduction, row_temperature,
+                             row_alpha, soft_index, mask));
 }
 
 }  // namespace

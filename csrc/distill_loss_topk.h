@@ -26,24 +26,28 @@ struct TopkKernelArgs {
   double alpha;
   double beta;
   int64_t ignore_index;
-  const int64_t* topk_index;  // [rows, k] contiguous
-  const void* topk_logit;     // [rows, k] accumulation type, contiguous
-  const int64_t* target;      // [rows] or nullptr
-  const void* weight;         // [rows] accumulation type, 0 on ignored rows
-  const void* norm;           // [] accumulation type
-  void* row_loss;             // [rows] accumulation type, out
-  void* grad_student;         // [rows, classes] logits dtype, contiguous, out; nullptr = not wanted
-  int64_t* bad_row;           // [1] out: a row with no finite logit or an index outside [0, V)
+  int64_t soft_index;
+  const void* row_temperature;  // [rows] accumulation type, or nullptr
+  const void* row_alpha;        // [rows] accumulation type, or nullptr
+  const int64_t* topk_index;    // [rows, k] contiguous
+  const void* topk_logit;       // [rows, k] accumulation type, contiguous
+  const int64_t* target;        // [rows] or nullptr
+  const void* weight;           // [rows] accumulation type, 0 on ignored rows
+  const void* norm;             // [] accumulation type
+  void* row_loss;               // [rows] accumulation type, out
+  void* grad_student;  // [rows, classes] logits dtype, contiguous, out; nullptr = not wanted
+  int64_t* bad_row;    // [1] out: a row with no finite logit or an index outside [0, V)
 };
-using TopkKernelLauncher = void (*)(const TopkKernelArgs&);
 
+// _distill_loss_topk_fused on any device: student (*, V); teacher_indices, teacher_logits (*, k).
 // Returns (loss, grad_student or [0], grad_weight or [0]) for d loss = 1; grad_mask asks for
-// (student, weight). value_checks as in distill_loss_fused_impl.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_loss_topk_impl(
+// (student, weight).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_loss_topk_fused(
     const at::Tensor& student, const at::Tensor& topk_index, const at::Tensor& topk_logit,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& target,
     c10::string_view divergence, double temperature, double alpha, double beta,
-    int64_t ignore_index, c10::string_view reduction, std::array<bool, 2> grad_mask,
-    TopkKernelLauncher launch, bool value_checks);
+    int64_t ignore_index, c10::string_view reduction,
+    const std::optional<at::Tensor>& row_temperature, const std::optional<at::Tensor>& row_alpha,
+    std::optional<int64_t> soft_index, std::array<bool, 2> grad_mask);
 
 }  // namespace pykd

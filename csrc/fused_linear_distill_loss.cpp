@@ -14,14 +14,14 @@ namespace {
 
 constexpr const char* kOp = "fused_linear_distill_loss";
 
-LossConfig check_fused_linear_args(const at::Tensor& hs, const at::Tensor& ws,
-                                   const std::optional<at::Tensor>& bs, const at::Tensor& ht,
-                                   const at::Tensor& wt, const std::optional<at::Tensor>& bt,
-                                   const std::optional<at::Tensor>& weight,
-                                   const std::optional<at::Tensor>& target,
-                                   c10::string_view divergence, double temperature, double alpha,
-                                   double beta, int64_t ignore_index, c10::string_view reduction,
-                                   int64_t chunk_size) {
+LossConfig check_fused_linear_args(
+    const at::Tensor& hs, const at::Tensor& ws, const std::optional<at::Tensor>& bs,
+    const at::Tensor& ht, const at::Tensor& wt, const std::optional<at::Tensor>& bt,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& target,
+    c10::string_view divergence, double temperature, double alpha, double beta,
+    int64_t ignore_index, c10::string_view reduction, int64_t chunk_size,
+    const std::optional<at::Tensor>& row_temperature, const std::optional<at::Tensor>& row_alpha,
+    std::optional<int64_t> soft_index) {
   const std::string name = std::string(kOp) + ": ";
   LossConfig cfg = check_loss_options(kOp, divergence, temperature, alpha, beta, ignore_index,
                                       reduction, target.has_value());
@@ -58,6 +58,7 @@ LossConfig check_fused_linear_args(const at::Tensor& hs, const at::Tensor& ws,
   check_row_inputs(kOp, hs, lead, weight, target);
   cfg.rows = c10::multiply_integers(lead);
   cfg.classes = V;
+  check_row_options(kOp, cfg, hs, lead, row_temperature, row_alpha, soft_index, target.has_value());
   return cfg;
 }
 
@@ -74,25 +75,29 @@ void linear_into(at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-fused_linear_distill_loss_impl(const at::Tensor& student_hidden, const at::Tensor& student_weight,
-                               const std::optional<at::Tensor>& student_bias,
-                               const at::Tensor& teacher_hidden, const at::Tensor& teacher_weight,
-                               const std::optional<at::Tensor>& teacher_bias,
-                               const std::optional<at::Tensor>& weight,
-                               const std::optional<at::Tensor>& target, c10::string_view divergence,
-                               double temperature, double alpha, double beta, int64_t ignore_index,
-                               c10::string_view reduction, int64_t chunk_size,
-                               std::array<bool, 4> grad_mask, RowKernelLauncher launch,
-                               bool value_checks) {
+fused_linear_distill_loss_fused(
+    const at::Tensor& student_hidden, const at::Tensor& student_weight,
+    const std::optional<at::Tensor>& student_bias, const at::Tensor& teacher_hidden,
+    const at::Tensor& teacher_weight, const std::optional<at::Tensor>& teacher_bias,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& target,
+    c10::string_view divergence, double temperature, double alpha, double beta,
+    int64_t ignore_index, c10::string_view reduction, int64_t chunk_size,
+    const std::optional<at::Tensor>& row_temperature, const std::optional<at::Tensor>& row_alpha,
+    std::optional<int64_t> soft_index, std::array<bool, 4> grad_mask) {
+  const at::OptionalDeviceGuard guard(at::device_of(student_hidden));
+  const RowKernelLauncher launch = kernels_for(student_hidden).rows;
+  const bool value_checks = value_checks_for(student_hidden);
   const LossConfig cfg = check_fused_linear_args(
       student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-      weight, target, divergence, temperature, alpha, beta, ignore_index, reduction, chunk_size);
-  if (value_checks) check_row_values(kOp, cfg, weight, target);
+      weight, target, divergence, temperature, alpha, beta, ignore_index, reduction, chunk_size,
+      row_temperature, row_alpha, soft_index);
+  if (value_checks) check_row_values(kOp, cfg, weight, target, row_temperature, row_alpha);
   const int64_t N = cfg.rows, V = cfg.classes;
   const auto hs = student_hidden.reshape({N, student_hidden.size(-1)}).contiguous();
   const auto ht = teacher_hidden.reshape({N, teacher_hidden.size(-1)}).contiguous();
   const auto y = target.has_value() ? target->reshape({N}).contiguous() : at::Tensor();
-  const RowWeights rw = prepare_rows(cfg, student_hidden, weight, target);
+  const RowWeights rw =
+      prepare_rows(cfg, student_hidden, weight, target, row_temperature, row_alpha);
   const auto acc = student_hidden.options().dtype(accumulate_type(student_hidden.scalar_type()));
   auto u = at::empty({N}, acc);
   auto bad_row = at::full({1}, -1, student_hidden.options().dtype(at::kLong));
@@ -151,7 +156,9 @@ at::Tensor fused_linear_distill_loss(
     const at::Tensor& teacher_weight, const std::optional<at::Tensor>& teacher_bias,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& target,
     c10::string_view divergence, double temperature, double alpha, double beta,
-    int64_t ignore_index, c10::string_view reduction, int64_t chunk_size) {
+    int64_t ignore_index, c10::string_view reduction, int64_t chunk_size,
+    const std::optional<at::Tensor>& row_temperature, const std::optional<at::Tensor>& row_alpha,
+    std::optional<int64_t> soft_index) {
   const bool gm = c10::GradMode::is_enabled();
   const std::array<bool, 4> mask{gm && student_hidden.requires_grad(),
                                  gm && student_weight.requires_grad(),
@@ -164,10 +171,13 @@ at::Tensor fused_linear_distill_loss(
               const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
               const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
               const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, c10::string_view,
-              double, double, double, int64_t, c10::string_view, int64_t, std::array<bool, 4>)>();
+              double, double, double, int64_t, c10::string_view, int64_t,
+              const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+              std::optional<int64_t>, std::array<bool, 4>)>();
   return std::get<0>(op.call(student_hidden, student_weight, student_bias, teacher_hidden,
                              teacher_weight, teacher_bias, weight, target, divergence, temperature,
-                             alpha, beta, ignore_index, reduction, chunk_size, mask));
+                             alpha, beta, ignore_index, reduction, chunk_size, row_temperature,
+                             row_alpha, soft_index, mask));
 }
 
 }  // namespace

@@ -10,18 +10,23 @@
 #endif
 
 TORCH_LIBRARY(pykd, m) {
+  // Every loss op takes its temperature and alpha as scalars or per row (row_temperature,
+  // row_alpha: the leading shape), and soft_index, the label of rows that have none (their loss
+  // is the soft term alone).
   // The fused distillation loss of docs/loss.md; asks _distill_loss_fused for the grads
   // autograd will need, so they are made in the same pass as the loss.
   m.def(
       "distill_loss(Tensor student, Tensor teacher, Tensor? weight=None, Tensor? target=None, *, "
       "str divergence=\"kl\", float temperature=1.0, float alpha=1.0, float beta=0.5, "
-      "int ignore_index=-100, str reduction=\"mean\") -> Tensor",
+      "int ignore_index=-100, str reduction=\"mean\", Tensor? row_temperature=None, "
+      "Tensor? row_alpha=None, int? soft_index=None) -> Tensor",
       {at::Tag::pt2_compliant_tag});
   // Loss and the gradients grad_mask asks for (student, teacher, weight), for d loss = 1.
   m.def(
       "_distill_loss_fused(Tensor student, Tensor teacher, Tensor? weight, Tensor? target, "
       "str divergence, float temperature, float alpha, float beta, int ignore_index, "
-      "str reduction, bool[3] grad_mask) -> (Tensor, Tensor, Tensor, Tensor)",
+      "str reduction, Tensor? row_temperature, Tensor? row_alpha, int? soft_index, "
+      "bool[3] grad_mask) -> (Tensor, Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
   // Student and teacher linear heads + distill_loss in row chunks: no [N, V] tensor is made.
   // The teacher is frozen (no gradient); reduction 'none' is not supported.
@@ -30,7 +35,8 @@ TORCH_LIBRARY(pykd, m) {
       "Tensor? student_bias, Tensor teacher_hidden, Tensor teacher_weight, Tensor? teacher_bias, "
       "Tensor? weight=None, Tensor? target=None, *, str divergence=\"kl\", "
       "float temperature=1.0, float alpha=1.0, float beta=0.5, int ignore_index=-100, "
-      "str reduction=\"mean\", int chunk_size=1024) -> Tensor",
+      "str reduction=\"mean\", int chunk_size=1024, Tensor? row_temperature=None, "
+      "Tensor? row_alpha=None, int? soft_index=None) -> Tensor",
       {at::Tag::pt2_compliant_tag});
   // Its loss and the gradients grad_mask asks for (student_hidden, student_weight, student_bias,
   // weight), for d loss = 1.
@@ -38,7 +44,8 @@ TORCH_LIBRARY(pykd, m) {
       "_fused_linear_distill_loss(Tensor student_hidden, Tensor student_weight, "
       "Tensor? student_bias, Tensor teacher_hidden, Tensor teacher_weight, Tensor? teacher_bias, "
       "Tensor? weight, Tensor? target, str divergence, float temperature, float alpha, "
-      "float beta, int ignore_index, str reduction, int chunk_size, bool[4] grad_mask) "
+      "float beta, int ignore_index, str reduction, int chunk_size, Tensor? row_temperature, "
+      "Tensor? row_alpha, int? soft_index, bool[4] grad_mask) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
   // Student logits against a teacher's top-k (index, logit) pairs: the teacher's softmax over its
@@ -47,13 +54,15 @@ TORCH_LIBRARY(pykd, m) {
       "distill_loss_topk(Tensor student, Tensor teacher_indices, Tensor teacher_logits, "
       "Tensor? weight=None, Tensor? target=None, *, str divergence=\"kl\", "
       "float temperature=1.0, float alpha=1.0, float beta=0.5, int ignore_index=-100, "
-      "str reduction=\"mean\") -> Tensor",
+      "str reduction=\"mean\", Tensor? row_temperature=None, Tensor? row_alpha=None, "
+      "int? soft_index=None) -> Tensor",
       {at::Tag::pt2_compliant_tag});
   // Its loss and the gradients grad_mask asks for (student, weight), for d loss = 1.
   m.def(
       "_distill_loss_topk_fused(Tensor student, Tensor teacher_indices, Tensor teacher_logits, "
       "Tensor? weight, Tensor? target, str divergence, float temperature, float alpha, "
-      "float beta, int ignore_index, str reduction, bool[2] grad_mask) "
+      "float beta, int ignore_index, str reduction, Tensor? row_temperature, Tensor? row_alpha, "
+      "int? soft_index, bool[2] grad_mask) "
       "-> (Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
   // grad *= scale in place (scale [] or grad's leading shape); no memory is touched if scale == 1.

@@ -61,12 +61,23 @@ def as_int(op: str, what: str, value: object) -> int:
     return int(value)
 
 
-def as_options(op: str, divergence: str, temperature: float, alpha: float, beta: float,
-               ignore_index: int, reduction: str) -> dict[str, object]:
-    """The loss options as keyword arguments of the op, converted to its schema's types."""
-    return dict(divergence=divergence, temperature=as_number(op, "temperature", temperature),
-                alpha=as_number(op, "alpha", alpha), beta=as_number(op, "beta", beta),
-                ignore_index=as_int(op, "ignore_index", ignore_index), reduction=reduction)
+def as_options(op: str, divergence: str, temperature: float | torch.Tensor,
+               alpha: float | torch.Tensor, beta: float, ignore_index: int, reduction: str,
+               soft_index: int | None = None) -> dict[str, object]:
+    """The loss options as keyword arguments of the op, converted to its schema's types. A
+    tensor ``temperature`` or ``alpha`` goes per row (``row_temperature``, ``row_alpha``), the
+    scalar standing in for it being 1 (the value that needs no target)."""
+    options: dict[str, object] = dict(
+        divergence=divergence, beta=as_number(op, "beta", beta),
+        ignore_index=as_int(op, "ignore_index", ignore_index), reduction=reduction,
+        soft_index=None if soft_index is None else as_int(op, "soft_index", soft_index),
+    )
+    for what, value in (("temperature", temperature), ("alpha", alpha)):
+        if isinstance(value, torch.Tensor):
+            options[what], options[f"row_{what}"] = 1.0, value
+        else:
+            options[what] = as_number(op, what, value)
+    return options
 
 
 def check_tensors(op: str, **named: torch.Tensor | None) -> None:
@@ -150,8 +161,35 @@ def check_row_inputs(op: str, like: torch.Tensor, lead: Sequence[int],
         check_same_device(op, "target", target, like)
 
 
+def check_row_options(op: str, like: torch.Tensor, lead: Sequence[int],
+                      row_temperature: torch.Tensor | None, row_alpha: torch.Tensor | None,
+                      soft_index: int | None, ignore_index: int, classes: int,
+                      has_target: bool) -> None:
+    """Per-row temperature / alpha: the leading shape, floating, on ``like``'s device (alpha only
+    with a target); ``soft_index`` outside [0, V) and not ``ignore_index``."""
+    for what, x in (("temperature", row_temperature), ("alpha", row_alpha)):
+        if x is None:
+            continue
+        if tuple(x.shape) != tuple(lead):
+            raise ValueError(f"{op}: per-row {what} shape {shape_str(x.shape)} must be the "
+                             f"leading shape {shape_str(lead)}")
+        if not x.is_floating_point():
+            raise TypeError(f"{op}: per-row {what} must be floating point, got "
+                            f"{dtype_str(x.dtype)}")
+        check_same_device(op, what, x, like)
+    if row_alpha is not None and not has_target:
+        raise ValueError(f"{op}: a per-row alpha needs a target (there is no hard term to mix)")
+    if soft_index is not None:
+        if soft_index == ignore_index:
+            raise ValueError(f"{op}: soft_index must differ from ignore_index ({ignore_index})")
+        if 0 <= soft_index < classes:
+            raise ValueError(f"{op}: soft_index {soft_index} is a class in [0, {classes}); use a "
+                             "label outside it")
+
+
 def check_distill_args(student, teacher, weight, target, divergence, temperature, alpha, beta,
-                       ignore_index, reduction) -> None:
+                       ignore_index, reduction, row_temperature=None, row_alpha=None,
+                       soft_index=None) -> None:
     """The C++ ``check_distill_args`` of ``distill_loss``."""
     op = "distill_loss"
     check_loss_options(divergence, temperature, alpha, beta, reduction, target is not None, op=op)
@@ -162,6 +200,8 @@ def check_distill_args(student, teacher, weight, target, divergence, temperature
         raise ValueError(f"{op}: teacher shape {shape_str(teacher.shape)} must equal student "
                          f"shape {shape_str(student.shape)}")
     check_row_inputs(op, student, student.shape[:-1], weight, target)
+    check_row_options(op, student, student.shape[:-1], row_temperature, row_alpha, soft_index,
+                      ignore_index, student.shape[-1], target is not None)
 
 
 def check_topk_options(divergence: str, temperature: float, alpha: float, beta: float,
@@ -175,7 +215,8 @@ def check_topk_options(divergence: str, temperature: float, alpha: float, beta: 
 
 
 def check_topk_args(student, teacher_indices, teacher_logits, weight, target, divergence,
-                    temperature, alpha, beta, ignore_index, reduction) -> None:
+                    temperature, alpha, beta, ignore_index, reduction, row_temperature=None,
+                    row_alpha=None, soft_index=None) -> None:
     """The C++ ``check_topk_args`` of ``distill_loss_topk``."""
     op = "distill_loss_topk"
     check_topk_options(divergence, temperature, alpha, beta, reduction, target is not None)
@@ -199,6 +240,8 @@ def check_topk_args(student, teacher_indices, teacher_logits, weight, target, di
     check_same_device(op, "teacher_indices", index, student)
     check_same_device(op, "teacher_logits", logit, student)
     check_row_inputs(op, student, lead, weight, target)
+    check_row_options(op, student, lead, row_temperature, row_alpha, soft_index, ignore_index,
+                      student.shape[-1], target is not None)
 
 
 def check_fused_linear_options(reduction: str, chunk_size: int) -> None:
@@ -213,7 +256,8 @@ def check_fused_linear_options(reduction: str, chunk_size: int) -> None:
 
 def check_fused_linear_args(student_hidden, student_weight, student_bias, teacher_hidden,
                             teacher_weight, teacher_bias, weight, target, divergence, temperature,
-                            alpha, beta, ignore_index, reduction, chunk_size) -> None:
+                            alpha, beta, ignore_index, reduction, chunk_size,
+                            row_temperature=None, row_alpha=None, soft_index=None) -> None:
     """The C++ ``check_fused_linear_args`` of ``fused_linear_distill_loss``."""
     op = "fused_linear_distill_loss"
     hs, ws, ht, wt = student_hidden, student_weight, teacher_hidden, teacher_weight
@@ -240,3 +284,5 @@ def check_fused_linear_args(student_hidden, student_weight, student_bias, teache
         if b.dim() != 1 or b.shape[0] != vocab:
             raise ValueError(f"{op}: {what} must be [V] = [{vocab}], got {shape_str(b.shape)}")
     check_row_inputs(op, hs, hs.shape[:-1], weight, target)
+    check_row_options(op, hs, hs.shape[:-1], row_temperature, row_alpha, soft_index, ignore_index,
+                      vocab, target is not None)

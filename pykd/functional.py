@@ -22,11 +22,12 @@ def distillation_loss(
     weight: torch.Tensor | None = None,
     target: torch.Tensor | None = None,
     divergence: str = "kl",
-    temperature: float = 1.0,
-    alpha: float = 1.0,
+    temperature: float | torch.Tensor = 1.0,
+    alpha: float | torch.Tensor = 1.0,
     beta: float = 0.5,
     ignore_index: int = -100,
     reduction: str = "mean",
+    soft_index: int | None = None,
 ) -> torch.Tensor:
     """Fused, weighted distillation loss between student and teacher outputs.
 
@@ -41,9 +42,13 @@ def distillation_loss(
     - ``"cosine"``: ``1 - cos(student, teacher)`` (no temperature; for hidden states)
 
     With ``target``, the row is ``w_i * (alpha * soft + (1 - alpha) * CE(student, y_i))``; rows
-    whose label is ``ignore_index`` count for nothing. Without it, ``w_i * soft`` (``alpha`` must
-    be 1). Reductions: ``"mean"`` (divides by the sum of weights of the valid rows), ``"sum"``,
-    ``"batchmean"`` (divides by the number of valid rows) and ``"none"`` (per-row, float32).
+    whose label is ``ignore_index`` count for nothing, and rows whose label is ``soft_index``
+    have no label: their loss is ``w_i * soft`` (alpha 1), so unlabelled (transfer-set) rows can
+    share a batch with labelled ones. Without ``target``, every row is ``w_i * soft`` (``alpha``
+    must be 1). ``temperature`` and ``alpha`` may be given per row, as ``(*)`` tensors (e.g. a
+    lower temperature on hard tokens); they get no gradient. Reductions: ``"mean"`` (divides by
+    the sum of weights of the valid rows, soft-only rows included), ``"sum"``, ``"batchmean"``
+    (divides by the number of valid rows) and ``"none"`` (per-row, float32).
 
     Gradients flow to ``student``, to ``teacher`` if it requires grad (mutual learning) and to
     ``weight`` if it requires grad. They are computed in the same pass as the loss whenever
@@ -53,13 +58,17 @@ def distillation_loss(
         student: ``(*, V)`` logits (float32, float64, float16 or bfloat16).
         teacher: same shape and dtype as ``student``.
         weight: optional ``(*)`` per-row weights ``w_i >= 0`` (float32 or the logits dtype).
-        target: optional ``(*)`` int64 hard labels in ``[0, V)`` or ``ignore_index``.
+        target: optional ``(*)`` int64 hard labels in ``[0, V)``, ``ignore_index`` or
+            ``soft_index``.
         divergence: ``"kl"``, ``"reverse_kl"``, ``"jsd"``, ``"mse"`` or ``"cosine"``.
-        temperature: ``T > 0``, for the softmax divergences.
-        alpha: weight of the soft term in ``[0, 1]``.
+        temperature: ``T > 0``, for the softmax divergences: a number or a ``(*)`` tensor.
+        alpha: weight of the soft term in ``[0, 1]``: a number or a ``(*)`` tensor (with a
+            ``target`` only).
         beta: jsd mixing weight in ``(0, 1)``.
         ignore_index: label value of rows to ignore.
         reduction: ``"mean"``, ``"sum"``, ``"batchmean"`` or ``"none"``.
+        soft_index: label value of rows without a label (soft term only); outside ``[0, V)``
+            and not ``ignore_index``. None: no such rows.
 
     Returns:
         The loss: float32 (float64 for float64 logits), a scalar or ``(*)`` for ``"none"``.
@@ -74,13 +83,21 @@ def distillation_loss(
         >>> loss.backward()
         >>> student.grad.shape
         torch.Size([8, 100])
+
+        Unlabelled rows (label -1 here) beside labelled ones, each row with its own temperature:
+
+        >>> labels[:3] = -1
+        >>> loss = pykd.functional.distillation_loss(
+        ...     student, teacher, target=labels, soft_index=-1, alpha=0.5,
+        ...     temperature=torch.linspace(1.0, 4.0, 8))
     """
     require_extension()
     op = "distill_loss"
     check_tensors(op, student=student, teacher=teacher, weight=weight, target=target)
     return torch.ops.pykd.distill_loss(
         student, teacher, weight, target,
-        **as_options(op, divergence, temperature, alpha, beta, ignore_index, reduction),
+        **as_options(op, divergence, temperature, alpha, beta, ignore_index, reduction,
+                     soft_index),
     )
 
 
@@ -95,11 +112,12 @@ def fused_linear_distillation_loss(
     weight: torch.Tensor | None = None,
     target: torch.Tensor | None = None,
     divergence: str = "kl",
-    temperature: float = 1.0,
-    alpha: float = 1.0,
+    temperature: float | torch.Tensor = 1.0,
+    alpha: float | torch.Tensor = 1.0,
     beta: float = 0.5,
     ignore_index: int = -100,
     reduction: str = "mean",
+    soft_index: int | None = None,
     chunk_size: int = 1024,
 ) -> torch.Tensor:
     """Distillation loss of two linear heads without ever materialising the [N, V] logits.
@@ -118,8 +136,8 @@ def fused_linear_distillation_loss(
         teacher_hidden: ``(*, Ht)`` teacher hidden states, same leading dims.
         teacher_weight: ``[V, Ht]`` teacher head weight.
         student_bias, teacher_bias: optional ``[V]`` head biases.
-        weight, target, divergence, temperature, alpha, beta, ignore_index, reduction: as in
-            :func:`distillation_loss`.
+        weight, target, divergence, temperature, alpha, beta, ignore_index, reduction,
+            soft_index: as in :func:`distillation_loss`.
         chunk_size: rows per chunk; larger is faster until the chunk's logits stop fitting.
 
     Example:
@@ -141,7 +159,8 @@ def fused_linear_distillation_loss(
     return torch.ops.pykd.fused_linear_distill_loss(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
         teacher_bias, weight, target,
-        **as_options(op, divergence, temperature, alpha, beta, ignore_index, reduction),
+        **as_options(op, divergence, temperature, alpha, beta, ignore_index, reduction,
+                     soft_index),
         chunk_size=as_int(op, "chunk_size", chunk_size),
     )
 
@@ -154,11 +173,12 @@ def distillation_loss_topk(
     weight: torch.Tensor | None = None,
     target: torch.Tensor | None = None,
     divergence: str = "kl",
-    temperature: float = 1.0,
-    alpha: float = 1.0,
+    temperature: float | torch.Tensor = 1.0,
+    alpha: float | torch.Tensor = 1.0,
     beta: float = 0.5,
     ignore_index: int = -100,
     reduction: str = "mean",
+    soft_index: int | None = None,
 ) -> torch.Tensor:
     """Distillation loss against a teacher stored as its top-k logits (a teacher-output cache).
 
@@ -175,8 +195,8 @@ def distillation_loss_topk(
         teacher_indices: ``(*, k)`` int64 or int32 class indices in ``[0, V)``.
         teacher_logits: ``(*, k)`` the teacher's logits at those indices (any float dtype, e.g.
             the float16 of a cache); ``-inf`` marks unused slots.
-        weight, target, divergence, temperature, alpha, beta, ignore_index, reduction: as in
-            :func:`distillation_loss`.
+        weight, target, divergence, temperature, alpha, beta, ignore_index, reduction,
+            soft_index: as in :func:`distillation_loss`.
 
     Example:
         >>> import torch, pykd
@@ -192,5 +212,6 @@ def distillation_loss_topk(
                   teacher_logits=teacher_logits, weight=weight, target=target)
     return torch.ops.pykd.distill_loss_topk(
         student, teacher_indices, teacher_logits, weight, target,
-        **as_options(op, divergence, temperature, alpha, beta, ignore_index, reduction),
+        **as_options(op, divergence, temperature, alpha, beta, ignore_index, reduction,
+                     soft_index),
     )

@@ -28,8 +28,11 @@ class _LossOptions(nn.Module):
         beta: float = 0.5,
         ignore_index: int = -100,
         reduction: str = "mean",
+        soft_index: int | None = None,
     ) -> None:
         self._check(divergence, temperature, alpha, beta, reduction, has_target=True)
+        if soft_index is not None and soft_index == ignore_index:
+            raise ValueError(f"soft_index must differ from ignore_index ({ignore_index})")
         super().__init__()
         self.divergence = divergence
         self.temperature = float(temperature)
@@ -37,17 +40,20 @@ class _LossOptions(nn.Module):
         self.beta = float(beta)
         self.ignore_index = int(ignore_index)
         self.reduction = reduction
+        self.soft_index = None if soft_index is None else int(soft_index)
 
     def _options(self) -> dict[str, object]:
         return dict(divergence=self.divergence, temperature=self.temperature, alpha=self.alpha,
-                    beta=self.beta, ignore_index=self.ignore_index, reduction=self.reduction)
+                    beta=self.beta, ignore_index=self.ignore_index, reduction=self.reduction,
+                    soft_index=self.soft_index)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self._options().items())
 
 
 class DistillationLoss(_LossOptions):
-    """Module form of :func:`pykd.functional.distillation_loss` with fixed options.
+    """Module form of :func:`pykd.functional.distillation_loss` with fixed options (rows
+    labelled ``soft_index``, if given, have no label: the soft term alone).
 
     Example:
         >>> import torch, pykd
@@ -123,9 +129,11 @@ class FusedLinearDistillationLoss(_LossOptions):
         ignore_index: int = -100,
         reduction: str = "mean",
         chunk_size: int = 1024,
+        soft_index: int | None = None,
     ) -> None:
         check_fused_linear_options(reduction, int(chunk_size))
-        super().__init__(divergence, temperature, alpha, beta, ignore_index, reduction)
+        super().__init__(divergence, temperature, alpha, beta, ignore_index, reduction,
+                         soft_index)
         self.chunk_size = int(chunk_size)
 
     def forward(

@@ -19,21 +19,22 @@ def _plogp_ratio(p: torch.Tensor, lp: torch.Tensor, lo: torch.Tensor) -> torch.T
     return torch.where(pos, p * safe, torch.zeros_like(p)).sum(-1)
 
 
-def soft_term(s: torch.Tensor, t: torch.Tensor, divergence: str, temperature: float,
-              beta: float) -> torch.Tensor:
-    """Per-row soft term for [N, V] rows."""
-    T = temperature
+def soft_term(s: torch.Tensor, t: torch.Tensor, divergence: str,
+              temperature: float | torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-row soft term for [N, V] rows; ``temperature`` a number or one per row."""
+    T = torch.as_tensor(temperature, dtype=s.dtype).reshape(-1, 1)  # [1, 1] or [N, 1]
+    T2 = (T * T).reshape(-1)
     if divergence in SOFTMAX_DIVERGENCES:
         lp = F.log_softmax(t / T, dim=-1)
         lq = F.log_softmax(s / T, dim=-1)
         p, q = lp.exp(), lq.exp()
         if divergence == "kl":
-            return T * T * _plogp_ratio(p, lp, lq)
+            return T2 * _plogp_ratio(p, lp, lq)
         if divergence == "reverse_kl":
-            return T * T * _plogp_ratio(q, lq, lp)
+            return T2 * _plogp_ratio(q, lq, lp)
         m = beta * p + (1 - beta) * q
         lm = torch.log(torch.where(m > 0, m, torch.ones_like(m)))
-        return T * T * (beta * _plogp_ratio(p, lp, lm) + (1 - beta) * _plogp_ratio(q, lq, lm))
+        return T2 * (beta * _plogp_ratio(p, lp, lm) + (1 - beta) * _plogp_ratio(q, lq, lm))
     if divergence == "mse":
         return ((t - s) ** 2).sum(-1)
     if divergence == "cosine":
@@ -45,21 +46,29 @@ def soft_term(s: torch.Tensor, t: torch.Tensor, divergence: str, temperature: fl
 
 def reference_loss(student, teacher, weight=None, target=None, *, divergence="kl",
                    temperature=1.0, alpha=1.0, beta=0.5, ignore_index=-100, reduction="mean",
-                   dtype=torch.float64):
-    """The loss of docs/loss.md computed with torch ops in `dtype` (autograd flows through)."""
+                   soft_index=None, dtype=torch.float64):
+    """The loss of docs/loss.md computed with torch ops in `dtype` (autograd flows through).
+    ``temperature`` and ``alpha`` are numbers or per-row tensors of the leading shape."""
     V = student.shape[-1]
     lead = student.shape[:-1]
     s = student.to(dtype).reshape(-1, V)
     t = teacher.to(dtype).reshape(-1, V)
     n = s.shape[0]
+    if isinstance(temperature, torch.Tensor):
+        temperature = temperature.detach().to(dtype).reshape(n)
+    if isinstance(alpha, torch.Tensor):
+        alpha = alpha.detach().to(dtype).reshape(n)
     soft = soft_term(s, t, divergence, temperature, beta)
     w = weight.to(dtype).reshape(n) if weight is not None else torch.ones(n, dtype=dtype)
     if target is not None:
         y = target.reshape(n)
         valid = y != ignore_index
-        y_safe = torch.where(valid, y, torch.zeros_like(y))
+        soft_only = (y == soft_index) if soft_index is not None else torch.zeros_like(valid)
+        labelled = valid & ~soft_only
+        y_safe = torch.where(labelled, y, torch.zeros_like(y))
         hard = -F.log_softmax(s, dim=-1).gather(1, y_safe[:, None]).squeeze(1)
-        row = torch.where(valid, alpha * soft + (1 - alpha) * hard, torch.zeros_like(soft))
+        mixed = torch.where(labelled, alpha * soft + (1 - alpha) * hard, soft)
+        row = torch.where(valid, mixed, torch.zeros_like(soft))
         w = torch.where(valid, w, torch.zeros_like(w))
         count = valid.sum().to(dtype)
     else:

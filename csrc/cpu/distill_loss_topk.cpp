@@ -1,5 +1,5 @@
-// distill_loss_topk on the CPU: the host side (checks, buffers, reduction, in
-// csrc/distill_loss_topk.cpp) around its row kernel.
+// distill_loss_topk on the CPU: its row kernel, under the host side shared by every device
+// (checks, buffers, reduction, in csrc/distill_loss_topk.cpp).
 #include "distill_loss_topk.h"
 
 #include <ATen/ATen.h>
@@ -15,19 +15,11 @@ void launch_topk_rows(const TopkKernelArgs& a) {
   kernel(a);
 }
 
-// student (*, V); teacher_indices, teacher_logits (*, k).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_loss_topk_cpu(
-    const at::Tensor& student, const at::Tensor& index, const at::Tensor& logit,
-    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& target,
-    c10::string_view divergence, double temperature, double alpha, double beta,
-    int64_t ignore_index, c10::string_view reduction, std::array<bool, 2> grad_mask) {
-  return distill_loss_topk_impl(student, index, logit, weight, target, divergence, temperature,
-                                alpha, beta, ignore_index, reduction, grad_mask, &launch_topk_rows,
-                                /*value_checks=*/true);
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pykd, CPU, m) { m.impl("_distill_loss_topk_fused", &distill_loss_topk_cpu); }
+TORCH_LIBRARY_IMPL(pykd, CPU, m) {
+  device_kernels(c10::DeviceType::CPU).topk = &launch_topk_rows;
+  m.impl("_distill_loss_topk_fused", &distill_loss_topk_fused);
+}
 
 }  // namespace pykd::cpu

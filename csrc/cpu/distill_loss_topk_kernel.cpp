@@ -27,7 +27,9 @@ void run_topk_rows(const TopkKernelArgs& a, int64_t begin, int64_t end) {
   A* const s_buf = buf;
   A* const g_buf = buf + kChunk;
   constexpr bool kInPlace = std::is_same_v<S, A>;
-  const Options<A> o{D, A(a.temperature), A(1.0 / a.temperature), A(a.alpha), A(a.beta), kHard};
+  const Options<A> call{D, A(a.temperature), A(1.0 / a.temperature), A(a.alpha), A(a.beta), kHard};
+  const A* const row_t = static_cast<const A*>(a.row_temperature);
+  const A* const row_a = static_cast<const A*>(a.row_alpha);
   const int64_t V = a.classes, K = a.k;
   const A norm = *static_cast<const A*>(a.norm);
   const A* w = static_cast<const A*>(a.weight);
@@ -48,17 +50,25 @@ void run_topk_rows(const TopkKernelArgs& a, int64_t begin, int64_t end) {
       std::atomic_ref<int64_t>(*a.bad_row).store(i, std::memory_order_relaxed);
       fill_row(std::numeric_limits<A>::quiet_NaN(), S(NAN));
     };
-    int64_t y = -1;
+    int64_t y = -1;  // < 0: no label is read (soft-only rows, no target)
+    bool soft_only = false;
     if constexpr (kHard) {
-      y = a.target[i];
-      if (y == a.ignore_index) {
+      const RowLabel label = classify_label(a.target[i], a.ignore_index, a.soft_index, V);
+      if (label == RowLabel::Ignored) {
         fill_row(A(0), S(0));
         continue;
       }
-      if (y < 0 || y >= V) {
+      if (label == RowLabel::Bad) {
         fill_row(std::numeric_limits<A>::quiet_NaN(), S(NAN));
         continue;
       }
+      soft_only = label == RowLabel::SoftOnly;
+      if (!soft_only) y = a.target[i];
+    }
+    Options<A> o = call;
+    if (!set_row_options(o, row_t, row_a, i, soft_only)) {
+      fill_row(std::numeric_limits<A>::quiet_NaN(), S(NAN));
+      continue;
     }
     bool indices_ok = true;
     for (int64_t j = 0; j < K; ++j) indices_ok &= idx[j] >= 0 && idx[j] < V;
@@ -121,7 +131,8 @@ void run_topk_rows(const TopkKernelArgs& a, int64_t begin, int64_t end) {
       target_in_topk |= idx[j] == y;
     }
     const A soft = topk_finish<D>(o, acc_p, acc_q, q_mass, kc);
-    const A hard = kHard ? (kc.m1 - static_cast<A>(srow[y])) + kc.l1 : A(0);
+    // A soft-only row has no hard term (its weight 1 - alpha is 0).
+    const A hard = kHard && y >= 0 ? (kc.m1 - static_cast<A>(srow[y])) + kc.l1 : A(0);
     u[i] = kHard ? o.alpha * soft + (A(1) - o.alpha) * hard : soft;
     if (!g_row) continue;
 

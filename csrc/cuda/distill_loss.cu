@@ -69,7 +69,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   S* t_cache = s_cache + L.slice;
   A* u = static_cast<A*>(a.row_loss);
 
-  const Options<A> o{D, A(a.temperature), A(1.0 / a.temperature), A(a.alpha), A(a.beta), kHard};
+  Options<A> o{D, A(a.temperature), A(1.0 / a.temperature), A(a.alpha), A(a.beta), kHard};
   // Every block of a row takes the same branches below: cluster barriers stay matched.
   auto fill_row = [&](A u_value, float g_value) {
     for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
@@ -78,14 +78,21 @@ __global__ void __launch_bounds__(kMaxThreads)
     }
     if (rank == 0 && threadIdx.x == 0) u[row] = u_value;
   };
-  int64_t y = 0;
+  int64_t y = -1;  // < 0: no label is read (soft-only rows, no target)
+  bool soft_only = false;
   if constexpr (kHard) {
-    y = a.target[row];
-    if (y == a.ignore_index) return fill_row(A(0), 0.f);
-    if (y < 0 || y >= V) {  // never read out of bounds; prepare_rows made this row's weight NaN
+    const RowLabel label = classify_label(a.target[row], a.ignore_index, a.soft_index, V);
+    if (label == RowLabel::Ignored) return fill_row(A(0), 0.f);
+    if (label == RowLabel::Bad) {  // never read out of bounds; prepare_rows made its weight NaN
       if (rank == 0 && threadIdx.x == 0) *a.bad_row = row;
       return fill_row(A(NAN), NAN);
     }
+    soft_only = label == RowLabel::SoftOnly;
+    if (!soft_only) y = a.target[row];
+  }
+  if (!set_row_options(o, static_cast<const A*>(a.row_temperature),
+                       static_cast<const A*>(a.row_alpha), row, soft_only)) {
+    return fill_row(A(NAN), NAN);
   }
 
   // Sweep 1: one read from HBM, statistics per thread, the slice kept in shared memory.
@@ -111,7 +118,8 @@ __global__ void __launch_bounds__(kMaxThreads)
     return fill_row(A(NAN), NAN);
   }
   if (row_is_nonfinite(o, st)) return fill_row(A(NAN), NAN);  // NaN, not an error (any device)
-  if constexpr (kHard) st.target_logit = static_cast<A>(srow[y]);
+  // A soft-only row's hard term uses no logit and has weight 1 - alpha = 0.
+  if constexpr (kHard) st.target_logit = y >= 0 ? static_cast<A>(srow[y]) : A(0);
   RowConsts<A> k;
   A soft, hard;
   finish_row(o, st, k, soft, hard);
@@ -293,19 +301,6 @@ void launch_distill_loss_rows(const RowKernelArgs& a) {
 
 namespace {
 
-// student, teacher: (*, V); weight: (*) or None; target: (*) int64 or None. See the CPU version.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_loss_fused_cuda(
-    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& target, c10::string_view divergence, double temperature,
-    double alpha, double beta, int64_t ignore_index, c10::string_view reduction,
-    std::array<bool, 3> grad_mask) {
-  const c10::cuda::CUDAGuard guard(student.device());
-  return distill_loss_fused_impl(student, teacher, weight, target, divergence, temperature, alpha,
-                                 beta, ignore_index, reduction, grad_mask,
-                                 &launch_distill_loss_rows,
-                                 /*value_checks=*/debug_checks_enabled());
-}
-
 // grad (rows, classes) *= scale: one scalar (a thread returns at once when it is exactly 1, so the
 // usual d loss = 1 costs a launch and no traffic) or one value per row.
 template <typename S, typename A>
@@ -377,7 +372,8 @@ std::string launch_plan(int64_t classes, const std::string& dtype, int64_t devic
 }
 
 TORCH_LIBRARY_IMPL(pykd, CUDA, m) {
-  m.impl("_distill_loss_fused", &distill_loss_fused_cuda);
+  device_kernels(c10::DeviceType::CUDA).rows = &launch_distill_loss_rows;
+  m.impl("_distill_loss_fused", &distill_loss_fused);
   m.impl("_scale_grad_", &scale_grad_cuda);
 }
 

@@ -6,7 +6,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 #include <torch/library.h>
@@ -40,17 +39,24 @@ __global__ void __launch_bounds__(kMaxThreads)
   const int64_t* idx = a.topk_index + row * K;
   const A* tl = static_cast<const A*>(a.topk_logit) + row * K;
   A* u = static_cast<A*>(a.row_loss);
-  const Options<A> o{D, A(a.temperature), A(1.0 / a.temperature), A(a.alpha), A(a.beta), kHard};
+  Options<A> o{D, A(a.temperature), A(1.0 / a.temperature), A(a.alpha), A(a.beta), kHard};
   auto fill_row = [&](A u_value, float g_value) {
     for (int64_t j = threadIdx.x; g_row && j < V; j += blockDim.x)
       g_row[j] = static_cast<S>(g_value);
     if (threadIdx.x == 0) u[row] = u_value;
   };
-  int64_t y = -1;
+  int64_t y = -1;  // < 0: no label is read (soft-only rows, no target)
+  bool soft_only = false;
   if constexpr (kHard) {
-    y = a.target[row];
-    if (y == a.ignore_index) return fill_row(A(0), 0.f);
-    if (y < 0 || y >= V) return fill_row(A(NAN), NAN);
+    const RowLabel label = classify_label(a.target[row], a.ignore_index, a.soft_index, V);
+    if (label == RowLabel::Ignored) return fill_row(A(0), 0.f);
+    if (label == RowLabel::Bad) return fill_row(A(NAN), NAN);
+    soft_only = label == RowLabel::SoftOnly;
+    if (!soft_only) y = a.target[row];
+  }
+  if (!set_row_options(o, static_cast<const A*>(a.row_temperature),
+                       static_cast<const A*>(a.row_alpha), row, soft_only)) {
+    return fill_row(A(NAN), NAN);
   }
 
   // The student's streaming log-sum-exp at T (stream s) and at 1 (stream s1).
@@ -99,7 +105,7 @@ __global__ void __launch_bounds__(kMaxThreads)
         in_topk |= idx[j] == y;
       }
       const A soft = topk_finish<D>(o, acc_p, acc_q, q_mass, kc);
-      const A hard = kHard ? (kc.m1 - static_cast<A>(srow[y])) + kc.l1 : A(0);
+      const A hard = kHard && y >= 0 ? (kc.m1 - static_cast<A>(srow[y])) + kc.l1 : A(0);
       u[row] = kHard ? o.alpha * soft + (A(1) - o.alpha) * hard : soft;
       grad_scales(o,
                   row_scale(static_cast<const A*>(a.weight)[row], *static_cast<const A*>(a.norm)),
@@ -140,7 +146,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     g_row[col] = static_cast<S>(
         topk_special_grad<D, kHard>(static_cast<A>(srow[col]), p, true, col == y, o, kc));
   }
-  if (kHard && threadIdx.x == 0 && !target_in_topk) {
+  if (kHard && threadIdx.x == 0 && y >= 0 && !target_in_topk) {
     g_row[y] = static_cast<S>(
         topk_special_grad<D, kHard>(static_cast<A>(srow[y]), A(0), false, true, o, kc));
   }
@@ -179,19 +185,11 @@ void launch_topk_rows(const TopkKernelArgs& a) {
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_loss_topk_cuda(
-    const at::Tensor& student, const at::Tensor& index, const at::Tensor& logit,
-    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& target,
-    c10::string_view divergence, double temperature, double alpha, double beta,
-    int64_t ignore_index, c10::string_view reduction, std::array<bool, 2> grad_mask) {
-  const c10::cuda::CUDAGuard guard(student.device());
-  return distill_loss_topk_impl(student, index, logit, weight, target, divergence, temperature,
-                                alpha, beta, ignore_index, reduction, grad_mask, &launch_topk_rows,
-                                /*value_checks=*/debug_checks_enabled());
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pykd, CUDA, m) { m.impl("_distill_loss_topk_fused", &distill_loss_topk_cuda); }
+TORCH_LIBRARY_IMPL(pykd, CUDA, m) {
+  device_kernels(c10::DeviceType::CUDA).topk = &launch_topk_rows;
+  m.impl("_distill_loss_topk_fused", &distill_loss_topk_fused);
+}
 
 }  // namespace pykd::cuda

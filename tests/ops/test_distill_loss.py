@@ -293,7 +293,7 @@ def test_opcheck(divergence, reduction, weight, target):
     alpha = 0.5 if target else 1.0
     opts = (divergence, 2.0, alpha, 0.5, -100, reduction)
     torch.library.opcheck(torch.ops.pykd._distill_loss_fused.default,
-                          (s, t, w, y, *opts, [True, True, w is not None]))
+                          (s, t, w, y, *opts, None, None, None, [True, True, w is not None]))
     torch.library.opcheck(torch.ops.pykd.distill_loss.default, (s, t, w, y),
                           dict(zip(("divergence", "temperature", "alpha", "beta", "ignore_index",
                                     "reduction"), opts)))

@@ -150,7 +150,8 @@ def test_opcheck():
         x.requires_grad_(True)
     opts = ("kl", 2.0, 0.5, 0.5, -100, "mean", 4)
     torch.library.opcheck(torch.ops.pykd._fused_linear_distill_loss.default,
-                          (hs, ws, bs, ht, wt, bt, w, y, *opts, [True, True, True, False]))
+                          (hs, ws, bs, ht, wt, bt, w, y, *opts, None, None, None,
+                           [True, True, True, False]))
     torch.library.opcheck(torch.ops.pykd.fused_linear_distill_loss.default,
                           (hs, ws, bs, ht, wt, bt, w, y),
                           dict(zip(("divergence", "temperature", "alpha", "beta", "ignore_index",

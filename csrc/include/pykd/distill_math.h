@@ -148,6 +148,40 @@ struct Options {
   bool hard;  // a target was given
 };
 
+// Where a row's label puts it: out of the loss (ignore_index), soft-only (soft_index: the row has
+// no label, its loss is the soft term alone), labelled, or bad (outside [0, V): a NaN row whose
+// label is never read as an index).
+enum class RowLabel { Ignored, SoftOnly, Labelled, Bad };
+
+PYKD_HD RowLabel classify_label(int64_t y, int64_t ignore_index, int64_t soft_index, int64_t V) {
+  if (y == ignore_index) return RowLabel::Ignored;
+  if (y == soft_index) return RowLabel::SoftOnly;
+  return y >= 0 && y < V ? RowLabel::Labelled : RowLabel::Bad;
+}
+
+// Row i's options: the call's, with the row's own temperature and alpha where the call gives them
+// per row (null pointers otherwise), and alpha 1 on a soft-only row. False when a per-row value is
+// out of range (a temperature not finite and > 0, an alpha outside [0, 1]): the row is NaN. The
+// inverse temperature is rounded from double, as for the scalar, so a per-row copy of a scalar
+// gives the scalar's result to the bit.
+template <typename T>
+PYKD_HD bool set_row_options(Options<T>& o, const T* temperature, const T* alpha, int64_t i,
+                             bool soft_only) {
+  if (temperature != nullptr) {
+    const T t = temperature[i];
+    if (!(t > T(0) && t - t == T(0))) return false;
+    o.temperature = t;
+    o.inv_temperature = static_cast<T>(1.0 / static_cast<double>(t));
+  }
+  if (alpha != nullptr) {
+    const T a = alpha[i];
+    if (!(a >= T(0) && a <= T(1))) return false;
+    o.alpha = a;
+  }
+  if (soft_only) o.alpha = T(1);
+  return true;
+}
+
 // Statistics of one row gathered by the first sweep.
 template <typename T>
 struct RowStats {
@@ -453,6 +487,16 @@ PYKD_HD Probs<V> probs_by_exp(V s, V t, const Options<T>& o, const RowConsts<T>&
   return pr;
 }
 
+// jsd's log m, m = beta p + (1 - beta) q. Where p and q are denormals the mixture can round to 0
+// (the scalar exps keep the denormals that the vector ones flush), and p (log p - log m) would be
+// p * inf: the smallest normal number added to m keeps it finite. It changes no m that matters
+// (in float it is below the rounding of any m above ~1e-31), and the terms it touches are ~0.
+template <typename V, typename T>
+PYKD_HD V log_mixture(V p, V q, T beta) {
+  using M = VMath<V>;
+  return M::log(V(beta) * p + V(T(1) - beta) * q + V(std::numeric_limits<T>::min()));
+}
+
 // Second sweep of jsd, one group of lanes: sum p (log p - log m) and sum q (log q - log m).
 template <typename V, typename T>
 PYKD_HD void jsd_lanes(V s, V t, const Probs<V>& pr, const Options<T>& o, const RowConsts<T>& k,
@@ -460,7 +504,7 @@ PYKD_HD void jsd_lanes(V s, V t, const Probs<V>& pr, const Options<T>& o, const 
   using M = VMath<V>;
   const V lp = (t * V(o.inv_temperature) - V(k.mt)) - V(k.lt);
   const V lq = (s * V(o.inv_temperature) - V(k.ms)) - V(k.ls);
-  const V lm = M::log(V(o.beta) * pr.p + V(T(1) - o.beta) * pr.q);
+  const V lm = log_mixture(pr.p, pr.q, o.beta);
   acc_p = acc_p + M::keep(pr.p, pr.p * (lp - lm));
   acc_q = acc_q + M::keep(pr.q, pr.q * (lq - lm));
 }
@@ -486,7 +530,7 @@ PYKD_HD void grad_lanes(V s, V t, const Probs<V>& pr, const Options<T>& o, const
     } else {
       const V lp = (tp - V(k.mt)) - V(k.lt);
       const V lq = (sp - V(k.ms)) - V(k.ls);
-      const V lm = M::log(V(o.beta) * p + V(T(1) - o.beta) * q);
+      const V lm = log_mixture(p, q, o.beta);
       gs = V(k.gs_soft * (T(1) - o.beta)) * M::keep(q, q * ((lq - lm) - V(k.jsd_q)));
       gt = V(k.gt_soft * o.beta) * M::keep(p, p * ((lp - lm) - V(k.centre)));
     }
@@ -544,7 +588,7 @@ PYKD_HD T topk_special_grad(T s, T p, bool in_topk, bool is_target, const Option
   } else if (!in_topk) {
     g = k.gs_soft * (T(1) - o.beta) * k.off_topk * q;
   } else {
-    const T lm = ::log(o.beta * p + (T(1) - o.beta) * q);
+    const T lm = log_mixture(p, q, o.beta);
     g = q > T(0) ? k.gs_soft * (T(1) - o.beta) * q * ((lq - lm) - k.kq) : T(0);
   }
   if (kHard) g += k.gs_hard * (::exp((s - k.m1) - k.l1) - (is_target ? T(1) : T(0)));
@@ -560,7 +604,7 @@ PYKD_HD void topk_entry(const Options<T>& o, const TopkConsts<T>& k, T p, T lp, 
   if (D == Divergence::KL) {
     acc_p += p > T(0) ? p * (lp - lq) : T(0);
   } else {
-    const T lm = ::log(o.beta * p + (T(1) - o.beta) * q);
+    const T lm = log_mixture(p, q, o.beta);
     acc_p += p > T(0) ? p * (lp - lm) : T(0);
     acc_q += q > T(0) ? q * (lq - lm) : T(0);
     q_mass += q;
