@@ -71,6 +71,21 @@ def call_model(model: nn.Module, inputs: Any, extra: Mapping[str, Any]) -> Any:
     return model(inputs, **extra)
 
 
+# Where ``DistillationConfig.inputs`` may send a batch key.
+ROUTES = ("teacher", "student", "both")
+
+
+def routed_inputs(inputs: Mapping[str, Any], routes: Mapping[str, str] | None,
+                  model: str) -> Mapping[str, Any]:
+    """The keyword inputs of ``model`` (``"teacher"`` or ``"student"``): ``inputs`` without
+    the keys that ``routes`` sends only to the other model (a key it does not name goes to
+    both)."""
+    if not routes:
+        return inputs
+    return {key: value for key, value in inputs.items()
+            if routes.get(key, "both") in (model, "both")}
+
+
 def to_device(obj: Any, device: torch.device, float_dtype: torch.dtype | None = None) -> Any:
     """Move the tensors of a nested batch (casting floating ones to ``float_dtype`` if given)."""
     if isinstance(obj, torch.Tensor):

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
+from pykd._batches import ROUTES
 from pykd.callbacks import Callback
 from pykd.checkpoint import PathLike
 from pykd.heads import HeadLike
@@ -114,8 +115,10 @@ class DistillationConfig(_Config):
     device: torch.device | str | None = None
     teacher_device: torch.device | str | None = None
     teacher_dtype: torch.dtype | None = None
+    inputs: Mapping[str, str] | None = None  # batch key -> "teacher", "student" or "both"
 
     def __post_init__(self) -> None:
+        self._check_inputs()
         weighting = self.sample_weighting
         if weighting is not None and not callable(weighting) and weighting not in WEIGHTINGS:
             raise ValueError(f"sample_weighting must be one of {WEIGHTINGS}, a function or "
@@ -130,6 +133,24 @@ class DistillationConfig(_Config):
                              "never computes; use one or the other")
         # Checked here as well as in the op, which never sees alpha without labels.
         check_alpha_schedule(as_schedule(self.alpha))
+
+    def _check_inputs(self) -> None:
+        """``inputs`` maps batch keys (model inputs, never labels or sample weights) to one of
+        ``ROUTES``. A copy is kept: changing the given mapping later would skip these checks."""
+        if self.inputs is None:
+            return
+        if not isinstance(self.inputs, Mapping):
+            raise TypeError(f"inputs must map batch keys to one of {ROUTES}, got "
+                            f"{type(self.inputs).__name__}")
+        for key, route in self.inputs.items():
+            if not isinstance(key, str):
+                raise TypeError(f"inputs maps batch keys, which are strings, got {key!r}")
+            if key in ("labels", "sample_weight"):
+                raise ValueError(f"inputs[{key!r}]: {key!r} is no model input (pykd takes it "
+                                 "out of every dict batch and passes it to neither model)")
+            if route not in ROUTES:
+                raise ValueError(f"inputs[{key!r}] must be one of {ROUTES}, got {route!r}")
+        self.inputs = dict(self.inputs)
 
 
 def configure(kind: type[_C], config: _C | None, options: Mapping[str, Any]) -> _C:

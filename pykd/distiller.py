@@ -48,7 +48,7 @@ class Distiller(TrainingLoop):
     Skipped steps count no ``global_step`` and call no ``on_step_end``.
 
     The options are keywords, as below, or two configs: ``distillation``, a
-    :class:`pykd.DistillationConfig` (``teacher_weights`` to ``teacher_dtype``), and ``training``,
+    :class:`pykd.DistillationConfig` (``teacher_weights`` to ``inputs``), and ``training``,
     a :class:`pykd.TrainingConfig` (``optimizer`` to ``ddp_kwargs``); keywords are laid over the
     configs.
 
@@ -63,7 +63,11 @@ class Distiller(TrainingLoop):
         divergence: ``"kl"``, ``"reverse_kl"``, ``"jsd"``, ``"mse"`` or ``"cosine"``.
         temperature: ``T``, a number or a schedule of the global step (:mod:`pykd.schedules`).
         alpha: weight of the soft term against the label cross entropy; number or schedule,
-            in [0, 1] (checked with or without labels).
+            in [0, 1] (checked with or without labels). The constant 0 (``0`` or
+            ``schedules.Constant(0)``) without ``hidden`` or ``sample_weighting`` trains on the
+            labels alone: training steps of labelled batches run no teacher (nor read a
+            cache), and their metrics leave out ``soft``, ``kl`` and ``agreement``;
+            :meth:`evaluate` still runs the teacher and reports them.
         beta: JSD mixing weight.
         ignore_index: label of rows to ignore (padding).
         causal_lm: compare the logits at position ``t`` with the label at ``t + 1``.
@@ -100,6 +104,12 @@ class Distiller(TrainingLoop):
         teacher_dtype: cast the teachers to this dtype, e.g. ``torch.bfloat16``; by default
             each keeps its own. A teacher's floating inputs are cast to its parameters' dtype,
             its outputs to the student's dtype for the loss.
+        inputs: which model gets which key of a dict batch: ``{"key": "teacher" | "student" |
+            "both"}``; a key not named goes to both (``"labels"`` and ``"sample_weight"`` go to
+            neither and cannot be named). E.g. ``{"shape_ids": "student"}`` for an input the
+            teacher's ``forward`` does not take. Tuple and tensor batches have no keys: they
+            are refused (``ValueError``) while ``inputs`` names any.
+            :meth:`pykd.TeacherCache.build` gives its teacher every key.
         seed: seeds the shuffling of the training data, together with the epoch.
         checkpoint_path: a file to save checkpoints to (atomically) at every epoch end, after
             the callbacks.
@@ -121,7 +131,8 @@ class Distiller(TrainingLoop):
         rank, world_size, device: this process's place under ``torch.distributed`` and the
             student's device.
         objective: the :class:`pykd.teacher_student.TeacherStudentObjective` that computes
-            each step (its loss options: ``divergence``, ``temperature``, ``alpha``, ...); the
+            each step (its loss options: ``divergence``, ``temperature``, ``alpha``, ...;
+            ``labels_only``: whether training steps of labelled batches skip the teacher); the
             rest is the :class:`pykd.TrainingLoop` this class extends.
 
     Example:

@@ -19,10 +19,12 @@ from torch import nn
 
 from pykd._batches import (
     Batch,
+    IndexedBatch,
     Outputs,
     call_model,
     floating_dtype,
     logits_and_hidden,
+    routed_inputs,
     to_device,
     token_positions,
 )
@@ -30,6 +32,7 @@ from pykd.cache import TeacherCache, TopKRows
 from pykd.config import DistillationConfig, configure
 from pykd.heads import HeadCapture, HeadLike, LinearRows, resolve_head
 from pykd.objective import (
+    STATS,
     Layout,
     LogitObjective,
     LogitRows,
@@ -38,7 +41,7 @@ from pykd.objective import (
     require_hidden,
 )
 from pykd.rows import Prepared
-from pykd.schedules import as_schedule
+from pykd.schedules import Constant, as_schedule
 from pykd.teachers import (
     adaptive_weights,
     combine_teachers,
@@ -104,6 +107,14 @@ def _run(model: nn.Module, inputs: Any, extra: Mapping[str, Any], head: nn.Linea
     return capture.hidden(logits), hidden
 
 
+@dataclasses.dataclass
+class _Rows(LogitRows):
+    """:class:`LogitRows` that say whether the teachers ran: without them (``labels_only``), the
+    teacher's place in the loss is held by the student's own logits, detached."""
+
+    teacherless: bool = False
+
+
 class _StudentStack(nn.Module):
     """The student and its hidden-state projections as one module, so that DDP syncs both."""
 
@@ -147,6 +158,12 @@ class TeacherStudentObjective(LogitObjective):
         self.fused_lm_head = bool(config.fused_lm_head)
         self.student = student
         student.to(self.device)
+        self.inputs = config.inputs
+        # A training step of a labelled batch needs no teacher when alpha is the constant 0 and
+        # nothing else reads the teacher (see forward).
+        alpha = self.alpha
+        self.labels_only = (type(alpha) is Constant and alpha.value == 0.0
+                            and self.hidden is None and self.sample_weighting is None)
         self.teacher_dtype = config.teacher_dtype
         # Asked of the models only when hidden states are matched and their forward takes it.
         self._hidden_kwarg = {"output_hidden_states": True} if self.hidden is not None else {}
@@ -246,7 +263,19 @@ class TeacherStudentObjective(LogitObjective):
 
     # ---------------------------------------------------------------------- rows and forward
 
+    def prepare(self, raw: Any, where: str) -> Prepared:
+        if self.inputs:
+            batch = raw.batch if isinstance(raw, IndexedBatch) else raw
+            if not isinstance(batch, Mapping):
+                raise ValueError(
+                    f"inputs= routes the keys of dict batches, but {where} is a "
+                    f"{type(batch).__name__}: give dict batches, or leave inputs unset"
+                )
+        return super().prepare(raw, where)
+
     def probe(self, inputs: Any) -> Layout:
+        if self.labels_only:
+            return self._probe_student(inputs)
         logits, hidden = self._run_teacher(0, inputs)
         token_hidden = False
         if self.hidden is not None:
@@ -259,7 +288,26 @@ class TeacherStudentObjective(LogitObjective):
         return (token_positions(batch) if layout.token_hidden
                 else torch.ones(batch.size, dtype=torch.bool, device=self.device))
 
+    def _probe_student(self, inputs: Any) -> Layout:
+        """The layout of the student's outputs, for an objective whose training runs no teacher.
+
+        The student runs in eval mode, without gradients and outside the RNG streams, so that
+        probing (once per run) changes neither its state (batch-norm statistics) nor the
+        dropout masks of this run or of a resumed one."""
+        modes = [(module, module.training) for module in self.student.modules()]
+        devices = [self.device] if self.device.type == "cuda" else []
+        self.student.eval()
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=devices):
+                logits, _ = _run(self.student, routed_inputs(inputs, self.inputs, "student"),
+                                 self.module.extra, self._student_head, "student")
+        finally:
+            for module, training in modes:
+                module.training = training
+        return self.layout_of(logits)
+
     def _run_teacher(self, k: int, inputs: Any) -> Outputs:
+        inputs = routed_inputs(inputs, self.inputs, "teacher")
         with torch.no_grad():
             return _run(self.teachers[k],
                         to_device(inputs, self._teacher_devices[k], self._teacher_dtypes[k]),
@@ -267,8 +315,13 @@ class TeacherStudentObjective(LogitObjective):
 
     def forward(self, prep: Prepared, model: nn.Module, hyper: tuple[float, Any]) -> LogitRows:
         temperature = hyper[0]
-        outputs = [self._run_teacher(k, prep.batch.inputs) for k in range(len(self.teachers))]
-        student, projected = model(prep.batch.inputs)
+        # With labels and alpha = 0 the soft term weighs nothing: a training step (the loop puts
+        # the module in train mode for those, in eval mode to evaluate) runs no teacher, and the
+        # student's own detached logits fill the teacher's place in the op.
+        teacherless = self.labels_only and prep.target is not None and self.module.training
+        outputs = [] if teacherless else [self._run_teacher(k, prep.batch.inputs)
+                                          for k in range(len(self.teachers))]
+        student, projected = model(routed_inputs(prep.batch.inputs, self.inputs, "student"))
         prep.check_logits(student)  # a head's input has the logits' rows too
         teacher: TeacherLogits
         if self._student_head is not None:
@@ -276,9 +329,15 @@ class TeacherStudentObjective(LogitObjective):
             # heads' weights take the dtype of the student's hidden states, as under autocast.
             student = LinearRows(student, self._student_head.weight, self._student_head.bias)
             student = student.to(student.hidden.device, student.hidden.dtype)
-            teacher = LinearRows(outputs[0][0], self._teacher_head.weight,
-                                 self._teacher_head.bias).to(student.hidden.device,
-                                                             student.hidden.dtype)
+            if teacherless:
+                teacher = LinearRows(student.hidden.detach(), student.weight.detach(),
+                                     None if student.bias is None else student.bias.detach())
+            else:
+                teacher = LinearRows(outputs[0][0], self._teacher_head.weight,
+                                     self._teacher_head.bias).to(student.hidden.device,
+                                                                 student.hidden.dtype)
+        elif teacherless:
+            teacher = student.detach()
         elif self.cache is not None:
             teacher = plain = self._cached_teacher(prep.batch, student)
         else:
@@ -302,7 +361,27 @@ class TeacherStudentObjective(LogitObjective):
             for s_h, t_layer in zip(projected, self._teacher_layers):
                 t_h = teacher_hidden[t_layer].to(device=s_h.device, dtype=s_h.dtype)
                 hidden.append((s_h, t_h, row_weight))
-        return LogitRows(student, teacher, prep.target, prep.valid, weight, hidden)
+        return _Rows(student, teacher, prep.target, prep.valid, weight, hidden, teacherless)
+
+    # ------------------------------------------------------------------------------- metrics
+
+    def zero_stats(self) -> torch.Tensor:
+        # One sum more than STATS: the micro-batches that ran without the teacher.
+        return torch.zeros(len(STATS) + 1, dtype=torch.float64, device=self.device)
+
+    def stats(self, rows: _Rows, prep: Prepared, hyper: tuple[float, Any]) -> torch.Tensor:
+        sums = self.rows_stats(rows, prep, hyper[0])
+        return torch.cat([sums, sums.new_full((1,), float(rows.teacherless))])
+
+    def summary(self, sums: torch.Tensor, hyper: tuple[float, Any],
+                has_labels: bool) -> dict[str, float]:
+        sums = sums.cpu()  # read once, then on the host
+        out = self.rows_summary(sums[:-1], hyper[1], has_labels)
+        if sums[-1].item() > 0:
+            # Measured against the student itself, the teacher's metrics would mean nothing.
+            for name in ("soft", "kl", "agreement"):
+                out.pop(name, None)
+        return out
 
     def _cached_teacher(self, batch: Batch, student: torch.Tensor) -> torch.Tensor | TopKRows:
         """The cached teacher rows of ``batch``, laid out like the student's logits."""
