@@ -15,7 +15,7 @@ from pykd._extension import LOAD_ERROR, build_info
 if LOAD_ERROR is None:
     from pykd import ops  # noqa: F401  (registers fake kernels and autograd)
 
-from pykd import functional, schedules
+from pykd import augment, functional, schedules
 from pykd.cache import CacheError, CorruptCacheError, StaleCacheError, TeacherCache
 from pykd.callbacks import Callback
 from pykd.config import DistillationConfig, TrainingConfig
@@ -54,6 +54,7 @@ __all__ = [
     "TrainingConfig",
     "TrainingLoop",
     "adaptive_weights",
+    "augment",
     "build_info",
     "combine_teachers",
     "distillation_loss",
