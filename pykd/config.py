@@ -116,6 +116,7 @@ class DistillationConfig(_Config):
     teacher_device: torch.device | str | None = None
     teacher_dtype: torch.dtype | None = None
     inputs: Mapping[str, str] | None = None  # batch key -> "teacher", "student" or "both"
+    soft_index: int | None = None  # the label of rows without one (transfer data): soft only
 
     def __post_init__(self) -> None:
         self._check_inputs()
@@ -133,6 +134,11 @@ class DistillationConfig(_Config):
                              "never computes; use one or the other")
         # Checked here as well as in the op, which never sees alpha without labels.
         check_alpha_schedule(as_schedule(self.alpha))
+        soft = self.soft_index
+        if soft is not None and not (isinstance(soft, numbers.Integral) and soft < 0
+                                     and soft != self.ignore_index):
+            raise ValueError(f"soft_index must be a negative int other than ignore_index "
+                             f"({self.ignore_index}), got {soft!r}")
 
     def _check_inputs(self) -> None:
         """``inputs`` maps batch keys (model inputs, never labels or sample weights) to one of

@@ -70,6 +70,11 @@ class Distiller(TrainingLoop):
             :meth:`evaluate` still runs the teacher and reports them.
         beta: JSD mixing weight.
         ignore_index: label of rows to ignore (padding).
+        soft_index: the label of rows that have none (a transfer set's augmented copies beside
+            the labelled examples, in the same batch): their loss is the soft term alone,
+            whatever ``alpha`` is, and they count in the normaliser like labelled rows. A
+            negative int other than ``ignore_index`` (e.g. -1); None: no such rows. Metrics:
+            ``ce`` and ``accuracy`` are over the labelled rows only.
         causal_lm: compare the logits at position ``t`` with the label at ``t + 1``.
         sample_weighting: adaptive per-row weights from the teacher: ``"confidence"``,
             ``"entropy"``, ``"correctness"`` or ``fn(teacher_logits, labels) -> weights``

@@ -42,6 +42,7 @@ Optimizers = tuple[list[torch.optim.Optimizer], list[Union[torch.optim.lr_schedu
 STATS = (
     "soft", "ce", "hidden", "kl", "agreement", "accuracy",
     "d_logit", "d_hidden", "rows", "labelled",
+    "soft_only", "d_labelled",  # the soft term of soft-only rows; the weights of labelled rows
 )
 
 
@@ -197,11 +198,12 @@ class LogitRows:
 
 def logit_loss(student: LogitsLike, teacher: TeacherLogits, *, weight: torch.Tensor,
                target: torch.Tensor | None, divergence: str, temperature: float, alpha: float,
-               beta: float, ignore_index: int, chunk_size: int) -> torch.Tensor:
+               beta: float, ignore_index: int, chunk_size: int,
+               soft_index: int | None = None) -> torch.Tensor:
     """The op's loss with ``reduction="sum"``, in the form that fits the rows."""
     options = {"weight": weight, "target": target, "divergence": divergence,
                "temperature": temperature, "alpha": alpha, "beta": beta,
-               "ignore_index": ignore_index, "reduction": "sum"}
+               "ignore_index": ignore_index, "reduction": "sum", "soft_index": soft_index}
     if isinstance(teacher, TopKRows):
         return distillation_loss_topk(student, teacher.index, teacher.logits, **options)
     if isinstance(student, LinearRows):
@@ -260,10 +262,13 @@ class LogitObjective(Objective):
 
     def __init__(self, *, device: torch.device, divergence: str, temperature: ScheduleLike,
                  alpha: Callable[[int], Any], beta: float, ignore_index: int, causal_lm: bool,
-                 chunk_size: int = 1024, hidden_divergence: str | None = None) -> None:
+                 chunk_size: int = 1024, hidden_divergence: str | None = None,
+                 soft_index: int | None = None) -> None:
         check_loss_options(divergence, 1.0, 1.0, beta, "sum", has_target=True)
         self.device = device
         self.divergence, self.beta, self.ignore_index = divergence, float(beta), int(ignore_index)
+        # The label of rows that have none (a transfer set): the soft term alone (docs/loss.md).
+        self.soft_index = soft_index
         self.temperature, self.alpha = as_schedule(temperature), alpha
         self.causal_lm, self.chunk_size = causal_lm, chunk_size
         self.hidden_divergence = hidden_divergence  # None: no hidden-state terms
@@ -329,6 +334,7 @@ class LogitObjective(Objective):
             divergence=self.divergence, temperature=temperature,
             alpha=alpha if rows.target is not None else 1.0, beta=self.beta,
             ignore_index=self.ignore_index, chunk_size=self.chunk_size,
+            soft_index=self.soft_index,
         )
         for s_h, t_h, weight in rows.hidden:
             loss = loss + distillation_loss(s_h, t_h, weight=weight * inverse[1],
@@ -350,6 +356,7 @@ class LogitObjective(Objective):
                 rows.student, rows.teacher, weight=weight, target=rows.target,
                 divergence=divergence, temperature=temperature, alpha=alpha, beta=self.beta,
                 ignore_index=self.ignore_index, chunk_size=self.chunk_size,
+                soft_index=self.soft_index,
             )
 
         zero = torch.zeros((), device=self.device)
@@ -357,17 +364,27 @@ class LogitObjective(Objective):
         kl = term(rows.valid.float(), "kl", 1.0)
         prediction = _argmax(rows.student, self.chunk_size)
         agreement = ((prediction == _argmax(rows.teacher, self.chunk_size)) & rows.valid).sum()
-        ce = correct = labelled = zero
+        ce = correct = labelled = soft_only = d_labelled = zero
         if rows.target is not None:
-            ce = term(rows.weight, "kl", 0.0)
-            correct = ((prediction == rows.target) & rows.valid).sum()
-            labelled = rows.valid.sum()
+            has_label = rows.valid
+            if self.soft_index is not None:
+                no_label = rows.target == self.soft_index
+                has_label = has_label & ~no_label
+                if bool(no_label.any()):  # their part of the step's loss, alpha aside
+                    soft_only = term(rows.weight * no_label, self.divergence, 1.0)
+            label_w = rows.weight * has_label
+            ce = term(label_w, "kl", 0.0)
+            d_labelled = label_w.sum()
+            correct = ((prediction == rows.target) & has_label).sum()
+            labelled = has_label.sum()
+        else:  # every row of an unlabelled batch is soft-only
+            soft_only = soft
         hidden = sum((distillation_loss(s_h.detach(), t_h, weight=w, reduction="sum",
                                         divergence=self.hidden_divergence)
                       for s_h, t_h, w in rows.hidden), zero)
         d_hidden = prep.hidden_w.sum() if prep.hidden_w is not None else zero
         values = (soft, ce, hidden, kl, agreement, correct, prep.logit_w.sum(), d_hidden,
-                  rows.valid.sum(), labelled)
+                  rows.valid.sum(), labelled, soft_only, d_labelled)
         return torch.stack([v.to(self.device, torch.float64) for v in values])
 
     def summary(self, sums: torch.Tensor, hyper: tuple[float, Any],
@@ -378,6 +395,8 @@ class LogitObjective(Objective):
                      ) -> dict[str, float]:
         """One student's metrics from its summed :meth:`rows_stats`."""
         s = dict(zip(STATS, sums.tolist()))
+
+        s["ce_and_soft_only"] = s["ce"] + s["soft_only"]
 
         def ratio(num: str, den: str) -> float:
             return s[num] / s[den] if s[den] > 0 else 0.0
@@ -393,10 +412,12 @@ class LogitObjective(Objective):
             out["hidden"] = ratio("hidden", "d_hidden")
             out["loss"] += out["hidden"]
         if has_labels:
-            out["ce"] = ratio("ce", "d_logit")
+            # ce is the mean over the labelled rows; the loss weighs every row of the step, the
+            # soft-only rows (all soft, alpha aside) and the unlabelled batches' rows included.
+            out["ce"] = ratio("ce", "d_labelled")
             if s["labelled"] > 0:
                 out["accuracy"] = ratio("accuracy", "labelled")
-            out["loss"] += (1.0 - mix) * out["ce"]
+            out["loss"] += (1.0 - mix) * ratio("ce_and_soft_only", "d_logit")
         return dict(sorted(out.items()))
 
 

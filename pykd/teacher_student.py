@@ -151,6 +151,7 @@ class TeacherStudentObjective(LogitObjective):
             alpha=as_schedule(config.alpha), beta=config.beta, ignore_index=config.ignore_index,
             causal_lm=config.causal_lm, chunk_size=config.lm_head_chunk_size,
             hidden_divergence=config.hidden.divergence if config.hidden is not None else None,
+            soft_index=config.soft_index,
         )
         self.hidden = config.hidden
         self.sample_weighting = config.sample_weighting
@@ -318,7 +319,8 @@ class TeacherStudentObjective(LogitObjective):
         # With labels and alpha = 0 the soft term weighs nothing: a training step (the loop puts
         # the module in train mode for those, in eval mode to evaluate) runs no teacher, and the
         # student's own detached logits fill the teacher's place in the op.
-        teacherless = self.labels_only and prep.target is not None and self.module.training
+        teacherless = (self.labels_only and prep.target is not None and self.module.training
+                       and not self._has_soft_only_rows(prep))
         outputs = [] if teacherless else [self._run_teacher(k, prep.batch.inputs)
                                           for k in range(len(self.teachers))]
         student, projected = model(routed_inputs(prep.batch.inputs, self.inputs, "student"))
@@ -362,6 +364,11 @@ class TeacherStudentObjective(LogitObjective):
                 t_h = teacher_hidden[t_layer].to(device=s_h.device, dtype=s_h.dtype)
                 hidden.append((s_h, t_h, row_weight))
         return _Rows(student, teacher, prep.target, prep.valid, weight, hidden, teacherless)
+
+    def _has_soft_only_rows(self, prep: Prepared) -> bool:
+        """Whether a row of ``prep`` has no label (``soft_index``): its loss is the soft term
+        whatever alpha is, so it needs the teacher."""
+        return self.soft_index is not None and bool((prep.target == self.soft_index).any())
 
     # ------------------------------------------------------------------------------- metrics
 
