@@ -178,8 +178,6 @@ void run_rows(const KernelArgs& a, int64_t begin, int64_t end) {
   constexpr bool kInPlace = std::is_same_v<S, A>;  // float32/float64 gradients are written directly
 
   const Options<A> call{D, A(a.temperature), A(1.0 / a.temperature), A(a.alpha), A(a.beta), kHard};
-  const A* const row_t = static_cast<const A*>(a.row_temperature);
-  const A* const row_a = static_cast<const A*>(a.row_alpha);
   const int64_t V = a.classes;
   const A norm = *static_cast<const A*>(a.norm);
   const A* w = static_cast<const A*>(a.weight);
@@ -201,25 +199,12 @@ void run_rows(const KernelArgs& a, int64_t begin, int64_t end) {
       if (gt_row) std::fill_n(gt_row, V, g_value);
     };
 
-    // y < 0: no label is read (soft-only rows, and every row without a target).
-    int64_t y = -1;
-    bool soft_only = false;
-    if constexpr (kHard) {
-      const RowLabel label = classify_label(a.target[i], a.ignore_index, a.soft_index, V);
-      if (label == RowLabel::Ignored) {
-        fill_row(A(0), S(0));
-        continue;
-      }
-      if (label == RowLabel::Bad) {  // the host raises (CPU) or reports NaN (CUDA)
-        fill_row(std::numeric_limits<A>::quiet_NaN(), S(NAN));
-        continue;
-      }
-      soft_only = label == RowLabel::SoftOnly;
-      if (!soft_only) y = a.target[i];
-    }
     Options<A> o = call;
-    if (!set_row_options(o, row_t, row_a, i, soft_only)) {
-      fill_row(std::numeric_limits<A>::quiet_NaN(), S(NAN));
+    int64_t y;  // < 0: no label is read
+    const RowLabel label = begin_row(a, i, o, y);
+    if (label == RowLabel::Ignored || label == RowLabel::Bad) {  // the CPU host raises on Bad
+      fill_row(label == RowLabel::Bad ? std::numeric_limits<A>::quiet_NaN() : A(0),
+               label == RowLabel::Bad ? S(NAN) : S(0));
       continue;
     }
 

@@ -28,8 +28,6 @@ void run_topk_rows(const TopkKernelArgs& a, int64_t begin, int64_t end) {
   A* const g_buf = buf + kChunk;
   constexpr bool kInPlace = std::is_same_v<S, A>;
   const Options<A> call{D, A(a.temperature), A(1.0 / a.temperature), A(a.alpha), A(a.beta), kHard};
-  const A* const row_t = static_cast<const A*>(a.row_temperature);
-  const A* const row_a = static_cast<const A*>(a.row_alpha);
   const int64_t V = a.classes, K = a.k;
   const A norm = *static_cast<const A*>(a.norm);
   const A* w = static_cast<const A*>(a.weight);
@@ -50,24 +48,12 @@ void run_topk_rows(const TopkKernelArgs& a, int64_t begin, int64_t end) {
       std::atomic_ref<int64_t>(*a.bad_row).store(i, std::memory_order_relaxed);
       fill_row(std::numeric_limits<A>::quiet_NaN(), S(NAN));
     };
-    int64_t y = -1;  // < 0: no label is read (soft-only rows, no target)
-    bool soft_only = false;
-    if constexpr (kHard) {
-      const RowLabel label = classify_label(a.target[i], a.ignore_index, a.soft_index, V);
-      if (label == RowLabel::Ignored) {
-        fill_row(A(0), S(0));
-        continue;
-      }
-      if (label == RowLabel::Bad) {
-        fill_row(std::numeric_limits<A>::quiet_NaN(), S(NAN));
-        continue;
-      }
-      soft_only = label == RowLabel::SoftOnly;
-      if (!soft_only) y = a.target[i];
-    }
     Options<A> o = call;
-    if (!set_row_options(o, row_t, row_a, i, soft_only)) {
-      fill_row(std::numeric_limits<A>::quiet_NaN(), S(NAN));
+    int64_t y;  // < 0: no label is read
+    const RowLabel label = begin_row(a, i, o, y);
+    if (label == RowLabel::Ignored || label == RowLabel::Bad) {
+      fill_row(label == RowLabel::Bad ? std::numeric_limits<A>::quiet_NaN() : A(0),
+               label == RowLabel::Bad ? S(NAN) : S(0));
       continue;
     }
     bool indices_ok = true;

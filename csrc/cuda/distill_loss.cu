@@ -78,22 +78,10 @@ __global__ void __launch_bounds__(kMaxThreads)
     }
     if (rank == 0 && threadIdx.x == 0) u[row] = u_value;
   };
-  int64_t y = -1;  // < 0: no label is read (soft-only rows, no target)
-  bool soft_only = false;
-  if constexpr (kHard) {
-    const RowLabel label = classify_label(a.target[row], a.ignore_index, a.soft_index, V);
-    if (label == RowLabel::Ignored) return fill_row(A(0), 0.f);
-    if (label == RowLabel::Bad) {  // never read out of bounds; prepare_rows made its weight NaN
-      if (rank == 0 && threadIdx.x == 0) *a.bad_row = row;
-      return fill_row(A(NAN), NAN);
-    }
-    soft_only = label == RowLabel::SoftOnly;
-    if (!soft_only) y = a.target[row];
-  }
-  if (!set_row_options(o, static_cast<const A*>(a.row_temperature),
-                       static_cast<const A*>(a.row_alpha), row, soft_only)) {
-    return fill_row(A(NAN), NAN);
-  }
+  int64_t y;  // < 0: no label is read
+  const RowLabel label = begin_row(a, row, o, y);
+  if (label == RowLabel::Ignored) return fill_row(A(0), 0.f);
+  if (label == RowLabel::Bad) return fill_row(A(NAN), NAN);  // no label is read out of bounds
 
   // Sweep 1: one read from HBM, statistics per thread, the slice kept in shared memory.
   RowStats<A> st;

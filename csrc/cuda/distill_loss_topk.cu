@@ -45,19 +45,10 @@ __global__ void __launch_bounds__(kMaxThreads)
       g_row[j] = static_cast<S>(g_value);
     if (threadIdx.x == 0) u[row] = u_value;
   };
-  int64_t y = -1;  // < 0: no label is read (soft-only rows, no target)
-  bool soft_only = false;
-  if constexpr (kHard) {
-    const RowLabel label = classify_label(a.target[row], a.ignore_index, a.soft_index, V);
-    if (label == RowLabel::Ignored) return fill_row(A(0), 0.f);
-    if (label == RowLabel::Bad) return fill_row(A(NAN), NAN);
-    soft_only = label == RowLabel::SoftOnly;
-    if (!soft_only) y = a.target[row];
-  }
-  if (!set_row_options(o, static_cast<const A*>(a.row_temperature),
-                       static_cast<const A*>(a.row_alpha), row, soft_only)) {
-    return fill_row(A(NAN), NAN);
-  }
+  int64_t y;  // < 0: no label is read
+  const RowLabel label = begin_row(a, row, o, y);
+  if (label == RowLabel::Ignored) return fill_row(A(0), 0.f);
+  if (label == RowLabel::Bad) return fill_row(A(NAN), NAN);
 
   // The student's streaming log-sum-exp at T (stream s) and at 1 (stream s1).
   RowStats<A> st;

@@ -182,6 +182,26 @@ PYKD_HD bool set_row_options(Options<T>& o, const T* temperature, const T* alpha
   return true;
 }
 
+// Row i's label and options: the one rule every kernel applies first. `a` is a kernel's
+// arguments (target, ignore_index, soft_index, classes and the per-row option pointers, in the
+// accumulation type T). Sets y to the label to read (-1: none, on a soft-only row or without
+// labels) and o to the row's options. Returns Ignored (out of the loss: loss and gradients 0), Bad
+// (a label outside [0, V) or a per-row value out of range: a NaN row) or the row's kind.
+template <typename T, typename Args>
+PYKD_HD RowLabel begin_row(const Args& a, int64_t i, Options<T>& o, int64_t& y) {
+  y = -1;
+  RowLabel label = RowLabel::SoftOnly;  // without labels every row is the soft term alone
+  if (a.target != nullptr) {
+    label = classify_label(a.target[i], a.ignore_index, a.soft_index, a.classes);
+    if (label == RowLabel::Ignored || label == RowLabel::Bad) return label;
+    if (label == RowLabel::Labelled) y = a.target[i];
+  }
+  const bool ok =
+      set_row_options(o, static_cast<const T*>(a.row_temperature),
+                      static_cast<const T*>(a.row_alpha), i, label == RowLabel::SoftOnly);
+  return ok ? label : RowLabel::Bad;
+}
+
 // Statistics of one row gathered by the first sweep.
 template <typename T>
 struct RowStats {
