@@ -143,6 +143,18 @@ def split_batch(batch: Any) -> tuple[Any, Any, Any]:
     raise TypeError(f"batches must be dicts, tuples or tensors, got {type(batch).__name__}")
 
 
+def _token_inputs(inputs: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The mask of the logits' token positions and an input shaped like them. An
+    encoder-decoder's logits are the decoder's positions: its ``decoder_attention_mask`` and
+    ``decoder_input_ids`` name them, never the encoder's mask (which may even be as long)."""
+    if isinstance(inputs, Mapping):
+        for prefix in ("decoder_", ""):
+            mask, ids = inputs.get(prefix + "attention_mask"), inputs.get(prefix + "input_ids")
+            if isinstance(mask, torch.Tensor) or isinstance(ids, torch.Tensor):
+                return mask, ids if isinstance(ids, torch.Tensor) else mask
+    return None, first_tensor(inputs)
+
+
 def parse_batch(batch: Any) -> Batch:
     """Split a batch (see :func:`split_batch`) and find its size, mask and token positions."""
     index = None
@@ -152,11 +164,7 @@ def parse_batch(batch: Any) -> Batch:
     for name, value in (("labels", labels), ("sample_weight", weight)):
         if value is not None and not isinstance(value, torch.Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(value).__name__}")
-    mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
-    if isinstance(inputs, Mapping) and isinstance(inputs.get("input_ids"), torch.Tensor):
-        positions_like = inputs["input_ids"]
-    else:
-        positions_like = first_tensor(inputs)
+    mask, positions_like = _token_inputs(inputs)
     sized = next((t for t in (labels, positions_like, mask) if t is not None), None)
     if sized is None:
         raise ValueError("a batch must hold at least one tensor")
