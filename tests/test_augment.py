@@ -9,9 +9,11 @@ import torch
 
 import pykd
 from pykd import augment as A
+from pykd.augment import _core as core
 
 CLS, SEP, PAD, MASK = 1, 2, 0, 3
 SPECIAL = [CLS, SEP, PAD]
+ONES = torch.ones(2, 3, dtype=torch.long)  # a padded batch with no padding, for refusals
 
 
 def corpus(n=40, seed=0, low=10, high=60, min_len=1, max_len=12):
@@ -46,6 +48,13 @@ def is_slice(part, whole):
 def default_set(seqs, **kw):
     args = dict(copies=20, mask_id=MASK, special_ids=SPECIAL, seed=0)
     return A.transfer_set(seqs, **{**args, **kw})
+
+
+def replaced_set(seqs, vocab, copies=20):
+    """Every copy with every non-special token replaced from ``vocab``, nothing else done."""
+    return default_set(
+        seqs, copies=copies, p_mask=0, p_replace=1.0, p_ngram=0, vocab=vocab, dedupe=False
+    )
 
 
 # ---------------------------------------------------------------------- seeds and reproducibility
@@ -194,16 +203,7 @@ def test_ngrams_are_contiguous_pieces_within_the_bounds(ngram_range):
 
 def test_ngram_sampling_rate_and_n_are_uniform():
     seq = [CLS, *range(10, 30), SEP]
-    res = A.transfer_set(
-        [seq],
-        copies=4000,
-        p_mask=0,
-        p_replace=0,
-        p_ngram=0.25,
-        special_ids=SPECIAL,
-        seed=0,
-        dedupe=False,
-    )
+    res = default_set([seq], copies=4000, p_mask=0, p_replace=0, p_ngram=0.25, dedupe=False)
     lengths = Counter(len(s) - 2 for s in res.ids)
     assert abs(1 - lengths[20] / 4000 - 0.25) < 0.03
     for n in range(1, 6):
@@ -216,7 +216,7 @@ def test_replacements_come_only_from_the_vocabulary():
     weights = torch.zeros(100)
     weights[[20, 33, 47]] = torch.tensor([1.0, 2.0, 5.0])
     weights[[CLS, SEP, MASK]] = 100.0  # special ids and the mask id are never drawn
-    res = default_set(seqs, p_mask=0.0, p_replace=1.0, p_ngram=0.0, vocab=weights, dedupe=False)
+    res = replaced_set(seqs, weights)
     drawn = Counter(t for s in res.ids for t in content(s))
     assert set(drawn) == allowed
     assert drawn[47] > drawn[33] > drawn[20]  # in proportion to the weights
@@ -251,17 +251,7 @@ def test_unigram_counts():
 def test_context_vocab_draws_words_seen_after_the_same_word():
     seqs = [[CLS, 10, 20, SEP], [CLS, 10, 21, SEP], [CLS, 11, 30, SEP], [CLS, 12, 40, 41, SEP]]
     vocab = A.context_vocab(seqs, special_ids=SPECIAL)
-    res = A.transfer_set(
-        [[CLS, 10, 99, SEP], [CLS, 11, 98, SEP]],
-        copies=200,
-        p_mask=0,
-        p_replace=1.0,
-        p_ngram=0,
-        vocab=vocab,
-        special_ids=SPECIAL,
-        seed=0,
-        dedupe=False,
-    )
+    res = replaced_set([[CLS, 10, 99, SEP], [CLS, 11, 98, SEP]], vocab, copies=200)
     firsts, seconds = Counter(), {0: Counter(), 1: Counter()}
     for s, src in zip(res.ids, res.sources.tolist()):
         firsts[s[1]] += 1
@@ -272,17 +262,7 @@ def test_context_vocab_draws_words_seen_after_the_same_word():
     assert set(seconds[1]) == {30}  # ... and 11
     # A rarer context than min_count (and an unseen one) falls back to the unigram counts.
     rare = A.context_vocab(seqs, special_ids=SPECIAL, min_count=2)
-    out = A.transfer_set(
-        [[CLS, 11, 98, SEP], [CLS, 99, 98, SEP]],
-        copies=300,
-        p_mask=0,
-        p_replace=1.0,
-        p_ngram=0,
-        vocab=rare,
-        special_ids=SPECIAL,
-        seed=0,
-        dedupe=False,
-    )
+    out = replaced_set([[CLS, 11, 98, SEP], [CLS, 99, 98, SEP]], rare, copies=300)
     unigram = {10, 11, 12, 20, 21, 30, 40, 41}
     after = {
         src: {s[2] for s, x in zip(out.ids, out.sources.tolist()) if x == src} for src in (0, 1)
@@ -298,30 +278,12 @@ def test_sources_point_at_the_example_each_sequence_comes_from():
     seqs = [
         [CLS, *range(100 * i + 10, 100 * i + 10 + k), SEP] for i, k in enumerate([5, 1, 8, 3, 6])
     ]
-    res = A.transfer_set(
-        seqs,
-        copies=7,
-        p_mask=0.2,
-        p_replace=0.0,
-        p_ngram=0.5,
-        mask_id=MASK,
-        special_ids=SPECIAL,
-        seed=0,
-        dedupe=False,
-    )
+    kw = dict(copies=7, p_mask=0.2, p_replace=0.0, p_ngram=0.5)
+    res = default_set(seqs, dedupe=False, **kw)
     assert res.sources.tolist() == [i for i in range(5) for _ in range(7)]
     for s, src in zip(res.ids, res.sources.tolist()):
         assert {t // 100 for t in content(s) if t != MASK} <= {src}
-    deduped = A.transfer_set(
-        seqs,
-        copies=7,
-        p_mask=0.2,
-        p_replace=0.0,
-        p_ngram=0.5,
-        mask_id=MASK,
-        special_ids=SPECIAL,
-        seed=0,
-    )
+    deduped = default_set(seqs, **kw)
     assert deduped.sources.tolist() == sorted(deduped.sources.tolist())
     ones = [s for s, src in zip(deduped.ids, deduped.sources.tolist()) if src == 1]
     assert sorted(ones) == sorted(
@@ -356,11 +318,12 @@ def test_dedupe_keeps_the_first_of_each_sequence_per_source():
 def test_dedupe_is_exact_when_hashes_collide(monkeypatch):
     rows = torch.tensor([[5, 7, 0], [5, 6, 0], [5, 6, 0], [5, 7, 0], [9, 9, 9], [5, 0, 0]])
     lens = torch.tensor([2, 2, 2, 2, 3, 2])
-    assert A._first_occurrences(rows, lens, 3).tolist() == [True, True, False, True, True, True]
-    monkeypatch.setattr(A, "_row_hash", lambda r, n: torch.zeros(r.shape[0], dtype=torch.long))
-    assert A._first_occurrences(rows, lens, 3).tolist() == [True, True, False, True, True, True]
+    first = core._first_occurrences
+    assert first(rows, lens, 3).tolist() == [True, True, False, True, True, True]
+    monkeypatch.setattr(core, "_row_hash", lambda r, n: torch.zeros(r.shape[0], dtype=torch.long))
+    assert first(rows, lens, 3).tolist() == [True, True, False, True, True, True]
     # [5, 0] of length 2 is not [5] of length 1, though both rows pad with 0
-    assert A._first_occurrences(torch.tensor([[5, 0], [5, 0]]), torch.tensor([2, 1]), 2).all()
+    assert first(torch.tensor([[5, 0], [5, 0]]), torch.tensor([2, 1]), 2).all()
 
 
 def test_include_original_and_zero_copies():
@@ -481,37 +444,30 @@ def test_single_sequence_functions_refuse_bad_ids(ids, error, match):
         A.mask_tokens(ids, MASK, p=0.5, seed=0)
 
 
+@pytest.mark.parametrize(
+    "sequences, kwargs, error, match",
+    [
+        (torch.tensor([1, 2, 3]), {}, ValueError, r"pass \[ids\]"),
+        ([[1, 2], 3], {}, TypeError, r"sequences\[1\] must be a list of ids"),
+        ([[1, 2], [3, 4.0]], {}, TypeError, "must hold ints"),
+        (ONES, dict(attention_mask=torch.ones(2, 4)), ValueError, "attention_mask has shape"),
+        (ONES, dict(attention_mask=torch.full((2, 3), 2)), ValueError, "only 0 and 1"),
+        ([[1, 2]], dict(attention_mask=torch.ones(1, 2)), ValueError, "goes with a 2-d tensor"),
+        (ONES, dict(p_ngram=0.5), ValueError, "pad_id is required"),  # no padding to copy
+    ],
+)
+def test_transfer_set_refuses_bad_sequences(sequences, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        A.transfer_set(sequences, p_replace=0, p_mask=0, **kwargs)
+
+
 def test_other_refusals():
     with pytest.raises(ValueError, match="vocab is required when p_replace > 0"):
         A.augment([1, 2], p_replace=0.5, p_mask=0.0)
     with pytest.raises(ValueError, match="vocab is required when p_replace > 0"):
-        A.augment_batch(torch.ones(2, 3, dtype=torch.long), p_mask=0.0)
+        A.augment_batch(ONES, p_mask=0.0)
     with pytest.raises(TypeError, match="ids must be a 2-d integer tensor"):
         A.augment_batch([[1, 2]], p_replace=0.0, p_mask=0.0)
-    with pytest.raises(ValueError, match="pass \\[ids\\]"):
-        A.transfer_set(torch.tensor([1, 2, 3]), p_replace=0, p_mask=0)
-    with pytest.raises(TypeError, match=r"sequences\[1\] must be a list of ids"):
-        A.transfer_set([[1, 2], 3], p_replace=0, p_mask=0)
-    with pytest.raises(TypeError, match="must hold ints"):
-        A.transfer_set([[1, 2], [3, 4.0]], p_replace=0, p_mask=0)
-    with pytest.raises(ValueError, match="attention_mask has shape"):
-        A.transfer_set(
-            torch.ones(2, 3, dtype=torch.long),
-            attention_mask=torch.ones(2, 4),
-            p_replace=0,
-            p_mask=0,
-        )
-    with pytest.raises(ValueError, match="attention_mask must hold only 0 and 1"):
-        A.transfer_set(
-            torch.ones(2, 3, dtype=torch.long),
-            attention_mask=torch.full((2, 3), 2),
-            p_replace=0,
-            p_mask=0,
-        )
-    with pytest.raises(ValueError, match="attention_mask goes with a 2-d tensor"):
-        A.transfer_set([[1, 2]], attention_mask=torch.ones(1, 2), p_replace=0, p_mask=0)
-    with pytest.raises(ValueError, match="pad_id is required"):  # no padding to copy it from
-        A.transfer_set(torch.ones(2, 3, dtype=torch.long), p_replace=0, p_mask=0, p_ngram=0.5)
     with pytest.raises(ValueError, match="empty vocabulary"):  # a corpus of special ids only
         A.transfer_set([[CLS, SEP]], special_ids=SPECIAL, p_mask=0)
     with pytest.raises(ValueError, match="vocab_size is 5 but the sequences hold id 9"):
