@@ -1,4 +1,7 @@
-#include "fused_linear_distill_loss.h"
+// fused_linear_distill_loss: the student's and teacher's linear heads and distill_loss, in row
+// chunks, so no [N, V] tensor is ever made. The op has no kernel of its own: its host code (here,
+// for every device) runs the heads with ATen's matmuls (MKL on CPU, cuBLAS on CUDA) and launches
+// distill_loss's row kernel for the device (DeviceKernels), so this file registers it for both.
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -6,7 +9,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <optional>
 #include <string>
+#include <tuple>
+
+#include "distill_loss_common.h"
 
 namespace pykd {
 
@@ -72,8 +80,10 @@ void linear_into(at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
   }
 }
 
-}  // namespace
-
+// _fused_linear_distill_loss on any device: student_hidden (*, Hs), student_weight [V, Hs],
+// teacher_hidden (*, Ht), teacher_weight [V, Ht]. Returns (loss, grad_student_hidden,
+// grad_student_weight, grad_student_bias, grad_weight), each gradient for d loss = 1 or an empty
+// [0] tensor when grad_mask did not ask for it.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 fused_linear_distill_loss_fused(
     const at::Tensor& student_hidden, const at::Tensor& student_weight,
@@ -146,8 +156,6 @@ fused_linear_distill_loss_fused(
   return {loss, grad_h, grad_w_head, grad_b, grad_w};
 }
 
-namespace {
-
 // The public op: like distill_loss, a composite that asks the fused op for exactly the gradients
 // autograd will need (the teacher is frozen: its head and hidden states get none).
 at::Tensor fused_linear_distill_loss(
@@ -185,5 +193,15 @@ at::Tensor fused_linear_distill_loss(
 TORCH_LIBRARY_IMPL(pykd, CompositeImplicitAutograd, m) {
   m.impl("fused_linear_distill_loss", &fused_linear_distill_loss);
 }
+
+TORCH_LIBRARY_IMPL(pykd, CPU, m) {
+  m.impl("_fused_linear_distill_loss", &fused_linear_distill_loss_fused);
+}
+
+#ifdef PYKD_WITH_CUDA
+TORCH_LIBRARY_IMPL(pykd, CUDA, m) {
+  m.impl("_fused_linear_distill_loss", &fused_linear_distill_loss_fused);
+}
+#endif
 
 }  // namespace pykd
