@@ -285,3 +285,24 @@ if __name__ == "__main__":
                  for labelled in (True, False)}
     if os.environ["RANK"] == "0":
         torch.save(grads, sys.argv[1])
+
+
+def test_soft_only_rows_as_in_the_distiller(tmp_path):
+    teacher, student = bert_classifier(32, 2, 0), bert_classifier(16, 1, 1)
+    batch = collate(classification_data(8))
+    batch["labels"][[1, 2, 6]] = -1  # transfer rows: no label
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, temperature=2.0,
+                                  alpha=0.3, soft_index=-1, args=training_args(tmp_path))
+    loss = trainer.compute_loss(student, batch)
+    distiller = pykd.Distiller(teacher, student, temperature=2.0, alpha=0.3, soft_index=-1,
+                               progress=False)
+    assert loss.item() == pytest.approx(distiller.evaluate([batch])["loss"], rel=1e-5)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        expected = pykd.distillation_loss(student(**inputs).logits, teacher(**inputs).logits,
+                                          target=batch["labels"], soft_index=-1,
+                                          temperature=2.0, alpha=0.3)
+    torch.testing.assert_close(loss.detach(), expected)
+    with pytest.raises(ValueError, match="soft_index must be a negative int"):
+        DistillationTrainer(model=student, teacher_model=teacher, soft_index=-100,
+                            args=training_args(tmp_path))

@@ -32,6 +32,7 @@ except ImportError as exc:  # pragma: no cover - exercised by tests with transfo
     ) from exc
 
 from pykd._batches import parse_batch, to_device
+from pykd.config import DistillationConfig
 from pykd.functional import distillation_loss
 from pykd.rows import loss_rows
 
@@ -106,6 +107,9 @@ class DistillationTrainer(transformers.Trainer):
         beta: mixing weight of ``"jsd"``.
         causal_lm: shift logits and labels as for next-token prediction. ``None`` decides from
             the student's class and config (``is_decoder``, ``*ForCausalLM``, ``*LMHeadModel``).
+        soft_index: the label of rows without one (a transfer set beside the labelled data):
+            their loss is the soft term alone and they count like labelled rows, as in
+            :class:`pykd.Distiller` (a negative int other than -100); None: no such rows.
         **trainer_kwargs: passed to :class:`transformers.Trainer` (``args``, ``train_dataset``,
             ``data_collator``, ...). ``compute_loss_func`` is not accepted: the loss is pykd's.
     """
@@ -120,6 +124,7 @@ class DistillationTrainer(transformers.Trainer):
         alpha: float = 0.5,
         beta: float = 0.5,
         causal_lm: bool | None = None,
+        soft_index: int | None = None,
         **trainer_kwargs: Any,
     ) -> None:
         if model is None:
@@ -136,6 +141,8 @@ class DistillationTrainer(transformers.Trainer):
         self.alpha = float(alpha)
         self.beta = float(beta)
         self.causal_lm = _is_causal_lm(model) if causal_lm is None else bool(causal_lm)
+        # The Distiller's rule for the label, checked alike.
+        self.soft_index = DistillationConfig(soft_index=soft_index).soft_index
         super().__init__(model=model, **trainer_kwargs)
 
         teacher_model.eval()
@@ -196,7 +203,7 @@ class DistillationTrainer(transformers.Trainer):
             student.reshape(-1, n_classes), teacher.reshape(-1, n_classes), weight=weight,
             target=target, divergence=self.divergence, temperature=self.temperature,
             alpha=self.alpha if target is not None else 1.0, beta=self.beta, ignore_index=-100,
-            reduction="sum",
+            reduction="sum", soft_index=self.soft_index,
         )
         return (loss, outputs) if return_outputs else loss
 
