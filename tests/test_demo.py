@@ -20,7 +20,7 @@ from pykd.apps.common import (
     settings_digest,
     warmup_linear_decay,
 )
-from pykd.apps.datasets import stratified_split, tweet_sentiment
+from pykd.apps.datasets import greek_english_verses, stratified_split, tweet_sentiment
 from pykd.apps.demo import BagOfTokens, DemoConfig
 
 
@@ -146,6 +146,37 @@ def test_tweet_sentiment_reader_gives_labelled_unique_tweets_and_a_stable_split(
     assert sorted(train + test) == list(range(len(tweets)))
     assert Counter(labels[i] for i in test) == {0: 3191, 1: 2885, 2: 1361}
     assert test[:5] == [12, 15, 23, 28, 39]  # the same split in every run and on every machine
+
+
+def test_greek_english_verses_pairs_the_new_testament_verse_by_verse():
+    if importlib.util.find_spec("bible_alignments") is None:  # read for two TSVs, never imported
+        pytest.skip("needs bible-alignments (pip install --no-deps -r requirements-data.txt)")
+    verses = greek_english_verses()
+    assert len(verses) == 7936
+    assert (verses[0].key, verses[0].ref) == ((40, 1, 1), "Matthew 1:1")
+    assert (verses[-1].key, verses[-1].ref) == ((66, 22, 21), "Revelation 22:21")
+    keys = [v.key for v in verses]
+    assert keys == sorted(set(keys))  # canonical order, one pair a verse
+    by_ref = {v.ref: v for v in verses}
+    assert (by_ref["John 11:35"].greek, by_ref["John 11:35"].english) == (
+        "ἐδάκρυσεν ὁ Ἰησοῦς", "Jesus wept.")
+    assert by_ref["Matthew 1:1"].greek == "Βίβλος γενέσεως Ἰησοῦ χριστοῦ υἱοῦ Δαυὶδ υἱοῦ Ἀβραάμ"
+    assert by_ref["Matthew 1:1"].english == ("This is the record of the genealogy of Jesus Christ,"
+                                             " the son of David, the son of Abraham:")
+    # English put under the Greek verse it translates where the numbering differs
+    assert by_ref["Acts 19:40"].english.endswith(
+        "After he had said this, he dismissed the assembly.")
+    assert by_ref["2 Corinthians 13:12"].english == (
+        "Greet one another with a holy kiss. All the saints send you greetings.")
+    assert by_ref["2 Corinthians 13:13"].english.startswith("The grace of the Lord Jesus Christ")
+    assert by_ref["3 John 1:14"].greek.endswith("ἀσπάζου τοὺς φίλους κατ ὄνομα")
+    assert not {"Acts 19:41", "Romans 16:24", "Romans 16:25", "3 John 1:15"} & by_ref.keys()
+    for v in verses:
+        assert v.greek and v.english
+        assert v.greek == " ".join(v.greek.split()) and v.english == " ".join(v.english.split())
+    assert not any(c in v.greek for v in verses for c in ",.;·’?")  # the Greek is unpunctuated
+    assert "bible_alignments" not in sys.modules
+    assert greek_english_verses() == verses  # same order every time
 
 
 @pytest.fixture(scope="module")

