@@ -15,7 +15,7 @@ from pykd._extension import LOAD_ERROR, build_info
 if LOAD_ERROR is None:
     from pykd import ops  # noqa: F401  (registers fake kernels and autograd)
 
-from pykd import augment, functional, schedules
+from pykd import augment, functional, schedules, students
 from pykd.cache import CacheError, CorruptCacheError, StaleCacheError, TeacherCache
 from pykd.callbacks import Callback
 from pykd.config import DistillationConfig, TrainingConfig
@@ -63,5 +63,6 @@ __all__ = [
     "fused_linear_distillation_loss",
     "propagate",
     "schedules",
+    "students",
     "__version__",
 ]

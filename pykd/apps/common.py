@@ -1,6 +1,7 @@
 """Helpers shared by ``pykd demo`` and the scripts in ``examples/``: counting parameters, timing
 a model, keying cached files by their settings, scoring, and the embeddings a small student
-starts from. One copy each, so that every app measures and keys things the same way."""
+starts from (``principal_embeddings``, which lives in :mod:`pykd.students` and is re-exported
+here). One copy each, so that every app measures and keys things the same way."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from pykd.checkpoint import write_atomic
+from pykd.students import principal_embeddings  # re-exported: moved to the library layer
 
 __all__ = [
     "accuracy_and_macro_f1",
@@ -98,18 +100,6 @@ def accuracy_and_macro_f1(pred: torch.Tensor, target: torch.Tensor,
         fn = ((pred != c) & (target == c)).sum().item()
         f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
     return (pred == target).float().mean().item(), sum(f1s) / num_classes
-
-
-def principal_embeddings(weight: torch.Tensor, dim: int) -> torch.Tensor:
-    """``weight`` ([V, H]) centred and projected on its ``dim`` top principal directions, scaled
-    to unit standard deviation: a small student starts from the teacher's word geometry
-    (learning 30k word-piece embeddings from a few thousand examples would not)."""
-    if not 1 <= dim <= weight.shape[1]:
-        raise ValueError(f"dim must be in [1, {weight.shape[1]}] (the teacher's width), got {dim}")
-    centred = weight.float() - weight.float().mean(0)
-    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
-    projected = centred @ vh[:dim].T
-    return projected / projected.std()
 
 
 def warmup_linear_decay(total_steps: int, warmup: int = 0) -> Callable[[int], float]:
