@@ -20,7 +20,8 @@ LossConfig check_topk_args(const at::Tensor& student, const at::Tensor& index,
                            c10::string_view reduction,
                            const std::optional<at::Tensor>& row_temperature,
                            const std::optional<at::Tensor>& row_alpha,
-                           std::optional<int64_t> soft_index) {
+                           std::optional<int64_t> soft_index,
+                           const std::optional<at::Tensor>& log_rest) {
   const std::string name = std::string(kOp) + ": ";
   LossConfig cfg = check_loss_options(kOp, divergence, temperature, alpha, beta, ignore_index,
                                       reduction, target.has_value());
@@ -51,6 +52,19 @@ LossConfig check_topk_args(const at::Tensor& student, const at::Tensor& index,
   check_same_device(kOp, "teacher_indices", index, student);
   check_same_device(kOp, "teacher_logits", logit, student);
   check_row_inputs(kOp, student, lead, weight, target);
+  if (log_rest.has_value()) {
+    // The rest bucket is defined for kl; jsd's mixture over a bucket is not implemented.
+    TORCH_CHECK_VALUE(
+        cfg.divergence == Divergence::KL,
+        name + "teacher_log_rest needs divergence kl, got '" + std::string(divergence) + "'");
+    TORCH_CHECK_VALUE(log_rest->sizes() == lead,
+                      name + "teacher_log_rest must have the student's leading shape " +
+                          shape_str(lead) + ", got " + shape_str(log_rest->sizes()));
+    TORCH_CHECK_TYPE(at::isFloatingType(log_rest->scalar_type()),
+                     name + "teacher_log_rest must be floating point, got " +
+                         dtype_str(log_rest->scalar_type()));
+    check_same_device(kOp, "teacher_log_rest", *log_rest, student);
+  }
   cfg.rows = c10::multiply_integers(lead);
   cfg.classes = student.size(-1);
   check_row_options(kOp, cfg, student, lead, row_temperature, row_alpha, soft_index,
@@ -66,18 +80,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_loss_topk_fused(
     c10::string_view divergence, double temperature, double alpha, double beta,
     int64_t ignore_index, c10::string_view reduction,
     const std::optional<at::Tensor>& row_temperature, const std::optional<at::Tensor>& row_alpha,
-    std::optional<int64_t> soft_index, std::array<bool, 2> grad_mask) {
+    std::optional<int64_t> soft_index, const std::optional<at::Tensor>& teacher_log_rest,
+    std::array<bool, 2> grad_mask) {
   const at::OptionalDeviceGuard guard(at::device_of(student));
   const TopkKernelLauncher launch = kernels_for(student).topk;
   const bool value_checks = value_checks_for(student);
-  const LossConfig cfg =
-      check_topk_args(student, topk_index, topk_logit, weight, target, divergence, temperature,
-                      alpha, beta, ignore_index, reduction, row_temperature, row_alpha, soft_index);
+  const LossConfig cfg = check_topk_args(
+      student, topk_index, topk_logit, weight, target, divergence, temperature, alpha, beta,
+      ignore_index, reduction, row_temperature, row_alpha, soft_index, teacher_log_rest);
   const int64_t k = topk_index.size(-1);
   // [N, k] is small next to [N, V]: normalise its dtypes once here.
   const auto idx = topk_index.reshape({cfg.rows, k}).to(at::kLong).contiguous();
   const auto acc = student.options().dtype(accumulate_type(student.scalar_type()));
   const auto tlog = topk_logit.reshape({cfg.rows, k}).to(acc.dtype()).contiguous();
+  const auto rest = teacher_log_rest.has_value()
+                        ? teacher_log_rest->reshape({cfg.rows}).to(acc.dtype()).contiguous()
+                        : at::Tensor();
   if (value_checks) {
     check_row_values(kOp, cfg, weight, target, row_temperature, row_alpha);
     const auto bad = (idx < 0) | (idx >= cfg.classes);
@@ -88,6 +106,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_loss_topk_fused(
                              std::to_string(j) +
                              "] = " + std::to_string(idx[r][j].item<int64_t>()) +
                              " is outside [0, " + std::to_string(cfg.classes) + ")");
+    }
+    if (rest.defined()) {
+      const auto bad_rest = (rest > 0) | rest.isnan();
+      if (bad_rest.any().item<bool>()) {
+        const int64_t r = bad_rest.nonzero()[0][0].item<int64_t>();
+        TORCH_CHECK(false, std::string(kOp) + ": teacher_log_rest row " + std::to_string(r) +
+                               " is not a log-probability (NaN or > 0)");
+      }
     }
     if (k > 1) {
       const auto sorted = std::get<0>(idx.sort(-1));
@@ -124,6 +150,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_loss_topk_fused(
   a.row_alpha = rw.alpha.defined() ? rw.alpha.const_data_ptr() : nullptr;
   a.topk_index = idx.const_data_ptr<int64_t>();
   a.topk_logit = tlog.const_data_ptr();
+  a.log_rest = rest.defined() ? rest.const_data_ptr() : nullptr;
   a.target = y.defined() ? y.const_data_ptr<int64_t>() : nullptr;
   a.weight = rw.weight.const_data_ptr();
   a.norm = rw.norm.const_data_ptr();
@@ -147,7 +174,8 @@ at::Tensor distill_loss_topk(const at::Tensor& student, const at::Tensor& topk_i
                              c10::string_view reduction,
                              const std::optional<at::Tensor>& row_temperature,
                              const std::optional<at::Tensor>& row_alpha,
-                             std::optional<int64_t> soft_index) {
+                             std::optional<int64_t> soft_index,
+                             const std::optional<at::Tensor>& teacher_log_rest) {
   const bool gm = c10::GradMode::is_enabled();
   const std::array<bool, 2> mask{gm && student.requires_grad(),
                                  gm && weight.has_value() && weight->requires_grad()};
@@ -158,10 +186,11 @@ at::Tensor distill_loss_topk(const at::Tensor& student, const at::Tensor& topk_i
               const at::Tensor&, const at::Tensor&, const at::Tensor&,
               const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, c10::string_view,
               double, double, double, int64_t, c10::string_view, const std::optional<at::Tensor>&,
-              const std::optional<at::Tensor>&, std::optional<int64_t>, std::array<bool, 2>)>();
+              const std::optional<at::Tensor>&, std::optional<int64_t>,
+              const std::optional<at::Tensor>&, std::array<bool, 2>)>();
   return std::get<0>(op.call(student, topk_index, topk_logit, weight, target, divergence,
                              temperature, alpha, beta, ignore_index, reduction, row_temperature,
-                             row_alpha, soft_index, mask));
+                             row_alpha, soft_index, teacher_log_rest, mask));
 }
 
 }  // namespace

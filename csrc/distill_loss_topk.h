@@ -31,6 +31,7 @@ struct TopkKernelArgs {
   const void* row_alpha;        // [rows] accumulation type, or nullptr
   const int64_t* topk_index;    // [rows, k] contiguous
   const void* topk_logit;       // [rows, k] accumulation type, contiguous
+  const void* log_rest;         // [rows] accumulation type: log of the teacher's rest, or nullptr
   const int64_t* target;        // [rows] or nullptr
   const void* weight;           // [rows] accumulation type, 0 on ignored rows
   const void* norm;             // [] accumulation type
@@ -39,7 +40,8 @@ struct TopkKernelArgs {
   int64_t* bad_row;    // [1] out: a row with no finite logit or an index outside [0, V)
 };
 
-// _distill_loss_topk_fused on any device: student (*, V); teacher_indices, teacher_logits (*, k).
+// _distill_loss_topk_fused on any device: student (*, V); teacher_indices, teacher_logits (*, k);
+// teacher_log_rest (*) or none.
 // Returns (loss, grad_student or [0], grad_weight or [0]) for d loss = 1; grad_mask asks for
 // (student, weight).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_loss_topk_fused(
@@ -48,6 +50,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_loss_topk_fused(
     c10::string_view divergence, double temperature, double alpha, double beta,
     int64_t ignore_index, c10::string_view reduction,
     const std::optional<at::Tensor>& row_temperature, const std::optional<at::Tensor>& row_alpha,
-    std::optional<int64_t> soft_index, std::array<bool, 2> grad_mask);
+    std::optional<int64_t> soft_index, const std::optional<at::Tensor>& teacher_log_rest,
+    std::array<bool, 2> grad_mask);
 
 }  // namespace pykd

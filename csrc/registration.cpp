@@ -49,20 +49,21 @@ TORCH_LIBRARY(pykd, m) {
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
   // Student logits against a teacher's top-k (index, logit) pairs: the teacher's softmax over its
-  // k entries at T, zero mass elsewhere; kl or jsd; the teacher gets no gradient.
+  // k entries at T, zero mass elsewhere or, given teacher_log_rest (kl only), the teacher's rest
+  // mass in one bucket off the top-k; kl or jsd; the teacher gets no gradient.
   m.def(
       "distill_loss_topk(Tensor student, Tensor teacher_indices, Tensor teacher_logits, "
       "Tensor? weight=None, Tensor? target=None, *, str divergence=\"kl\", "
       "float temperature=1.0, float alpha=1.0, float beta=0.5, int ignore_index=-100, "
       "str reduction=\"mean\", Tensor? row_temperature=None, Tensor? row_alpha=None, "
-      "int? soft_index=None) -> Tensor",
+      "int? soft_index=None, Tensor? teacher_log_rest=None) -> Tensor",
       {at::Tag::pt2_compliant_tag});
   // Its loss and the gradients grad_mask asks for (student, weight), for d loss = 1.
   m.def(
       "_distill_loss_topk_fused(Tensor student, Tensor teacher_indices, Tensor teacher_logits, "
       "Tensor? weight, Tensor? target, str divergence, float temperature, float alpha, "
       "float beta, int ignore_index, str reduction, Tensor? row_temperature, Tensor? row_alpha, "
-      "int? soft_index, bool[2] grad_mask) "
+      "int? soft_index, Tensor? teacher_log_rest, bool[2] grad_mask) "
       "-> (Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
   // grad *= scale in place (scale [] or grad's leading shape); no memory is touched if scale == 1.

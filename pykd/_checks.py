@@ -216,7 +216,7 @@ def check_topk_options(divergence: str, temperature: float, alpha: float, beta: 
 
 def check_topk_args(student, teacher_indices, teacher_logits, weight, target, divergence,
                     temperature, alpha, beta, ignore_index, reduction, row_temperature=None,
-                    row_alpha=None, soft_index=None) -> None:
+                    row_alpha=None, soft_index=None, teacher_log_rest=None) -> None:
     """The C++ ``check_topk_args`` of ``distill_loss_topk``."""
     op = "distill_loss_topk"
     check_topk_options(divergence, temperature, alpha, beta, reduction, target is not None)
@@ -240,6 +240,17 @@ def check_topk_args(student, teacher_indices, teacher_logits, weight, target, di
     check_same_device(op, "teacher_indices", index, student)
     check_same_device(op, "teacher_logits", logit, student)
     check_row_inputs(op, student, lead, weight, target)
+    rest = teacher_log_rest
+    if rest is not None:
+        if divergence != "kl":
+            raise ValueError(f"{op}: teacher_log_rest needs divergence kl, got '{divergence}'")
+        if rest.shape != lead:
+            raise ValueError(f"{op}: teacher_log_rest must have the student's leading shape "
+                             f"{shape_str(lead)}, got {shape_str(rest.shape)}")
+        if not rest.is_floating_point():
+            raise TypeError(f"{op}: teacher_log_rest must be floating point, got "
+                            f"{dtype_str(rest.dtype)}")
+        check_same_device(op, "teacher_log_rest", rest, student)
     check_row_options(op, student, lead, row_temperature, row_alpha, soft_index, ignore_index,
                       student.shape[-1], target is not None)
 

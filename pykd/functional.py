@@ -179,6 +179,7 @@ def distillation_loss_topk(
     ignore_index: int = -100,
     reduction: str = "mean",
     soft_index: int | None = None,
+    teacher_log_rest: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Distillation loss against a teacher stored as its top-k logits (a teacher-output cache).
 
@@ -190,6 +191,16 @@ def distillation_loss_topk(
     where the teacher has no mass, and mse/cosine need values the cache does not hold.
     Indices in a row must be distinct. The teacher gets no gradient.
 
+    Zero mass off the top-k pushes the student's tail towards zero, which hurts when the teacher
+    often ranks the right class below k. ``teacher_log_rest`` (kl only) gives each row the log
+    of the teacher's mass **outside** its k entries at T, ``r``: the k entries then carry
+    ``1 - r`` (their softmax times ``1 - r``) and the other classes form one bucket of mass
+    ``r``, compared with the student's mass there. The soft term is the KL between these
+    ``k + 1``-bucket distributions, ``T^2 [sum_j p_j log(p_j / q_j) + r log(r / q_rest)]``, and
+    the student's gradient off the top-k becomes ``T q_c (1 - r / q_rest)``: a student whose tail
+    is as heavy as the teacher's gets no push there. ``q_rest`` is computed as
+    ``1 - sum_j q_j`` and floored at the accumulation dtype's epsilon.
+
     Args:
         student: ``(*, V)`` student logits.
         teacher_indices: ``(*, k)`` int64 or int32 class indices in ``[0, V)``.
@@ -197,11 +208,21 @@ def distillation_loss_topk(
             the float16 of a cache); ``-inf`` marks unused slots.
         weight, target, divergence, temperature, alpha, beta, ignore_index, reduction,
             soft_index: as in :func:`distillation_loss`.
+        teacher_log_rest: ``(*)`` log of the teacher's probability mass off the k entries at
+            the temperature used (``<= 0``; ``-inf`` for none), or None for a renormalised
+            top-k teacher. Needs ``divergence="kl"``.
 
     Example:
         >>> import torch, pykd
         >>> student = torch.randn(6, 100, requires_grad=True)
-        >>> top = torch.randn(6, 100).topk(8, dim=-1)
+        >>> teacher = torch.randn(6, 100)
+        >>> top = teacher.topk(8, dim=-1)
+        >>> log_p = torch.log_softmax(teacher, dim=-1).gather(-1, top.indices)
+        >>> log_rest = torch.log1p(-log_p.exp().sum(-1))  # the mass the k entries miss
+        >>> loss = pykd.functional.distillation_loss_topk(
+        ...     student, top.indices, top.values, teacher_log_rest=log_rest)
+        >>> loss.backward()
+        >>> student = torch.randn(6, 100, requires_grad=True)
         >>> loss = pykd.functional.distillation_loss_topk(
         ...     student, top.indices, top.values.half(), temperature=2.0)
         >>> loss.backward()
@@ -209,9 +230,11 @@ def distillation_loss_topk(
     require_extension()
     op = "distill_loss_topk"
     check_tensors(op, student=student, teacher_indices=teacher_indices,
-                  teacher_logits=teacher_logits, weight=weight, target=target)
+                  teacher_logits=teacher_logits, weight=weight, target=target,
+                  teacher_log_rest=teacher_log_rest)
     return torch.ops.pykd.distill_loss_topk(
         student, teacher_indices, teacher_logits, weight, target,
         **as_options(op, divergence, temperature, alpha, beta, ignore_index, reduction,
                      soft_index),
+        teacher_log_rest=teacher_log_rest,
     )

@@ -95,9 +95,11 @@ class TopKDistillationLoss(_LossOptions):
         teacher_logits: torch.Tensor,
         target: torch.Tensor | None = None,
         weight: torch.Tensor | None = None,
+        teacher_log_rest: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return distillation_loss_topk(student, teacher_indices, teacher_logits, weight=weight,
-                                      target=target, **self._options())
+                                      target=target, teacher_log_rest=teacher_log_rest,
+                                      **self._options())
 
 
 class FusedLinearDistillationLoss(_LossOptions):

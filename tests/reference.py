@@ -44,21 +44,44 @@ def soft_term(s: torch.Tensor, t: torch.Tensor, divergence: str,
     raise ValueError(divergence)
 
 
+def topk_rest_soft(s: torch.Tensor, indices: torch.Tensor, logits: torch.Tensor,
+                   log_rest: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
+    """Per-row kl soft term against a top-k teacher with its rest mass in one bucket: the KL
+    between the (k + 1)-bucket distributions, the student's bucket summed over its own columns
+    off the top-k (not 1 - sum over the top-k, as a kernel may compute it)."""
+    T = torch.as_tensor(temperature, dtype=s.dtype).reshape(-1, 1)
+    lr = log_rest.to(s.dtype).reshape(-1)
+    idx = indices.long().reshape(s.shape[0], -1)
+    lq = F.log_softmax(s / T, dim=-1)
+    kept = torch.where(lr == float("-inf"), torch.zeros_like(lr), torch.log1p(-lr.exp()))
+    lp = F.log_softmax(logits.to(s.dtype).reshape(idx.shape) / T, dim=-1) + kept[:, None]
+    off = torch.ones_like(lq, dtype=torch.bool).scatter(-1, idx, False)
+    lq_rest = torch.logsumexp(torch.where(off, lq, torch.full_like(lq, float("-inf"))), dim=-1)
+    p_all = torch.cat([lp.exp(), lr.exp()[:, None]], dim=-1)
+    lp_all = torch.cat([lp, lr[:, None]], dim=-1)
+    lq_all = torch.cat([lq.gather(-1, idx), lq_rest[:, None]], dim=-1)
+    return (T * T).reshape(-1) * _plogp_ratio(p_all, lp_all, lq_all)
+
+
 def reference_loss(student, teacher, weight=None, target=None, *, divergence="kl",
                    temperature=1.0, alpha=1.0, beta=0.5, ignore_index=-100, reduction="mean",
-                   soft_index=None, dtype=torch.float64):
+                   soft_index=None, dtype=torch.float64, soft_fn=None):
     """The loss of docs/loss.md computed with torch ops in `dtype` (autograd flows through).
-    ``temperature`` and ``alpha`` are numbers or per-row tensors of the leading shape."""
+    ``temperature`` and ``alpha`` are numbers or per-row tensors of the leading shape.
+    ``soft_fn(s, temperature)`` replaces the soft term of the ``[N, V]`` student rows (then
+    ``teacher`` is unused)."""
     V = student.shape[-1]
     lead = student.shape[:-1]
     s = student.to(dtype).reshape(-1, V)
-    t = teacher.to(dtype).reshape(-1, V)
     n = s.shape[0]
     if isinstance(temperature, torch.Tensor):
         temperature = temperature.detach().to(dtype).reshape(n)
     if isinstance(alpha, torch.Tensor):
         alpha = alpha.detach().to(dtype).reshape(n)
-    soft = soft_term(s, t, divergence, temperature, beta)
+    if soft_fn is not None:
+        soft = soft_fn(s, temperature)
+    else:
+        soft = soft_term(s, teacher.to(dtype).reshape(-1, V), divergence, temperature, beta)
     w = weight.to(dtype).reshape(n) if weight is not None else torch.ones(n, dtype=dtype)
     if target is not None:
         y = target.reshape(n)

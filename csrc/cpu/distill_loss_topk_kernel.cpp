@@ -2,8 +2,8 @@
 // distill_loss_kernel.cpp (CMakeLists.txt); csrc/cpu/distill_loss_topk.cpp picks one at run time.
 //
 // Per row: one streaming sweep over the student's columns for its log-sum-exp at T (and at 1 for
-// the hard term), k scalar steps for the teacher's softmax over its entries, then one gradient
-// sweep in which the top-k columns and the target are rewritten whole.
+// the hard term), k scalar steps for the teacher's softmax over its entries (and its rest bucket),
+// then one gradient sweep in which the top-k columns and the target are rewritten whole.
 #include "cpu/distill_loss_topk_kernel.h"
 
 #include <ATen/Dispatch.h>
@@ -40,6 +40,7 @@ void run_topk_rows(const TopkKernelArgs& a, int64_t begin, int64_t end) {
     S* g_row = a.grad_student ? static_cast<S*>(a.grad_student) + i * V : nullptr;
     const int64_t* idx = a.topk_index + i * K;
     const A* tl = static_cast<const A*>(a.topk_logit) + i * K;
+    const A log_rest = a.log_rest ? static_cast<const A*>(a.log_rest)[i] : -kInf;
     auto fill_row = [&](A u_value, S g_value) {
       u[i] = u_value;
       if (g_row) std::fill_n(g_row, V, g_value);
@@ -101,7 +102,8 @@ void run_topk_rows(const TopkKernelArgs& a, int64_t begin, int64_t end) {
     }
     A tsum = 0;
     for (int64_t j = 0; j < K; ++j) tsum += std::exp(tl[j] * o.inv_temperature - tmax);
-    const A lt = std::log(tsum);
+    // With a rest r the k entries share 1 - r of the teacher's mass.
+    const A lt = std::log(tsum) - topk_log_kept(log_rest);
 
     TopkConsts<A> kc{};
     kc.ms = ls.shift();
@@ -116,7 +118,7 @@ void run_topk_rows(const TopkKernelArgs& a, int64_t begin, int64_t end) {
       topk_entry<D>(o, kc, p[j], lp, static_cast<A>(srow[idx[j]]), acc_p, acc_q, q_mass);
       target_in_topk |= idx[j] == y;
     }
-    const A soft = topk_finish<D>(o, acc_p, acc_q, q_mass, kc);
+    const A soft = topk_finish<D>(o, acc_p, acc_q, q_mass, log_rest, kc);
     // A soft-only row has no hard term (its weight 1 - alpha is 0).
     const A hard = kHard && y >= 0 ? (kc.m1 - static_cast<A>(srow[y])) + kc.l1 : A(0);
     u[i] = kHard ? o.alpha * soft + (A(1) - o.alpha) * hard : soft;

@@ -38,6 +38,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   S* g_row = a.grad_student ? static_cast<S*>(a.grad_student) + row * V : nullptr;
   const int64_t* idx = a.topk_index + row * K;
   const A* tl = static_cast<const A*>(a.topk_logit) + row * K;
+  const A log_rest = a.log_rest ? static_cast<const A*>(a.log_rest)[row] : A(-INFINITY);
   A* u = static_cast<A*>(a.row_loss);
   Options<A> o{D, A(a.temperature), A(1.0 / a.temperature), A(a.alpha), A(a.beta), kHard};
   auto fill_row = [&](A u_value, float g_value) {
@@ -89,13 +90,14 @@ __global__ void __launch_bounds__(kMaxThreads)
     } else if (!bad) {
       A tsum = 0;
       for (int64_t j = 0; j < K; ++j) tsum += ::exp(tl[j] * o.inv_temperature - tmax);
-      lt = ::log(tsum);
+      // With a rest r the k entries share 1 - r of the teacher's mass.
+      lt = ::log(tsum) - topk_log_kept(log_rest);
       for (int64_t j = 0; j < K; ++j) {
         const A lp = (tl[j] * o.inv_temperature - tmax) - lt;
         topk_entry<D>(o, kc, ::exp(lp), lp, static_cast<A>(srow[idx[j]]), acc_p, acc_q, q_mass);
         in_topk |= idx[j] == y;
       }
-      const A soft = topk_finish<D>(o, acc_p, acc_q, q_mass, kc);
+      const A soft = topk_finish<D>(o, acc_p, acc_q, q_mass, log_rest, kc);
       const A hard = kHard && y >= 0 ? (kc.m1 - static_cast<A>(srow[y])) + kc.l1 : A(0);
       u[row] = kHard ? o.alpha * soft + (A(1) - o.alpha) * hard : soft;
       grad_scales(o,

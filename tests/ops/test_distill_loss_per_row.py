@@ -206,7 +206,7 @@ def test_opcheck_with_per_row_options():
                           dict(row_temperature=temp, row_alpha=alpha, soft_index=SOFT))
     top = t.detach().topk(4, dim=-1)
     torch.library.opcheck(torch.ops.pykd._distill_loss_topk_fused.default,
-                          (s, top.indices, top.values, w, y, *opts, [True, False]))
+                          (s, top.indices, top.values, w, y, *opts, None, [True, False]))
     hs = torch.randn(3, 5, 6, requires_grad=True)
     ws = torch.randn(9, 6, requires_grad=True)
     ht, wt = torch.randn(3, 5, 4), torch.randn(9, 4)

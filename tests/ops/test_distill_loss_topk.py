@@ -149,7 +149,7 @@ def test_opcheck_and_compile():
     s.requires_grad_(True)
     opts = ("jsd", 2.0, 0.5, 0.3, -100, "mean")
     torch.library.opcheck(torch.ops.pykd._distill_loss_topk_fused.default,
-                          (s, top.indices, top.values, w, y, *opts, None, None, None,
+                          (s, top.indices, top.values, w, y, *opts, None, None, None, None,
                            [True, False]))
     torch.library.opcheck(torch.ops.pykd.distill_loss_topk.default,
                           (s, top.indices, top.values, w, y),

@@ -576,12 +576,18 @@ PYKD_HD T row_scale(T w, T norm) {
 // student's full softmax at T. kl: T^2 sum_j p_j (log p_j - log q_{i_j}). jsd: KL(p||m) over the
 // k entries, and KL(q||m) = sum over the k entries + (1 - sum_j q_{i_j}) (-log(1 - beta)), since
 // m = (1 - beta) q off the top-k.
+//
+// With the teacher's rest mass r (kl only) the k entries carry 1 - r and the columns off the
+// top-k form one bucket of mass r, matched against the student's bucket q_rest = 1 - sum_j q_{i_j}:
+// the loss gains T^2 r (log r - log q_rest) and d/dz_c off the top-k is q_c (1 - r / q_rest)
+// instead of q_c, so the student keeps a tail of the teacher's size rather than none.
 
 template <typename T>
 struct TopkConsts {
   T ms, ls, m1, l1;    // student's streaming max and log-sum at T, and at 1 (hard term)
   T kq;                // jsd: KL(q || m)
-  T off_topk;          // jsd: d soft / d s' per unit q off the top-k: -log(1 - beta) - KL(q||m)
+  T off_topk;          // per unit q off the top-k, d soft / d s': kl 1 - r / q_rest (1 without a
+                       // rest), jsd -log(1 - beta) - KL(q||m)
   T gs_soft, gs_hard;  // row scales (weight / normaliser, alpha, T folded in)
 };
 
@@ -590,7 +596,8 @@ template <Divergence D, bool kHard, typename V, typename T>
 PYKD_HD V topk_plain_grad(V s, const Options<T>& o, const TopkConsts<T>& k) {
   using M = VMath<V>;
   const V q = M::exp((s * V(o.inv_temperature) - V(k.ms)) - V(k.ls));
-  V g = D == Divergence::KL ? V(k.gs_soft) * q : V(k.gs_soft * (T(1) - o.beta) * k.off_topk) * q;
+  V g = D == Divergence::KL ? V(k.gs_soft * k.off_topk) * q
+                            : V(k.gs_soft * (T(1) - o.beta) * k.off_topk) * q;
   if constexpr (kHard) g = g + V(k.gs_hard) * M::exp((s - V(k.m1)) - V(k.l1));
   return g;
 }
@@ -604,7 +611,7 @@ PYKD_HD T topk_special_grad(T s, T p, bool in_topk, bool is_target, const Option
   const T lq = (s * o.inv_temperature - k.ms) - k.ls;
   const T q = ::exp(lq);
   if (D == Divergence::KL) {
-    g = k.gs_soft * (q - p);
+    g = k.gs_soft * (in_topk ? q - p : k.off_topk * q);
   } else if (!in_topk) {
     g = k.gs_soft * (T(1) - o.beta) * k.off_topk * q;
   } else {
@@ -623,6 +630,7 @@ PYKD_HD void topk_entry(const Options<T>& o, const TopkConsts<T>& k, T p, T lp, 
   const T q = ::exp(lq);
   if (D == Divergence::KL) {
     acc_p += p > T(0) ? p * (lp - lq) : T(0);
+    q_mass += q;  // for the rest bucket
   } else {
     const T lm = log_mixture(p, q, o.beta);
     acc_p += p > T(0) ? p * (lp - lm) : T(0);
@@ -631,11 +639,28 @@ PYKD_HD void topk_entry(const Options<T>& o, const TopkConsts<T>& k, T p, T lp, 
   }
 }
 
-// The soft term from the entries' sums; sets kq and off_topk for the gradient.
+// log(1 - r) for the teacher's rest mass r = exp(log_rest): what each top-k entry's log p gains.
+template <typename T>
+PYKD_HD T topk_log_kept(T log_rest) {
+  return log_rest == -std::numeric_limits<T>::infinity() ? T(0) : ::log1p(-::exp(log_rest));
+}
+
+// The soft term from the entries' sums and the teacher's rest (log r; -inf without one); sets kq
+// and off_topk for the gradient.
 template <Divergence D, typename T>
-PYKD_HD T topk_finish(const Options<T>& o, T acc_p, T acc_q, T q_mass, TopkConsts<T>& k) {
+PYKD_HD T topk_finish(const Options<T>& o, T acc_p, T acc_q, T q_mass, T log_rest,
+                      TopkConsts<T>& k) {
   const T t2 = o.temperature * o.temperature;
-  if (D == Divergence::KL) return t2 * acc_p;
+  if (D == Divergence::KL) {
+    k.off_topk = T(1);
+    if (log_rest == -std::numeric_limits<T>::infinity()) return t2 * acc_p;
+    // 1 - sum q_{i_j} holds the student's rest to ~eps absolute: floored there, so a student
+    // with (nearly) no tail gets a large but finite pull towards one, never a NaN.
+    const T q_rest = ::fmax(T(1) - q_mass, std::numeric_limits<T>::epsilon());
+    const T r = ::exp(log_rest);
+    k.off_topk = T(1) - r / q_rest;
+    return t2 * (acc_p + r * (log_rest - ::log(q_rest)));
+  }
   const T off = -::log(T(1) - o.beta);  // log q - log m where m = (1 - beta) q
   const T rest = T(1) - q_mass;
   k.kq = acc_q + (rest > T(0) ? rest : T(0)) * off;
