@@ -1,0 +1,147 @@
+"""What a teacher cache stores of each row of teacher logits: its "signal".
+
+* ``"topk"``: the k largest logits and their classes; the loss renormalises them (biased: no
+  mass off the top-k);
+* ``"topk+rest"``: the same plus the log of the mass off them at the build's temperature, which
+  ``distill_loss_topk``'s ``teacher_log_rest`` turns into a rest bucket;
+* ``"sampled"``: ``k`` classes drawn with replacement from the teacher's softmax at the build's
+  temperature, kept as distinct classes with logits ``T log(count)`` (Random-Sampling KD: the
+  op's softmax at T is then count / k, an unbiased estimate of the teacher; docs/loss.md).
+
+Every row of a signal is ``k`` (class, value) pairs, so the three share the top-k op and the
+shard layout; class indices are stored in the fewest bytes the vocabulary needs. Sampling is
+reproducible: each shard draws from its own generator seeded from the cache's seed and the
+shard's number, uniforms consumed row after row, so a shard's rows do not depend on the batch
+size, on resuming, or on which process built it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+SIGNALS = ("topk", "topk+rest", "sampled")
+# Signals whose values hold at one temperature only (the rest's mass, the draws' distribution).
+TEMPERATURE_BOUND = ("topk+rest", "sampled")
+
+
+def check_signal(signal: str | None, k: int | None, temperature: float) -> None:
+    """ValueError for a signal, k and temperature that do not go together."""
+    if signal is None:
+        if k is not None:
+            raise ValueError("top_k needs a signal; the full-logit cache stores every logit")
+        return
+    if signal not in SIGNALS:
+        raise ValueError(f"signal must be one of {SIGNALS} or None, got {signal!r}")
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"signal {signal!r} needs top_k, a positive int, got {k!r}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
+            and temperature > 0):
+        raise ValueError(f"temperature must be finite and > 0, got {temperature!r}")
+
+
+def index_bytes(vocab_size: int) -> int:
+    """Bytes per stored class index: 2 up to 65,536 classes, 3 up to 16,777,216, else 4."""
+    if vocab_size <= 1 << 16:
+        return 2
+    return 3 if vocab_size <= 1 << 24 else 4
+
+
+def index_layout(vocab_size: int, k: int) -> tuple[np.dtype, tuple[int, ...]]:
+    """numpy dtype and per-row shape of the stored indices."""
+    width = index_bytes(vocab_size)
+    if width == 3:
+        return np.dtype(np.uint8), (k, 3)
+    return np.dtype("<u2" if width == 2 else "<i4"), (k,)
+
+
+def pack_indices(indices: np.ndarray, vocab_size: int) -> np.ndarray:
+    """``[R, k]`` int64 class indices as stored (see :func:`index_layout`), little-endian."""
+    width = index_bytes(vocab_size)
+    if width == 3:
+        little = indices.astype("<u4").view(np.uint8).reshape(*indices.shape, 4)
+        return np.ascontiguousarray(little[..., :3])
+    return indices.astype("<u2" if width == 2 else "<i4")
+
+
+def unpack_indices(stored: np.ndarray, vocab_size: int) -> torch.Tensor:
+    """The int64 class indices of stored ones (the inverse of :func:`pack_indices`)."""
+    if index_bytes(vocab_size) == 3:
+        wide = np.zeros((*stored.shape[:-1], 4), dtype=np.uint8)
+        wide[..., :3] = stored
+        return torch.from_numpy(wide.view("<u4")[..., 0].astype(np.int64))
+    return torch.from_numpy(stored.astype(np.int64))
+
+
+def bytes_per_row(signal: str | None, k: int | None, vocab_size: int, value_bytes: int) -> int:
+    """Bytes one stored row of teacher outputs takes (the per-sample offsets excluded)."""
+    if signal is None:
+        return vocab_size * value_bytes
+    assert k is not None
+    rest = value_bytes if signal == "topk+rest" else 0
+    return k * (value_bytes + index_bytes(vocab_size)) + rest
+
+
+def shard_generator(seed: int, shard: int) -> torch.Generator:
+    """The draws' generator of one shard: a function of the cache's seed and the shard alone."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + shard) % (1 << 63))
+
+
+@torch.no_grad()
+def encode_rows(logits: torch.Tensor, signal: str, k: int, temperature: float,
+                generator: torch.Generator | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One batch of ``[R, V]`` teacher logits as ``signal`` stores them.
+
+    Returns float32 ``values [R, k]``, int64 ``indices [R, k]`` and, for ``"topk+rest"``, the
+    float32 ``log_rest [R]`` (else None). ``"sampled"`` draws from ``generator`` (the shard's).
+    """
+    x = logits.detach().float().cpu()
+    if signal == "sampled":
+        return _sampled(x, k, temperature, generator) + (None,)
+    top = x.topk(k, dim=-1)
+    if signal == "topk":
+        return top.values, top.indices, None
+    # The mass off the top-k, from float64 log-probabilities: log(1 - exp(logsumexp_k log p)).
+    log_p = torch.log_softmax(x.double() / temperature, dim=-1)
+    kept = torch.logsumexp(log_p.gather(-1, top.indices), dim=-1).clamp(max=0.0)
+    log_rest = torch.log(-torch.expm1(kept))  # -inf where the k entries hold every bit of mass
+    return top.values, top.indices, log_rest.float()
+
+
+def _sampled(x: torch.Tensor, k: int, temperature: float,
+             generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, vocab = x.shape
+    # Inverse CDF on float64 cumulative probabilities: k uniforms per row, consumed in row
+    # order, so the draws do not depend on how rows are batched.
+    cdf = torch.softmax(x.double() / temperature, dim=-1).cumsum(-1)
+    u = torch.rand(rows, k, dtype=torch.float64, generator=generator) * cdf[:, -1:]
+    draws = torch.searchsorted(cdf, u, right=True).clamp(max=vocab - 1)
+    counts = torch.zeros(rows, vocab, dtype=torch.float64)
+    counts.scatter_add_(-1, draws, torch.ones_like(u))
+    # The drawn classes first (most drawn first, then by class), then unused classes as padding
+    # (count 0, so logit -inf): k distinct indices per row, deterministically ordered.
+    order = counts * (vocab + 1) - torch.arange(vocab, dtype=torch.float64)
+    index = order.topk(k, dim=-1).indices
+    values = temperature * counts.gather(-1, index).log()
+    return values.float(), index
+
+
+def from_logprobs(token_ids: torch.Tensor, logprobs: torch.Tensor, temperature: float
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An external engine's top-k ``logprobs`` (``[R, k]``, normalised over the whole vocabulary
+    at ``temperature``) as a ``"topk+rest"`` signal at that temperature.
+
+    Log-probabilities at T are ``logits / T - logsumexp(logits / T)``: times T they are the
+    logits up to a per-row constant, which the top-k softmax ignores at any temperature; the
+    rest is the mass they miss at T. Unused slots may hold ``-inf``.
+    """
+    lp = logprobs.double()
+    if bool((lp > 1e-6).any()) or bool(lp.isnan().any()):
+        raise ValueError("logprobs must be log-probabilities (<= 0, no NaN)")
+    kept = torch.logsumexp(lp, dim=-1).clamp(max=0.0)
+    log_rest = torch.log(-torch.expm1(kept))
+    values = torch.where(lp == float("-inf"), lp, lp * temperature)
+    return values.float(), token_ids.long(), log_rest.float()
