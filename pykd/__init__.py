@@ -16,7 +16,13 @@ if LOAD_ERROR is None:
     from pykd import ops  # noqa: F401  (registers fake kernels and autograd)
 
 from pykd import augment, functional, schedules, students
-from pykd.cache import CacheError, CorruptCacheError, StaleCacheError, TeacherCache
+from pykd.cache import (
+    CacheError,
+    CorruptCacheError,
+    IndexedBatch,
+    StaleCacheError,
+    TeacherCache,
+)
 from pykd.callbacks import Callback
 from pykd.config import DistillationConfig, TrainingConfig
 from pykd.distiller import Distiller, HiddenMatch, NonFiniteLossError
@@ -46,6 +52,7 @@ __all__ = [
     "FusedLinearDistillationLoss",
     "TopKDistillationLoss",
     "HiddenMatch",
+    "IndexedBatch",
     "MutualDistiller",
     "NonFiniteLossError",
     "Objective",

@@ -25,14 +25,35 @@ Outputs = tuple[torch.Tensor, Union[Sequence[torch.Tensor], None]]  # logits, hi
 
 @dataclasses.dataclass
 class IndexedBatch:
-    """A batch together with the dataset indices of its samples.
+    """A batch together with its samples' indices into a :class:`pykd.TeacherCache`.
 
-    :meth:`pykd.TeacherCache.attach` makes loaders of these, so that the Distiller can look the
-    teacher's outputs up in the cache instead of running the teacher.
+    ``index[n]`` is the cache's sample (its position in the dataset the cache was built on) of
+    the batch's ``n``-th sample; ``batch`` is any batch the Distiller takes (a dict, a tuple, a
+    tensor), its samples masked as when the cache was built. Trained on from a cache, the
+    Distiller looks the teacher's rows up by ``index`` instead of running the teacher.
+    :meth:`pykd.TeacherCache.attach` makes loaders of these; any iterable of them (a stream of
+    transfer rows, a sampler of your own) works as well::
+
+        batches = (pykd.IndexedBatch(index, collate([dataset[i] for i in index]))
+                   for index in my_order)
+
+    Args:
+        index: ``[B]`` integer indices (a tensor, or a sequence of ints, kept as int64).
+        batch: the batch.
     """
 
     index: torch.Tensor  # [B] int64
     batch: Any
+
+    def __post_init__(self) -> None:
+        index = self.index
+        if not isinstance(index, torch.Tensor):
+            index = torch.as_tensor(index, dtype=torch.long)
+        if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool \
+                or index.dim() != 1:
+            raise TypeError(f"IndexedBatch.index must be a 1-D integer tensor of the samples' "
+                            f"cache indices, got {index.dim()}-D {index.dtype}")
+        self.index = index
 
 
 @dataclasses.dataclass
@@ -205,12 +226,14 @@ def rebuildable(data: Any) -> bool:
 def loader_like(loader: DataLoader, dataset: Dataset, collate_fn: Any,
                 **options: Any) -> DataLoader:
     """A DataLoader over ``dataset`` with ``loader``'s batch size, workers and other settings,
-    plus ``options`` (the sampler or ``shuffle``, a generator)."""
+    plus ``options`` (the sampler or ``shuffle``, or a ``batch_sampler``; a generator)."""
     extra = {"prefetch_factor": loader.prefetch_factor} if loader.num_workers else {}
+    # A batch sampler makes the batches: DataLoader refuses a batch size or drop_last beside it.
+    if "batch_sampler" not in options:
+        extra.update(batch_size=loader.batch_size, drop_last=loader.drop_last)
     return DataLoader(
-        dataset, batch_size=loader.batch_size, collate_fn=collate_fn, drop_last=loader.drop_last,
-        num_workers=loader.num_workers, pin_memory=loader.pin_memory, timeout=loader.timeout,
-        worker_init_fn=loader.worker_init_fn,
+        dataset, collate_fn=collate_fn, num_workers=loader.num_workers,
+        pin_memory=loader.pin_memory, timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
         multiprocessing_context=loader.multiprocessing_context, **extra, **options,
     )
 

@@ -1,5 +1,12 @@
 """A teacher cache's files: the manifest, each shard's arrays and their checksums, and the
-shards read back memory-mapped (see :mod:`pykd.cache` for the layout of the folder)."""
+shards read back memory-mapped (see :mod:`pykd.cache` for the layout of the folder).
+
+The manifest lists the finished shards by number (``"shards": {"0": {...}, "3": {...}}``), so a
+cache built by several processes may finish its shards in any order. A process of a distributed
+build records its shards in a manifest part of its own (``manifest.part-00001.json``, a manifest
+itself, holding that process's shards only): no two processes ever write one file, and process 0
+merges the parts into ``manifest.json``.
+"""
 
 from __future__ import annotations
 
@@ -7,25 +14,67 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from pykd._cache_errors import CacheError, CorruptCacheError
+from pykd._cache_errors import CacheError, CorruptCacheError, StaleCacheError
 from pykd.checkpoint import write_atomic
 
-_FORMAT = "pykd.teacher_cache/1"
+_FORMAT = "pykd.teacher_cache/2"
+# Version 1 listed the finished shards as a list, shard j at position j (a build went in order):
+# still read, as the same shards keyed by number, and written as version 2 when built on.
+_FORMAT_V1 = "pykd.teacher_cache/1"
 _MANIFEST = "manifest.json"
+# The manifest's fields in the order they are written: a manifest's bytes depend only on what it
+# says, not on how a build went (one process or several, resumed or not).
+_FIELDS = ("format", "key", "num_samples", "shard_size", "token_level", "vocab_size", "shards")
 _DTYPES = {"float16": np.float16, "float32": np.float32}
 _INDEX_DTYPE = np.int32
 _OFFSET_DTYPE = np.int64
+_REBUILD = "build it again with overwrite=True (which rebuilds the corrupted shards)"
 # Shards kept memory-mapped at once (each holds a file handle per array); the least recently
 # used one is unmapped beyond this.
 _MAPPED_SHARDS = 8
+
+
+@dataclasses.dataclass
+class CachedRows:
+    """Every cached row of some samples (:meth:`TeacherCache.rows`), flat, on the CPU.
+
+    Sample ``n``'s rows are ``values[offsets[n]:offsets[n + 1]]`` (one row for a sequence-level
+    cache, one per token of its attention mask for a token-level one); ``cached[n]`` gives them
+    with their indices, and iterating gives every sample's in turn.
+
+    Attributes:
+        values: ``[rows, W]`` logits in the cache's dtype; ``W`` is the vocabulary (full logits)
+            or ``k`` (top-k).
+        indices: ``[rows, k]`` int64 vocabulary indices of a top-k cache, None for full logits.
+        offsets: ``[samples + 1]`` int64.
+    """
+
+    values: torch.Tensor
+    indices: torch.Tensor | None
+    offsets: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Sample ``n``'s ``(values, indices)``."""
+        if not -len(self) <= n < len(self):
+            raise IndexError(f"sample {n} of {len(self)}")
+        lo, hi = self.offsets[n % len(self)].item(), self.offsets[n % len(self) + 1].item()
+        return self.values[lo:hi], None if self.indices is None else self.indices[lo:hi]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        return (self[n] for n in range(len(self)))
 
 
 @dataclasses.dataclass
@@ -43,9 +92,12 @@ class ShardStore:
     first batch sets ``token_level`` and ``vocab_size``, each stored shard appends its entry.
     """
 
-    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+    def __init__(self, path: Path, manifest: dict[str, Any], manifest_name: str = _MANIFEST
+                 ) -> None:
         self.path = path
         self.manifest = manifest
+        # Where write_shard records each shard: the cache's manifest, or a process's part of it.
+        self.manifest_name = manifest_name
         # The key does not change once the cache exists (a build for another key is refused).
         self.top_k: int | None = manifest["key"]["top_k"]
         self.dtype: str = manifest["key"]["dtype"]
@@ -81,13 +133,20 @@ class ShardStore:
         start = j * self.manifest["shard_size"]
         return range(start, min(start + self.manifest["shard_size"], self.manifest["num_samples"]))
 
+    def num_shards(self) -> int:
+        return math.ceil(self.manifest["num_samples"] / self.manifest["shard_size"])
+
+    def finished(self) -> list[int]:
+        """The numbers of the finished shards, in order."""
+        return sorted(int(j) for j in self.manifest["shards"])
+
     def files(self, j: int) -> dict[str, Path]:
         """The files of shard ``j``, by the name of the array each holds."""
         return {name: self.path / f"shard-{j:05d}.{name}" for name in _file_names(self.top_k)}
 
     def layout(self, j: int) -> dict[str, tuple[Any, tuple[int, ...]]]:
         """dtype and shape of each file of finished shard ``j``."""
-        entry = self.manifest["shards"][j]
+        entry = self.manifest["shards"][str(j)]
         rows, samples = entry["rows"], entry["samples"]
         layout = {"values": (_DTYPES[self.dtype], (rows, self.width())),
                   "offsets": (_OFFSET_DTYPE, (samples + 1,))}
@@ -97,16 +156,16 @@ class ShardStore:
 
     def check_shard(self, j: int) -> None:
         """Check the files of finished shard ``j`` against their sizes and checksums."""
-        entry = self.manifest["shards"][j]
+        entry = self.manifest["shards"][str(j)]
         for name, file in self.files(j).items():
             dtype, shape = self.layout(j)[name]
             size = int(np.prod(shape)) * np.dtype(dtype).itemsize
             if not file.exists() or file.stat().st_size != size:
                 raise CorruptCacheError(f"{file} is missing or has the wrong size (expected "
-                                        f"{size} bytes); delete {self.path} and build it again")
+                                        f"{size} bytes); {_REBUILD}")
             if _sha256_file(file) != entry["sha256"][name]:
                 raise CorruptCacheError(f"{file} does not match its checksum: the cache is "
-                                        f"corrupted; delete {self.path} and build it again")
+                                        f"corrupted; {_REBUILD}")
         self._verified.add(j)
 
     def shard(self, j: int) -> _Shard:
@@ -143,7 +202,8 @@ class ShardStore:
     def write_shard(self, j: int, values: np.ndarray, offsets: np.ndarray,
                     indices: np.ndarray | None) -> None:
         """Store shard ``j``'s arrays as their files' types, then list it in the manifest (after
-        its files: a build killed in between builds the shard again)."""
+        its files: a build killed in between builds the shard again); a shard listed already
+        (corrupted, being rebuilt) gets its new entry."""
         arrays = {"values": values.astype(_DTYPES[self.dtype]),
                   "offsets": offsets.astype(_OFFSET_DTYPE)}
         if indices is not None:
@@ -153,9 +213,38 @@ class ShardStore:
             data = np.ascontiguousarray(arrays[name]).tobytes()
             write_atomic(file, lambda f, data=data: f.write(data))
             sums[name] = hashlib.sha256(data).hexdigest()
-        self.manifest["shards"].append({"samples": len(self.samples(j)),
-                                        "rows": len(arrays["values"]), "sha256": sums})
-        _write_manifest(self.path, self.manifest)
+        self.manifest["shards"][str(j)] = {"samples": len(self.samples(j)),
+                                           "rows": len(arrays["values"]), "sha256": sums}
+        write_manifest(self.path / self.manifest_name, self.manifest)
+
+    def read_rows(self, samples: list[int]) -> CachedRows:
+        """Every row of each of ``samples``, copied out of its finished shard."""
+        num_samples, shard_size = self.manifest["num_samples"], self.manifest["shard_size"]
+        by_shard: dict[int, list[int]] = {}
+        for n, i in enumerate(samples):
+            if not 0 <= i < num_samples:
+                raise IndexError(f"sample {i} is outside the cache's {num_samples} samples")
+            by_shard.setdefault(i // shard_size, []).append(n)
+        # Each shard is mapped once and its rows copied out, so that only the few mapped shards
+        # hold open files, however many shards the batch spans.
+        values: list[Any] = [None] * len(samples)
+        indices: list[Any] = [None] * len(samples)
+        for j, where in by_shard.items():
+            shard = self.shard(j)
+            for n in where:
+                local = samples[n] % shard_size
+                lo, hi = int(shard.offsets[local]), int(shard.offsets[local + 1])
+                values[n] = np.array(shard.values[lo:hi])
+                if shard.indices is not None:
+                    indices[n] = np.array(shard.indices[lo:hi])
+        counts = [0] + [len(v) for v in values]
+        empty = np.zeros((0, self.width() or 0), dtype=_DTYPES[self.dtype])
+        return CachedRows(
+            torch.from_numpy(np.concatenate(values or [empty])),
+            None if self.top_k is None else torch.from_numpy(
+                np.concatenate(indices or [np.zeros((0, self.top_k), _INDEX_DTYPE)])).long(),
+            torch.tensor(counts, dtype=torch.long).cumsum(0),
+        )
 
     def close(self) -> None:
         """Unmap the shards (see :meth:`shard`)."""
@@ -176,15 +265,22 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _read_manifest(path: Path) -> dict[str, Any]:
-    file = path / _MANIFEST
+def _read_manifest(path: Path, name: str = _MANIFEST) -> dict[str, Any]:
+    """The manifest ``name`` (``manifest.json`` or a part) of the cache folder ``path``, checked
+    (:class:`CorruptCacheError`); a version 1 manifest is read as version 2."""
+    file = path / name
     try:
         manifest = json.loads(file.read_text())
     except FileNotFoundError:
-        raise CacheError(f"{path} is not a teacher cache (no {_MANIFEST})") from None
+        raise CacheError(f"{path} is not a teacher cache (no {name})") from None
     except (ValueError, UnicodeDecodeError) as error:
-        raise CorruptCacheError(f"{file} cannot be read ({error}); delete {path} and build it "
-                                "again") from error
+        raise CorruptCacheError(f"{file} cannot be read ({error}); build the cache again "
+                                "with overwrite=True, which replaces it") from error
+    if isinstance(manifest, dict) and manifest.get("format") == _FORMAT_V1:
+        shards = manifest.get("shards")
+        if isinstance(shards, list):
+            manifest["shards"] = {str(j): entry for j, entry in enumerate(shards)}
+        manifest["format"] = _FORMAT
     if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT:
         raise CorruptCacheError(f"{file} is not a {_FORMAT} manifest")
     _check_manifest(file, manifest)
@@ -193,14 +289,14 @@ def _read_manifest(path: Path) -> dict[str, Any]:
 
 def _check_manifest(file: Path, manifest: dict[str, Any]) -> None:
     """Raise :class:`CorruptCacheError` unless ``manifest`` holds every field the cache reads,
-    each of the right type."""
+    each of the right type, and its shards are shards of the cache."""
 
     def need(where: Mapping[str, Any], name: str, ok: Callable[[Any], bool],
              what: str = "") -> None:
         if name not in where or not ok(where[name]):
             found = repr(where[name])[:60] if name in where else "missing"
             raise CorruptCacheError(f"{file}: {what}{name} is {found}, not as a cache needs it; "
-                                    f"delete {file.parent} and build it again")
+                                    "build the cache again with overwrite=True")
 
     def is_str(value: Any) -> bool:
         return isinstance(value, str)
@@ -220,17 +316,81 @@ def _check_manifest(file: Path, manifest: dict[str, Any]) -> None:
     need(manifest, "shard_size", lambda v: is_int(v, 1))
     need(manifest, "token_level", lambda v: v is None or isinstance(v, bool))
     need(manifest, "vocab_size", lambda v: v is None or is_int(v, 1))
-    num_shards = math.ceil(manifest["num_samples"] / manifest["shard_size"])
-    need(manifest, "shards", lambda v: isinstance(v, list) and len(v) <= num_shards
-         and all(isinstance(entry, dict) for entry in v))
+    num_samples, shard_size = manifest["num_samples"], manifest["shard_size"]
+    numbers = {str(j) for j in range(math.ceil(num_samples / shard_size))}
+    # Keys are shard numbers as str(j) writes them: "07" or "-0" would name no file.
+    need(manifest, "shards", lambda v: isinstance(v, dict) and set(v) <= numbers
+         and all(isinstance(entry, dict) for entry in v.values()))
     names = _file_names(key["top_k"])
-    for j, entry in enumerate(manifest["shards"]):
-        need(entry, "samples", is_int, f"shards[{j}].")
+    for j, entry in manifest["shards"].items():
+        samples = min(shard_size, num_samples - int(j) * shard_size)
+        need(entry, "samples", lambda v, samples=samples: v == samples and is_int(v),
+             f"shards[{j}].")
         need(entry, "rows", is_int, f"shards[{j}].")
         need(entry, "sha256", lambda v: isinstance(v, dict)
              and all(is_str(v.get(name)) for name in names), f"shards[{j}].")
 
 
-def _write_manifest(path: Path, manifest: dict[str, Any]) -> None:
-    text = json.dumps(manifest, indent=1).encode()
-    write_atomic(path / _MANIFEST, lambda f: f.write(text))
+def manifest_bytes(manifest: dict[str, Any]) -> bytes:
+    """``manifest`` as its file holds it: its fields and shards in a fixed order."""
+    ordered = {name: manifest[name] for name in _FIELDS}
+    ordered["shards"] = {str(j): manifest["shards"][str(j)]
+                         for j in sorted(int(j) for j in manifest["shards"])}
+    return json.dumps(ordered, indent=1).encode()
+
+
+def write_manifest(file: Path, manifest: dict[str, Any]) -> None:
+    """Write ``manifest`` to ``file`` atomically."""
+    text = manifest_bytes(manifest)
+    write_atomic(file, lambda f: f.write(text))
+
+
+def check_key(path: Path, stored: dict[str, Any], key: dict[str, Any]) -> None:
+    """Raise :class:`StaleCacheError` unless the key ``stored`` in the cache at ``path`` agrees
+    with ``key``'s entries."""
+    what = {"teacher": "the teacher's weights", "data": "the data's inputs",
+            "collate": "collate_fn", "top_k": "top_k", "dtype": "dtype"}
+    # A cache from before collate functions were keyed has none: it is stale.
+    diff = [f"{what[name]} ({stored.get(name)!r} in the cache, {key[name]!r} now)"
+            if name in ("collate", "top_k", "dtype") else what[name]
+            for name in key if stored.get(name) != key[name]]
+    if diff:
+        raise StaleCacheError(
+            f"{path} was built for other settings: {', '.join(diff)} differ; use those it was "
+            "built with, build to another path, or build with overwrite=True to replace it"
+        )
+
+
+def new_manifest(key: dict[str, Any], num_samples: int, shard_size: int) -> dict[str, Any]:
+    """The manifest of a cache with no shard built yet (nor its rows' shape known)."""
+    return {"format": _FORMAT, "key": key, "num_samples": num_samples, "shard_size": shard_size,
+            "token_level": None, "vocab_size": None, "shards": {}}
+
+
+def part_name(rank: int) -> str:
+    """The manifest part of process ``rank`` of a distributed build."""
+    return f"manifest.part-{rank:05d}.json"
+
+
+_PART = re.compile(r"manifest\.part-\d{5,}\.json")
+# The cache's own files and what killed atomic writes of them left: the only files a build
+# deletes when it replaces a cache (overwrite=True). Any array name: a cache of another key may
+# hold arrays this one does not.
+_OWN = re.compile(r"(manifest\.json|manifest\.part-\d{5,}\.json|shard-\d{5,}\.[a-z0-9_]+)")
+_OWN_TEMPORARY = re.compile(r"\.(" + _OWN.pattern + r")\.[a-z0-9_]+\.tmp")
+
+
+def part_names(path: Path) -> list[str]:
+    """The manifest parts in the folder ``path``, in order."""
+    return sorted(f.name for f in path.iterdir() if _PART.fullmatch(f.name)) \
+        if path.is_dir() else []
+
+
+def remove_cache_files(path: Path) -> None:
+    """Delete the cache in the folder ``path``: its manifest first (the folder then holds no
+    cache, whatever deleting the rest leaves), then its parts, shard files and temporaries;
+    nothing else in the folder."""
+    (path / _MANIFEST).unlink(missing_ok=True)
+    for file in sorted(path.iterdir()):
+        if _OWN.fullmatch(file.name) or _OWN_TEMPORARY.fullmatch(file.name):
+            file.unlink(missing_ok=True)

@@ -2,7 +2,8 @@
 
 A cache is a folder of plain data, never code::
 
-    manifest.json        the key, the layout and each finished shard's sizes and sha256 sums
+    manifest.json        the key, the layout and each finished shard's sizes and sha256 sums,
+                         the shards keyed by number (format pykd.teacher_cache/2)
     shard-00000.values   [rows, width] float16 or float32, raw little-endian
     shard-00000.indices  [rows, k] int32 vocabulary indices (top-k caches only)
     shard-00000.offsets  [samples + 1] int64: where each sample's rows start in the shard
@@ -10,7 +11,10 @@ A cache is a folder of plain data, never code::
 A row is one sample (sequence classification) or one non-padding token (attention mask) of it.
 Shard ``j`` holds samples ``[j * shard_size, (j + 1) * shard_size)`` in dataset order. Every file
 is written atomically and the manifest is rewritten (atomically) after each shard, so a killed
-build resumes at the first shard the manifest lacks, after checking the ones it lists.
+build resumes with the shards the manifest lacks, after checking the ones it lists. Under
+``torch.distributed`` the processes build the missing shards together, each recording its own in
+``manifest.part-NNNNN.json`` until process 0 merges them (:mod:`pykd._cache_build`). Version 1
+manifests (finished shards as a list) are still read.
 
 The key is the sha256 of the teacher's weights (its ``state_dict``), the sha256 of the dataset's
 model inputs (labels and sample weights excluded), a fingerprint of the collate function that made
@@ -21,35 +25,46 @@ manifest without the fields it needs) with :class:`CorruptCacheError`.
 
 This module holds the public class; its parts live in modules below it: the key's fingerprints in
 :mod:`pykd._fingerprints`, the files (manifest, shards, checksums, memory-mapped reading) in
-:mod:`pykd._cache_files`, the teacher loop that writes them in :mod:`pykd._cache_build` and the
-errors in :mod:`pykd._cache_errors`.
+:mod:`pykd._cache_files`, the build (one process or several) in :mod:`pykd._cache_build`, the
+loaders of :meth:`TeacherCache.attach` in :mod:`pykd._cache_loaders` and the errors in
+:mod:`pykd._cache_errors`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset
 
-from pykd._batches import IndexedBatch, loader_like, rebuildable, token_positions
-from pykd._cache_build import build_shards
+from pykd._batches import IndexedBatch
+from pykd._cache_build import Processes, build_missing, forget, prepare, verify_kept
 from pykd._cache_errors import CacheError, CorruptCacheError, StaleCacheError
-from pykd._cache_files import _DTYPES, _FORMAT, _MANIFEST, ShardStore, _read_manifest
+from pykd._cache_files import (
+    _DTYPES,
+    CachedRows,
+    ShardStore,
+    _read_manifest,
+    check_key,
+    new_manifest,
+)
+from pykd._cache_loaders import cache_samples, check_loader, indexed_loader, sample_list
 from pykd._fingerprints import fingerprint_collate, fingerprint_data, fingerprint_model
 from pykd.checkpoint import PathLike
 
-# The public names: the errors and fingerprints are defined in the modules below and offered
-# here, where pykd, the Distiller and users have always imported them from.
+# The public names: the errors, fingerprints and the indexed batch are defined in the modules
+# below and offered here, where pykd, the Distiller and users have always imported them from.
 __all__ = [
     "CacheError",
+    "CachedRows",
     "CorruptCacheError",
+    "IndexedBatch",
     "StaleCacheError",
     "TeacherCache",
     "TopKRows",
@@ -78,30 +93,6 @@ def _collate_key(collate_fn: Callable[[list[Any]], Any] | None, collate_key: str
     if not isinstance(collate_key, str) or not collate_key.strip():
         raise ValueError(f"collate_key must be a non-empty string, got {collate_key!r}")
     return f"collate_key={collate_key}"
-
-
-class _Indexed(Dataset):
-    """Items ``(i, dataset[i])``."""
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int) -> tuple[int, Any]:
-        return i, self.dataset[i]
-
-
-class _IndexedCollate:
-    """The loader's own collate for the items, their indices alongside (picklable for workers)."""
-
-    def __init__(self, collate: Callable[[list[Any]], Any]) -> None:
-        self.collate = collate
-
-    def __call__(self, items: list[tuple[int, Any]]) -> IndexedBatch:
-        return IndexedBatch(torch.tensor([i for i, _ in items], dtype=torch.long),
-                            self.collate([item for _, item in items]))
 
 
 class TeacherCache:
@@ -188,12 +179,21 @@ class TeacherCache:
         progress: bool = False,
         on_shard: Callable[[int], None] | None = None,
         collate_key: str | None = None,
+        overwrite: bool = False,
+        distributed: bool | None = None,
     ) -> TeacherCache:
         """Run ``teacher`` over ``dataset`` and store its outputs under ``path`` (a folder).
 
-        A finished cache with the same key is returned as it is; an unfinished one is checked
-        shard by shard and completed from the first missing shard; one with another key raises
-        :class:`StaleCacheError`.
+        A finished cache with the same key is returned as it is; an unfinished one (a killed
+        build, by any number of processes) has its finished shards checked against their
+        checksums and kept, and the missing ones built; one with another key raises
+        :class:`StaleCacheError`, or is replaced with ``overwrite=True``.
+
+        Under ``torch.distributed`` (initialised, more than one process, e.g. torchrun) every
+        process calls ``build`` with the same arguments: each runs its teacher over its share of
+        the missing shards (round-robin) and writes their files and its own manifest part,
+        then process 0 merges the parts into ``manifest.json``, and every process returns the
+        finished cache. The files are the same bytes as a one-process build's.
 
         Args:
             path: the cache folder (created if missing).
@@ -206,18 +206,28 @@ class TeacherCache:
             batch_size, collate_fn: how the teacher's batches are formed, as in a DataLoader.
                 The key holds ``collate_fn``'s fingerprint (:func:`fingerprint_collate`).
             shard_size: samples per shard file (ignored when resuming: the cache keeps its own).
-            progress: show a progress bar over the shards.
-            on_shard: called with each shard's number once it is stored.
+            progress: show a progress bar over the shards (process 0's).
+            on_shard: called with each shard's number once this process has stored it.
             collate_key: the key's name for ``collate_fn`` instead of its fingerprint, for a
                 collate function that cannot be fingerprinted (it holds a lock, an open file,
                 a tokenizer that cannot be pickled); change it whenever the function changes,
                 and give it to :meth:`attach` too.
+            overwrite: replace a cache of another key (teacher, data, collate function or
+                settings) or one whose manifest cannot be read, and rebuild shards that fail
+                their checksums, instead of raising. Only the cache's own files
+                (``manifest.json``, its parts and ``shard-*.*``) are deleted, nothing else in
+                the folder.
+            distributed: None builds with the ``torch.distributed`` group when one is
+                initialised with more than one process; False builds in this process alone
+                (keep the other processes away from ``path`` then); True requires the group.
 
         Returns:
             The finished cache.
 
         Raises:
-            CacheError: ``collate_fn`` cannot be fingerprinted and no ``collate_key`` is given.
+            CacheError: ``collate_fn`` cannot be fingerprinted and no ``collate_key`` is given;
+                the processes of a distributed build disagree on the key; another process
+                failed (the shards finished so far are kept).
         """
         if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
@@ -225,22 +235,29 @@ class TeacherCache:
             raise ValueError(f"dtype must be one of {tuple(_DTYPES)}, got {dtype!r}")
         if shard_size < 1 or batch_size < 1:
             raise ValueError("shard_size and batch_size must be >= 1")
+        processes = Processes(distributed)
         key = {"teacher": fingerprint_model(teacher), "data": fingerprint_data(dataset),
                "collate": _collate_key(collate_fn, collate_key), "top_k": top_k, "dtype": dtype}
         path = Path(path)
-        if (path / _MANIFEST).exists():
-            cache = cls(path, _read_manifest(path))
-            cache._check_key(key)
-            cache.verify()  # the shards kept from an interrupted build
-        else:
-            cache = cls(path, {"format": _FORMAT, "key": key, "num_samples": len(dataset),
-                               "shard_size": shard_size, "token_level": None,
-                               "vocab_size": None, "shards": []})
-        if cache.complete:
-            return cache
-        build_shards(cache._store, range(len(cache._manifest["shards"]), cache.num_shards),
-                     teacher, dataset, batch_size=batch_size, collate_fn=collate_fn,
-                     rows=cache._rows, progress=progress, on_shard=on_shard)
+        fresh = new_manifest(key, len(dataset), shard_size)
+        if not processes.same(json.dumps(fresh, sort_keys=True)):
+            raise CacheError(f"the processes building {path} disagree on its key (teacher "
+                             "weights, data, collate_fn, top_k, dtype or shard_size): each "
+                             "must call build with the same ones")
+        manifest = prepare(path, fresh, overwrite=overwrite, processes=processes)
+        kept = ShardStore(path, manifest)
+        corrupt = verify_kept(kept, overwrite=overwrite, processes=processes)
+        if corrupt:
+            forget(path, manifest, corrupt, processes)
+        missing = [j for j in range(kept.num_shards()) if str(j) not in manifest["shards"]]
+        if missing:
+            build_missing(path, manifest, missing, teacher, dataset, processes=processes,
+                          batch_size=batch_size, collate_fn=collate_fn, progress=progress,
+                          on_shard=on_shard)
+            manifest = _read_manifest(path)
+        cache = cls(path, manifest)
+        # The shards this process checked are not hashed again on their first lookup.
+        cache._store._verified.update(kept._verified)
         return cache
 
     @classmethod
@@ -264,18 +281,7 @@ class TeacherCache:
 
     def _check_key(self, key: dict[str, Any]) -> None:
         """Raise :class:`StaleCacheError` unless the cache's key agrees with ``key``'s entries."""
-        stored = self._manifest["key"]
-        what = {"teacher": "the teacher's weights", "data": "the data's inputs",
-                "collate": "collate_fn", "top_k": "top_k", "dtype": "dtype"}
-        # A cache from before collate functions were keyed has none: it is stale.
-        diff = [f"{what[name]} ({stored.get(name)!r} in the cache, {key[name]!r} now)"
-                if name in ("collate", "top_k", "dtype") else what[name]
-                for name in key if stored.get(name) != key[name]]
-        if diff:
-            raise StaleCacheError(
-                f"{self.path} was built for other settings: {', '.join(diff)} differ; use those "
-                "it was built with, or build to another path (or delete the folder)"
-            )
+        check_key(self.path, self._manifest["key"], key)
 
     def check_data(self, dataset: Dataset) -> None:
         """Raise :class:`StaleCacheError` unless ``dataset`` has the cache's inputs."""
@@ -292,7 +298,7 @@ class TeacherCache:
 
     def verify(self) -> None:
         """Check every finished shard against its checksums (:class:`CorruptCacheError`)."""
-        for j in range(len(self._manifest["shards"])):
+        for j in self._store.finished():
             self._store.check_shard(j)
 
     def close(self) -> None:
@@ -309,101 +315,85 @@ class TeacherCache:
     # -------------------------------------------------------------------------- training
 
     def attach(self, loader: DataLoader, *, collate_key: str | None = None) -> DataLoader:
-        """A loader like ``loader`` whose batches carry their samples' indices into the cache.
+        """A loader like ``loader`` whose batches are :class:`IndexedBatch`: each batch with its
+        samples' indices into the cache, which the Distiller looks the teacher's rows up by.
 
-        ``loader`` must be a DataLoader over the cached dataset with a batch size and a
-        sequential or shuffling sampler; its collate function, workers and other settings are
-        kept. The collate function and the dataset are checked against the cache's key (the
-        dataset by reading every item once); ``collate_key`` stands for the collate function
-        as in :meth:`build`.
+        ``loader`` is a DataLoader that batches (a ``batch_size`` or a ``batch_sampler``) over
+        the cached dataset, or over a ``torch.utils.data.Subset`` of it (a split to train on,
+        without running the teacher again; Subsets of Subsets too). Its sampler or batch
+        sampler (``SubsetRandomSampler``, ``DistributedSampler``, one of your own: it picks
+        positions in ``loader.dataset``), collate function, workers and other settings are
+        kept; a plain sequential or shuffling loader stays one that the training loop orders
+        (and shards across processes) itself.
+
+        The collate function and the data are checked against the cache's key (reading each
+        item once: ``loader.dataset`` first, then each dataset a Subset wraps); ``collate_key``
+        stands for the collate function as in :meth:`build`.
+
+        Raises:
+            StaleCacheError: neither the dataset nor any dataset under its Subsets has the
+                cached inputs, or the collate function differs.
+            TypeError: ``loader`` is not a DataLoader that batches a map-style dataset.
         """
-        if not rebuildable(loader):
-            raise TypeError("attach needs a DataLoader over a map-style dataset with a batch_size "
-                            "and a sequential or shuffling sampler")
+        check_loader(loader)
         self._check_key({"collate": _collate_key(loader.collate_fn, collate_key)})
-        self.check_data(loader.dataset)
-        return loader_like(loader, _Indexed(loader.dataset), _IndexedCollate(loader.collate_fn),
-                           shuffle=isinstance(loader.sampler, RandomSampler))
+        samples = cache_samples(loader.dataset, self._has_data, self.path)
+        return indexed_loader(loader, samples)
+
+    def _has_data(self, dataset: Dataset) -> bool:
+        return fingerprint_data(dataset) == self._manifest["key"]["data"]
 
     def lookup(self, index: torch.Tensor,
                positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The cached rows of the samples ``index`` (``[B]``), on the CPU.
+        """The cached rows of the samples ``index`` (``[B]``), on the CPU, laid out as a batch.
 
         Returns ``(values, indices)``: ``values`` are ``[B, W]`` (one row per sample) or, given
         the batch's ``[B, T]`` token ``positions``, ``[B, T, W]`` with each sample's rows at its
         positions and zeros elsewhere; ``W`` is the vocabulary (full logits) or ``k``.
         ``indices`` are the int64 vocabulary indices of a top-k cache, laid out alike
-        (``0..k-1`` off the positions), or None.
+        (``0..k-1`` off the positions), or None. (:meth:`rows` reads samples without a batch.)
         """
+        samples = sample_list(index)
+        if positions is None and self.token_level:
+            raise ValueError("a token-level cache needs the batch's token positions (or read "
+                             "each sample's rows with cache.rows)")
         self.require_complete()
-        samples = index.tolist()
-        by_shard: dict[int, list[int]] = {}
-        for n, i in enumerate(samples):
-            if not 0 <= i < self.num_samples:
-                raise IndexError(f"sample {i} is outside the cache's {self.num_samples} samples")
-            by_shard.setdefault(i // self.shard_size, []).append(n)
-        # Each shard is mapped once and its rows copied out, so that only the few mapped shards
-        # hold open files, however many shards the batch spans.
-        rows: list[Any] = [None] * len(samples)  # (values, indices) of each sample
-        for j, where in by_shard.items():
-            shard = self._store.shard(j)
-            for n in where:
-                local = samples[n] % self.shard_size
-                lo, hi = int(shard.offsets[local]), int(shard.offsets[local + 1])
-                rows[n] = (np.array(shard.values[lo:hi]), None if shard.indices is None
-                           else np.array(shard.indices[lo:hi]))
-        values = [v for v, _ in rows]
-        indices = [k for _, k in rows if k is not None]
-        counts = [len(v) for v in values]
+        cached = self._store.read_rows(samples)
         if positions is None:
-            if self.token_level:
-                raise ValueError("a token-level cache needs the batch's token positions")
-            return _stacked(values), (_stacked(indices).long() if indices else None)
+            return cached.values, cached.indices
         expected = positions.sum(1).tolist()
-        for i, have, want in zip(samples, counts, expected):
+        for i, have, want in zip(samples, cached.offsets.diff().tolist(), expected):
             if have != want:
                 raise ValueError(
                     f"sample {i}: the batch has {want} token positions but the cache holds {have} "
                     "rows for it; mask and pad it as when the cache was built"
                 )
         mask = positions.cpu()
-        out = torch.zeros(*mask.shape, self._store.width(), dtype=_torch_dtype(self.dtype))
-        out[mask] = _stacked(values)
+        out = cached.values.new_zeros(*mask.shape, cached.values.shape[-1])
+        out[mask] = cached.values
         out_index = None
-        if indices:
+        if cached.indices is not None:
             # Off the positions: k distinct classes with equal logits, a harmless uniform row.
             out_index = torch.arange(self.top_k).expand(*mask.shape, self.top_k).clone()
-            out_index[mask] = _stacked(indices).long()
+            out_index[mask] = cached.indices
         return out, out_index
 
-    # ---------------------------------------------------------------------------- building
+    def rows(self, index: int | Sequence[int] | torch.Tensor) -> CachedRows:
+        """Every cached row of the samples ``index`` (an int, a sequence of ints or a 1-D
+        tensor), in order, without a batch to lay them out in: the teacher's rows of each
+        sample as the cache holds them (a token-level cache's are the tokens of the sample's
+        attention mask, in order).
 
-    def _rows(self, logits: torch.Tensor, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """The rows to store of one batch's logits, and how many belong to each sample."""
-        token_level = logits.dim() >= 3
-        if logits.dim() > 3 or logits.dim() < 2:
-            raise ValueError(f"the teacher's logits must be [B, C] or [B, T, V], got "
-                             f"{tuple(logits.shape)}")
-        for name, value in (("token_level", token_level), ("vocab_size", logits.shape[-1])):
-            if self._manifest[name] is None:
-                self._manifest[name] = value
-            elif self._manifest[name] != value:
-                raise ValueError(f"the teacher's outputs changed {name} from "
-                                 f"{self._manifest[name]} to {value} within the dataset")
-        if self.top_k is not None and self.top_k > self.vocab_size:
-            raise ValueError(f"top_k={self.top_k} exceeds the teacher's {self.vocab_size} classes")
-        if not token_level:
-            return logits, torch.ones(len(logits), dtype=torch.long)
-        positions = token_positions(batch)
-        if positions.shape != logits.shape[:2]:
-            raise ValueError(f"token positions {tuple(positions.shape)} do not match the "
-                             f"teacher's logits {tuple(logits.shape)}")
-        return logits[positions], positions.sum(1)
-
-
-def _stacked(arrays: list[np.ndarray]) -> torch.Tensor:
-    return torch.from_numpy(np.concatenate(arrays))
-
-
-def _torch_dtype(name: str) -> torch.dtype:
-    return {"float16": torch.float16, "float32": torch.float32}[name]
+        >>> import tempfile
+        >>> from torch import nn
+        >>> data = torch.utils.data.TensorDataset(torch.randn(5, 3))
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     cache = TeacherCache.build(folder, nn.Linear(3, 4), data, top_k=2)
+        ...     cached = cache.rows([4, 0])
+        >>> cached.values.shape, cached.indices.shape, cached.offsets.tolist()
+        (torch.Size([2, 2]), torch.Size([2, 2]), [0, 1, 2])
+        >>> cached[1][0].shape  # sample 0's values
+        torch.Size([1, 2])
+        """
+        self.require_complete()
+        return self._store.read_rows(sample_list(index))

@@ -320,7 +320,7 @@ class TeacherStudentObjective(LogitObjective):
         # the module in train mode for those, in eval mode to evaluate) runs no teacher, and the
         # student's own detached logits fill the teacher's place in the op.
         teacherless = (self.labels_only and prep.target is not None and self.module.training
-                       and not self._has_soft_only_rows(prep))
+                       and not self._has_soft_only_rows(prep)) or self._uncached(prep)
         outputs = [] if teacherless else [self._run_teacher(k, prep.batch.inputs)
                                           for k in range(len(self.teachers))]
         student, projected = model(routed_inputs(prep.batch.inputs, self.inputs, "student"))
@@ -353,7 +353,7 @@ class TeacherStudentObjective(LogitObjective):
                 plain = (combine_teachers(teacher_logits, self.teacher_weights, 1.0)
                          if self.sample_weighting is not None else teacher)
         weight = prep.logit_w
-        if self.sample_weighting is not None:
+        if self.sample_weighting is not None and not teacherless:
             weight = weight * adaptive_weights(plain, prep.target, self.sample_weighting,
                                                incorrect_weight=self.incorrect_weight)
         hidden = []
@@ -364,6 +364,20 @@ class TeacherStudentObjective(LogitObjective):
                 t_h = teacher_hidden[t_layer].to(device=s_h.device, dtype=s_h.dtype)
                 hidden.append((s_h, t_h, row_weight))
         return _Rows(student, teacher, prep.target, prep.valid, weight, hidden, teacherless)
+
+    def _uncached(self, prep: Prepared) -> bool:
+        """Whether ``prep`` is an evaluation batch without cache indices (a test set the cache
+        does not hold): the student is scored on its labels alone, as a labels-only training
+        step is, and the metrics that need the teacher are left out (see :meth:`summary`)."""
+        if self.cache is None or prep.batch.index is not None or self.module.training:
+            return False
+        if prep.target is None:
+            raise ValueError(
+                f"{prep.where} has neither labels nor its samples' cache indices: evaluating a "
+                "student trained from a TeacherCache scores it on labels, or on the cached "
+                "teacher's rows of an attached loader (cache.attach)"
+            )
+        return True
 
     def _has_soft_only_rows(self, prep: Prepared) -> bool:
         """Whether a row of ``prep`` has no label (``soft_index``): its loss is the soft term
@@ -385,8 +399,10 @@ class TeacherStudentObjective(LogitObjective):
         sums = sums.cpu()  # read once, then on the host
         out = self.rows_summary(sums[:-1], hyper[1], has_labels)
         if sums[-1].item() > 0:
-            # Measured against the student itself, the teacher's metrics would mean nothing.
-            for name in ("soft", "kl", "agreement"):
+            # Measured against the student itself, the teacher's metrics would mean nothing; nor
+            # would the loss built from them (a training step reports its exact loss instead),
+            # so an evaluation without the teacher's rows reports ce and accuracy.
+            for name in ("soft", "kl", "agreement", "loss"):
                 out.pop(name, None)
         return out
 
@@ -394,7 +410,8 @@ class TeacherStudentObjective(LogitObjective):
         """The cached teacher rows of ``batch``, laid out like the student's logits."""
         if batch.index is None:
             raise ValueError("training from a TeacherCache needs batches that carry their "
-                             "samples' indices: use cache.attach(loader)")
+                             "samples' indices: use cache.attach(loader), or batches of "
+                             "pykd.IndexedBatch (evaluation takes plain batches with labels)")
         positions = token_positions(batch) if self.cache.token_level else None
         if student.shape[-1] != self.cache.vocab_size:
             # A top-k cache's indices would fit in a larger student's logits without complaint.

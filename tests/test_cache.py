@@ -168,9 +168,11 @@ def test_a_manifest_missing_a_field_is_corrupt(tmp_path):
     build(path, token_teacher(), TokenDataset(4, seed=1))
     good = json.loads((path / "manifest.json").read_text())
     for drop, match in ((lambda m: m["key"].pop("data"), "key.data is missing"),
-                        (lambda m: m["shards"][1].pop("rows"), r"shards\[1\].rows is missing"),
-                        (lambda m: m["shards"][0]["sha256"].pop("indices"), "sha256"),
-                        (lambda m: m.update(shards={}), "shards is {}")):
+                        (lambda m: m["shards"]["1"].pop("rows"), r"shards\[1\].rows is missing"),
+                        (lambda m: m["shards"]["0"]["sha256"].pop("indices"), "sha256"),
+                        (lambda m: m.update(shards=[]), r"shards is \[\]"),
+                        (lambda m: m["shards"].update({"7": m["shards"]["0"]}), "shards is"),
+                        (lambda m: m["shards"]["1"].update(samples=3), r"shards\[1\].samples")):
         manifest = copy.deepcopy(good)
         drop(manifest)
         (path / "manifest.json").write_text(json.dumps(manifest))
