@@ -7,8 +7,9 @@ incoming gradient, in place, and skips even that when it is exactly 1 (the usual
 ``loss.backward()``), so the gradient costs no memory or pass beyond the forward's.
 
 ``fused_linear_distill_loss`` and ``distill_loss_topk`` follow the same pattern (a composite over
-an internal op that returns its gradients); their gradients are small or rarely rescaled, so
-their backward scales out of place.
+an internal op that returns its gradients). The top-k op's student gradient is ``[N, V]`` like the
+dense op's and is scaled in place too; the fused-linear op's gradients (hidden states, weights)
+are small next to the logits it never materialises, so its backward scales out of place.
 
 All three internal ops share one shape: ``(loss, *grads)``, ``grads[i]`` being the gradient of
 the input named ``differentiable[i]``, asked for by ``grad_mask[i]``. :class:`_FusedLossOp`
@@ -155,4 +156,4 @@ _FusedLossOp("_fused_linear_distill_loss", "fused_linear_distill_loss",
              ("student_hidden", "student_weight", "student_bias", "weight"),
              _checks.check_fused_linear_args)
 _FusedLossOp("_distill_loss_topk_fused", "distill_loss_topk", ("student", "weight"),
-             _checks.check_topk_args)
+             _checks.check_topk_args, in_place=("student",))
