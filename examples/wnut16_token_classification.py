@@ -20,6 +20,9 @@ output folder. Nothing is downloaded: the data and the teacher come from install
 
     HF_HUB_OFFLINE=1 python examples/wnut16_token_classification.py --seeds 0 1 2
     HF_HUB_OFFLINE=1 python examples/wnut16_token_classification.py --limit 200 --epochs 2
+    # the transfer-set recipe (settings picked on seed 0's validation split):
+    HF_HUB_OFFLINE=1 python examples/wnut16_token_classification.py --seeds 0 1 2 \
+        --transfer-copies 8 --transfer-epochs 2 --pseudo-labels
 
 The student is a BiLSTM over the teacher's word pieces. Its embedding table covers the
 teacher's whole vocabulary and is initialised from the teacher's embeddings projected to a
