@@ -109,7 +109,8 @@ class TeacherCache:
     Token-level rows are the positions of the attention mask (all positions without one), and a
     batch at training time must mask each sample exactly as when the cache was built; positions
     outside the mask get zeros, so their labels must be ``ignore_index``. The data must be the
-    same, item for item (no random augmentation); :meth:`attach` checks it.
+    same, item for item (no random augmentation), or a ``Subset`` of it; :meth:`attach` checks
+    it. :meth:`rows` reads samples' rows back as the cache holds them.
 
     Attributes:
         path: the cache folder.
