@@ -22,6 +22,7 @@ from pykd.cache import (
     IndexedBatch,
     StaleCacheError,
     TeacherCache,
+    read_logprobs_jsonl,
 )
 from pykd.callbacks import Callback
 from pykd.config import DistillationConfig, TrainingConfig
@@ -68,6 +69,7 @@ __all__ = [
     "distillation_loss_topk",
     "functional",
     "fused_linear_distillation_loss",
+    "read_logprobs_jsonl",
     "propagate",
     "schedules",
     "students",

@@ -46,6 +46,7 @@ from pykd._cache_files import (
     remove_cache_files,
     write_manifest,
 )
+from pykd._cache_signals import encode_rows, shard_generator
 
 T = TypeVar("T")
 
@@ -256,21 +257,28 @@ def _build_shard(store: ShardStore, j: int, teacher: nn.Module, dataset: Dataset
                  device: torch.device, float_dtype: torch.dtype | None) -> None:
     options = {} if collate_fn is None else {"collate_fn": collate_fn}
     loader = DataLoader(Subset(dataset, store.samples(j)), batch_size=batch_size, **options)
-    values, indices, counts = [], [], []
+    key = store.manifest["key"]
+    # A sampled shard draws from its own generator: its bytes depend on its number alone.
+    generator = (shard_generator(key["seed"], j) if store.signal == "sampled" else None)
+    values, indices, rests, counts = [], [], [], []
     for raw in loader:
         batch = parse_batch(to_device(raw, device, float_dtype))
         logits, _ = logits_and_hidden(call_model(teacher, batch.inputs, {}))
         rows, count = _rows(store, logits, batch)
         counts.append(count.cpu())
-        if store.top_k is not None:
-            top = rows.float().topk(store.top_k, dim=-1)
-            values.append(top.values)
-            indices.append(top.indices.to(torch.int32))
-        else:
-            values.append(rows)
-    store.write_shard(j, torch.cat(values).float().cpu().numpy(),
+        if store.signal is None:
+            values.append(rows.float().cpu())
+            continue
+        value, index, rest = encode_rows(rows, store.signal, store.top_k,
+                                         key.get("temperature", 1.0), generator)
+        values.append(value)
+        indices.append(index)
+        if rest is not None:
+            rests.append(rest)
+    store.write_shard(j, torch.cat(values).numpy(),
                       np.concatenate([[0], torch.cat(counts).cumsum(0).numpy()]),
-                      torch.cat(indices).cpu().numpy() if indices else None)
+                      torch.cat(indices).numpy() if indices else None,
+                      torch.cat(rests).numpy() if rests else None)
 
 
 def _rows(store: ShardStore, logits: torch.Tensor, batch: Batch

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from pykd._cache_errors import CacheError, CorruptCacheError, StaleCacheError
+from pykd._cache_signals import SIGNALS, index_layout, pack_indices, unpack_indices
 from pykd.checkpoint import write_atomic
 
 _FORMAT = "pykd.teacher_cache/2"
@@ -36,6 +37,7 @@ _MANIFEST = "manifest.json"
 # says, not on how a build went (one process or several, resumed or not).
 _FIELDS = ("format", "key", "num_samples", "shard_size", "token_level", "vocab_size", "shards")
 _DTYPES = {"float16": np.float16, "float32": np.float32}
+# Indices of caches whose key names no "index" (built before compact indices): int32.
 _INDEX_DTYPE = np.int32
 _OFFSET_DTYPE = np.int64
 _REBUILD = "build it again with overwrite=True (which rebuilds the corrupted shards)"
@@ -57,11 +59,14 @@ class CachedRows:
             or ``k`` (top-k).
         indices: ``[rows, k]`` int64 vocabulary indices of a top-k cache, None for full logits.
         offsets: ``[samples + 1]`` int64.
+        log_rest: ``[rows]`` a ``"topk+rest"`` cache's log of the teacher's mass off the k
+            entries (in the cache's dtype), else None.
     """
 
     values: torch.Tensor
     indices: torch.Tensor | None
     offsets: torch.Tensor
+    log_rest: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -80,8 +85,9 @@ class CachedRows:
 @dataclasses.dataclass
 class _Shard:
     values: np.ndarray  # [rows, width]
-    indices: np.ndarray | None  # [rows, k]
+    indices: np.ndarray | None  # [rows, k] or [rows, k, 3], as stored
     offsets: np.ndarray  # [samples + 1]
+    rest: np.ndarray | None  # [rows]
 
 
 class ShardStore:
@@ -101,6 +107,9 @@ class ShardStore:
         # The key does not change once the cache exists (a build for another key is refused).
         self.top_k: int | None = manifest["key"]["top_k"]
         self.dtype: str = manifest["key"]["dtype"]
+        self.signal: str | None = signal_of(manifest["key"])
+        # Compact indices take the fewest bytes the vocabulary needs (known after one batch).
+        self.compact_indices: bool = manifest["key"].get("index") == "compact"
         self._shards: OrderedDict[int, _Shard] = OrderedDict()  # mapped, least recent first
         self._verified: set[int] = set()  # shards whose checksums matched: not hashed again
         self._new_locks()
@@ -142,7 +151,14 @@ class ShardStore:
 
     def files(self, j: int) -> dict[str, Path]:
         """The files of shard ``j``, by the name of the array each holds."""
-        return {name: self.path / f"shard-{j:05d}.{name}" for name in _file_names(self.top_k)}
+        return {name: self.path / f"shard-{j:05d}.{name}" for name in _file_names(self.signal)}
+
+    def index_layout(self) -> tuple[np.dtype, tuple[int, ...]]:
+        """numpy dtype and per-row shape of the stored indices."""
+        assert self.top_k is not None
+        if self.compact_indices:
+            return index_layout(self.manifest["vocab_size"], self.top_k)
+        return np.dtype(_INDEX_DTYPE), (self.top_k,)
 
     def layout(self, j: int) -> dict[str, tuple[Any, tuple[int, ...]]]:
         """dtype and shape of each file of finished shard ``j``."""
@@ -151,7 +167,10 @@ class ShardStore:
         layout = {"values": (_DTYPES[self.dtype], (rows, self.width())),
                   "offsets": (_OFFSET_DTYPE, (samples + 1,))}
         if self.top_k is not None:
-            layout["indices"] = (_INDEX_DTYPE, (rows, self.top_k))
+            dtype, per_row = self.index_layout()
+            layout["indices"] = (dtype, (rows, *per_row))
+        if self.signal == "topk+rest":
+            layout["rest"] = (_DTYPES[self.dtype], (rows,))
         return layout
 
     def check_shard(self, j: int) -> None:
@@ -193,21 +212,26 @@ class ShardStore:
         with self._lock:
             # Another thread may have mapped it meanwhile: one mapping of it stays.
             shard = self._shards.setdefault(
-                j, _Shard(arrays["values"], arrays.get("indices"), arrays["offsets"]))
+                j, _Shard(arrays["values"], arrays.get("indices"), arrays["offsets"],
+                          arrays.get("rest")))
             self._shards.move_to_end(j)
             while len(self._shards) > _MAPPED_SHARDS:
                 self._shards.popitem(last=False)
         return shard
 
     def write_shard(self, j: int, values: np.ndarray, offsets: np.ndarray,
-                    indices: np.ndarray | None) -> None:
-        """Store shard ``j``'s arrays as their files' types, then list it in the manifest (after
-        its files: a build killed in between builds the shard again); a shard listed already
-        (corrupted, being rebuilt) gets its new entry."""
+                    indices: np.ndarray | None, rest: np.ndarray | None = None) -> None:
+        """Store shard ``j``'s arrays as their files' types (``indices`` as int64 class
+        numbers), then list it in the manifest (after its files: a build killed in between
+        builds the shard again); a shard listed already (corrupted, being rebuilt) gets its new
+        entry."""
         arrays = {"values": values.astype(_DTYPES[self.dtype]),
                   "offsets": offsets.astype(_OFFSET_DTYPE)}
         if indices is not None:
-            arrays["indices"] = indices.astype(_INDEX_DTYPE)
+            arrays["indices"] = (pack_indices(indices, self.manifest["vocab_size"])
+                                 if self.compact_indices else indices.astype(_INDEX_DTYPE))
+        if rest is not None:
+            arrays["rest"] = rest.astype(_DTYPES[self.dtype])
         sums = {}
         for name, file in self.files(j).items():
             data = np.ascontiguousarray(arrays[name]).tobytes()
@@ -229,6 +253,7 @@ class ShardStore:
         # hold open files, however many shards the batch spans.
         values: list[Any] = [None] * len(samples)
         indices: list[Any] = [None] * len(samples)
+        rest: list[Any] = [None] * len(samples)
         for j, where in by_shard.items():
             shard = self.shard(j)
             for n in where:
@@ -237,13 +262,21 @@ class ShardStore:
                 values[n] = np.array(shard.values[lo:hi])
                 if shard.indices is not None:
                     indices[n] = np.array(shard.indices[lo:hi])
+                if shard.rest is not None:
+                    rest[n] = np.array(shard.rest[lo:hi])
         counts = [0] + [len(v) for v in values]
         empty = np.zeros((0, self.width() or 0), dtype=_DTYPES[self.dtype])
+        index = None
+        if self.top_k is not None:
+            dtype, per_row = self.index_layout()
+            stored = np.concatenate(indices or [np.zeros((0, *per_row), dtype)])
+            index = (unpack_indices(stored, self.manifest["vocab_size"]) if self.compact_indices
+                     else torch.from_numpy(stored).long())
         return CachedRows(
-            torch.from_numpy(np.concatenate(values or [empty])),
-            None if self.top_k is None else torch.from_numpy(
-                np.concatenate(indices or [np.zeros((0, self.top_k), _INDEX_DTYPE)])).long(),
+            torch.from_numpy(np.concatenate(values or [empty])), index,
             torch.tensor(counts, dtype=torch.long).cumsum(0),
+            None if self.signal != "topk+rest" else torch.from_numpy(
+                np.concatenate(rest or [np.zeros(0, _DTYPES[self.dtype])])),
         )
 
     def close(self) -> None:
@@ -252,9 +285,16 @@ class ShardStore:
             self._shards.clear()
 
 
-def _file_names(top_k: int | None) -> list[str]:
+def signal_of(key: dict[str, Any]) -> str | None:
+    """The signal a cache's key stores: None (full logits), or one of ``SIGNALS``; a key from
+    before signals were named is ``"topk"`` when it has a k."""
+    return key.get("signal", "topk" if key["top_k"] is not None else None)
+
+
+def _file_names(signal: str | None) -> list[str]:
     """The arrays of each shard."""
-    return ["values", "offsets"] + (["indices"] if top_k is not None else [])
+    return (["values", "offsets"] + (["indices"] if signal is not None else [])
+            + (["rest"] if signal == "topk+rest" else []))
 
 
 def _sha256_file(path: Path) -> str:
@@ -310,6 +350,12 @@ def _check_manifest(file: Path, manifest: dict[str, Any]) -> None:
     need(key, "data", is_str, "key.")
     need(key, "top_k", lambda v: v is None or is_int(v, 1), "key.")
     need(key, "dtype", lambda v: is_str(v) and v in _DTYPES, "key.")
+    if "signal" in key:  # absent from caches built before signals were named: "topk" or none
+        need(key, "signal", lambda v: v in SIGNALS and key["top_k"] is not None, "key.")
+    if key.get("signal") in ("topk+rest", "sampled"):
+        need(key, "temperature", lambda v: isinstance(v, (int, float)) and v > 0, "key.")
+    if "index" in key:
+        need(key, "index", lambda v: v == "compact", "key.")
     if "collate" in key:  # absent from caches built before it was keyed (stale, not corrupt)
         need(key, "collate", is_str, "key.")
     need(manifest, "num_samples", is_int)
@@ -321,7 +367,7 @@ def _check_manifest(file: Path, manifest: dict[str, Any]) -> None:
     # Keys are shard numbers as str(j) writes them: "07" or "-0" would name no file.
     need(manifest, "shards", lambda v: isinstance(v, dict) and set(v) <= numbers
          and all(isinstance(entry, dict) for entry in v.values()))
-    names = _file_names(key["top_k"])
+    names = _file_names(signal_of(key))
     for j, entry in manifest["shards"].items():
         samples = min(shard_size, num_samples - int(j) * shard_size)
         need(entry, "samples", lambda v, samples=samples: v == samples and is_int(v),
@@ -348,11 +394,12 @@ def write_manifest(file: Path, manifest: dict[str, Any]) -> None:
 def check_key(path: Path, stored: dict[str, Any], key: dict[str, Any]) -> None:
     """Raise :class:`StaleCacheError` unless the key ``stored`` in the cache at ``path`` agrees
     with ``key``'s entries."""
-    what = {"teacher": "the teacher's weights", "data": "the data's inputs",
-            "collate": "collate_fn", "top_k": "top_k", "dtype": "dtype"}
-    # A cache from before collate functions were keyed has none: it is stale.
-    diff = [f"{what[name]} ({stored.get(name)!r} in the cache, {key[name]!r} now)"
-            if name in ("collate", "top_k", "dtype") else what[name]
+    what = {"teacher": "the teacher's weights", "data": "the data's inputs"}
+    # A cache from before collate functions (or signals, compact indices) were keyed has none:
+    # it is stale.
+    label = {"collate": "collate_fn"}
+    diff = [f"{label.get(name, name)} ({stored.get(name)!r} in the cache, {key[name]!r} now)"
+            if name not in what else what[name]
             for name in key if stored.get(name) != key[name]]
     if diff:
         raise StaleCacheError(

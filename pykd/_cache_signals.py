@@ -18,6 +18,7 @@ size, on resuming, or on which process built it.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,6 +26,20 @@ import torch
 SIGNALS = ("topk", "topk+rest", "sampled")
 # Signals whose values hold at one temperature only (the rest's mass, the draws' distribution).
 TEMPERATURE_BOUND = ("topk+rest", "sampled")
+
+
+def signal_key(signal: str | None, temperature: float, seed: int) -> dict[str, Any]:
+    """A cache key's entries for ``signal``: none for full logits (so full-logit caches from
+    before signals stay valid), else the signal, compact indices and what the rows depend on (a
+    top-k cache from before signals is stale: it holds int32 indices)."""
+    if signal is None:
+        return {}
+    key: dict[str, Any] = {"signal": signal, "index": "compact"}
+    if signal in TEMPERATURE_BOUND:
+        key["temperature"] = float(temperature)
+    if signal == "sampled":
+        key["seed"] = int(seed)
+    return key
 
 
 def check_signal(signal: str | None, k: int | None, temperature: float) -> None:

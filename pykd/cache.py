@@ -5,8 +5,16 @@ A cache is a folder of plain data, never code::
     manifest.json        the key, the layout and each finished shard's sizes and sha256 sums,
                          the shards keyed by number (format pykd.teacher_cache/2)
     shard-00000.values   [rows, width] float16 or float32, raw little-endian
-    shard-00000.indices  [rows, k] int32 vocabulary indices (top-k caches only)
+    shard-00000.indices  [rows, k] vocabulary indices (top-k caches only): little-endian, in the
+                         fewest bytes the vocabulary needs (2 up to 65,536 classes, 3 up to
+                         16.7M; int32 in caches built before compact indices)
+    shard-00000.rest     [rows] float16 or float32: log of the teacher's mass off the top-k
+                         ("topk+rest" caches only)
     shard-00000.offsets  [samples + 1] int64: where each sample's rows start in the shard
+
+What a row holds is the cache's signal (:mod:`pykd._cache_signals`): all logits (``top_k=None``),
+the ``k`` largest (``"topk"``), the same plus the mass they miss (``"topk+rest"``) or ``k``
+classes drawn from the teacher (``"sampled"``); the last two at the build's temperature.
 
 A row is one sample (sequence classification) or one non-padding token (attention mask) of it.
 Shard ``j`` holds samples ``[j * shard_size, (j + 1) * shard_size)`` in dataset order. Every file
@@ -19,9 +27,10 @@ manifests (finished shards as a list) are still read.
 The key is the sha256 of the teacher's weights (its ``state_dict``), the sha256 of the dataset's
 model inputs (labels and sample weights excluded), a fingerprint of the collate function that made
 the teacher's batches (:func:`fingerprint_collate`, or a key the caller names) and the settings
-(``top_k``, ``dtype``): a cache built for other weights, data, collate function or settings is
-refused with :class:`StaleCacheError`, a shard whose bytes no longer match its checksum (or a
-manifest without the fields it needs) with :class:`CorruptCacheError`.
+(``top_k``, ``dtype``, the signal with its temperature and seed): a cache built for other
+weights, data, collate function or settings is refused with :class:`StaleCacheError`, a shard
+whose bytes no longer match its checksum (or a manifest without the fields it needs) with
+:class:`CorruptCacheError`.
 
 This module holds the public class; its parts live in modules below it: the key's fingerprints in
 :mod:`pykd._fingerprints`, the files (manifest, shards, checksums, memory-mapped reading) in
@@ -53,8 +62,11 @@ from pykd._cache_files import (
     _read_manifest,
     check_key,
     new_manifest,
+    signal_of,
 )
+from pykd._cache_import import import_logprobs, read_logprobs_jsonl
 from pykd._cache_loaders import cache_samples, check_loader, indexed_loader, sample_list
+from pykd._cache_signals import check_signal, signal_key
 from pykd._fingerprints import fingerprint_collate, fingerprint_data, fingerprint_model
 from pykd.checkpoint import PathLike
 
@@ -71,16 +83,18 @@ __all__ = [
     "fingerprint_collate",
     "fingerprint_data",
     "fingerprint_model",
+    "read_logprobs_jsonl",
 ]
 
 
 @dataclasses.dataclass
 class TopKRows:
-    """A teacher given by its top-k logits per row, no probability mass elsewhere (the input of
-    :func:`pykd.functional.distillation_loss_topk`)."""
+    """A teacher given by ``k`` (index, logit) pairs per row and, optionally, the log of its mass
+    off them (the inputs of :func:`pykd.functional.distillation_loss_topk`)."""
 
     index: torch.Tensor  # (*, k) int64 vocabulary indices
     logits: torch.Tensor  # (*, k)
+    log_rest: torch.Tensor | None = None  # (*) or None: no mass off the k entries
 
     def argmax(self) -> torch.Tensor:
         return self.index.gather(-1, self.logits.argmax(-1, keepdim=True)).squeeze(-1)
@@ -115,6 +129,9 @@ class TeacherCache:
     Attributes:
         path: the cache folder.
         top_k: ``k`` of a top-k cache, None for full logits.
+        signal: None (full logits), ``"topk"``, ``"topk+rest"`` or ``"sampled"``.
+        temperature: the temperature a ``"topk+rest"`` or ``"sampled"`` cache holds its
+            teacher at, which training must use; None for the others.
         dtype: ``"float16"`` or ``"float32"``, the stored logits' type.
         num_samples, num_shards, shard_size: the dataset's size and how it is split.
         token_level: whether rows are tokens (None until the first shard is built).
@@ -134,6 +151,14 @@ class TeacherCache:
     @property
     def top_k(self) -> int | None:
         return self._manifest["key"]["top_k"]
+
+    @property
+    def signal(self) -> str | None:
+        return signal_of(self._manifest["key"])
+
+    @property
+    def temperature(self) -> float | None:
+        return self._manifest["key"].get("temperature")
 
     @property
     def dtype(self) -> str:
@@ -173,6 +198,9 @@ class TeacherCache:
         dataset: Dataset,
         *,
         top_k: int | None = None,
+        signal: str | None = None,
+        temperature: float = 1.0,
+        seed: int = 0,
         dtype: str = "float16",
         batch_size: int = 32,
         collate_fn: Callable[[list[Any]], Any] | None = None,
@@ -201,8 +229,20 @@ class TeacherCache:
             teacher: the teacher; run where its parameters are, in eval mode under
                 ``torch.no_grad()``, then put back in its mode.
             dataset: a map-style dataset whose items collate into Distiller batches.
-            top_k: keep the ``k`` largest logits of each row (values and int32 indices); None
-                keeps all logits (for small label sets).
+            top_k: ``k`` of the signal; None (and no ``signal``) keeps all logits (for small
+                label sets).
+            signal: what a row keeps of the teacher's logits, ``"topk"`` (the default with a
+                ``top_k``: the k largest, which the loss renormalises: no mass elsewhere),
+                ``"topk+rest"`` (the same plus the log of the mass they miss at
+                ``temperature``: the loss keeps the student's tail at the teacher's size) or
+                ``"sampled"`` (``top_k`` classes drawn with replacement from the teacher's
+                softmax at ``temperature``, stored as distinct classes with logits
+                ``temperature * log(count)``: an unbiased estimate of the teacher; see
+                docs/loss.md). Indices take 2 bytes per entry up to 65,536 classes, 3 up to 16.7M.
+            temperature: the temperature of a ``"topk+rest"`` or ``"sampled"`` signal; training
+                from the cache must use the same (the Distiller checks it).
+            seed: the draws' seed of a ``"sampled"`` signal (each shard draws from its own
+                generator: the same bytes whatever the batch size, resuming or process count).
             dtype: ``"float16"`` (default) or ``"float32"`` for the stored logits.
             batch_size, collate_fn: how the teacher's batches are formed, as in a DataLoader.
                 The key holds ``collate_fn``'s fingerprint (:func:`fingerprint_collate`).
@@ -232,13 +272,17 @@ class TeacherCache:
         """
         if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+        if signal is None and top_k is not None:
+            signal = "topk"
+        check_signal(signal, top_k, temperature)
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {tuple(_DTYPES)}, got {dtype!r}")
         if shard_size < 1 or batch_size < 1:
             raise ValueError("shard_size and batch_size must be >= 1")
         processes = Processes(distributed)
         key = {"teacher": fingerprint_model(teacher), "data": fingerprint_data(dataset),
-               "collate": _collate_key(collate_fn, collate_key), "top_k": top_k, "dtype": dtype}
+               "collate": _collate_key(collate_fn, collate_key), "top_k": top_k, "dtype": dtype,
+               **signal_key(signal, temperature, seed)}
         path = Path(path)
         fresh = new_manifest(key, len(dataset), shard_size)
         if not processes.same(json.dumps(fresh, sort_keys=True)):
@@ -279,6 +323,63 @@ class TeacherCache:
         if dataset is not None:
             cache.check_data(dataset)
         return cache
+
+    @classmethod
+    def from_logprobs(
+        cls,
+        path: PathLike,
+        dataset: Dataset,
+        records: Any,
+        *,
+        temperature: float,
+        vocab_size: int,
+        source: str,
+        dtype: str = "float16",
+        shard_size: int = 4096,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+        collate_key: str | None = None,
+        overwrite: bool = False,
+        progress: bool = False,
+    ) -> TeacherCache:
+        """A ``"topk+rest"`` cache from a teacher that ran elsewhere: an inference engine's
+        top-k token ids and log-probabilities per position (:func:`read_logprobs_jsonl` reads a
+        JSON-lines dump of them).
+
+        ``records`` yields, for each sample of ``dataset`` in order, ``(token_ids, logprobs)``
+        (or a mapping with those two keys, as a parsed JSON line):
+        ``[rows, k]`` arrays (a token-level sample: one row per position of its attention mask,
+        all positions without one) or ``[k]`` (one row per sample). ``logprobs`` are the
+        engine's, normalised over its whole vocabulary at ``temperature``; they are stored as
+        ``temperature * logprob`` (the teacher's logits up to a constant per row, all the top-k
+        loss needs) with the mass they miss as the rest, so training must use the same
+        temperature (the Distiller checks it). Unused slots may hold ``-inf`` with distinct ids.
+
+        Args:
+            path: the cache folder; an existing cache of another key is refused unless
+                ``overwrite``.
+            dataset: the samples the engine scored, in the same order, as the Distiller will
+                read them (the key holds their fingerprint, so :meth:`attach` checks them).
+            source: names the teacher in the key (a model name and version): a cache from
+                another source is stale.
+            vocab_size: the engine's vocabulary size (every id must be below it).
+            dtype, shard_size, collate_fn, collate_key, overwrite, progress: as in :meth:`build`.
+
+        Raises:
+            ValueError: a record does not fit its sample (rows, k, ids out of range, repeated
+                ids, values that are not log-probabilities), naming the sample.
+        """
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {tuple(_DTYPES)}, got {dtype!r}")
+        check_signal("topk+rest", 1, temperature)
+        if not isinstance(source, str) or not source.strip():
+            raise ValueError(f"source must name the teacher, got {source!r}")
+        key = {"teacher": f"external:{source}", "data": fingerprint_data(dataset),
+               "collate": _collate_key(collate_fn, collate_key), "dtype": dtype}
+        manifest = import_logprobs(Path(path), dataset, records, key=key,
+                                   temperature=temperature, vocab_size=vocab_size,
+                                   shard_size=shard_size, collate_fn=collate_fn,
+                                   overwrite=overwrite, progress=progress)
+        return cls(path, manifest)
 
     def _check_key(self, key: dict[str, Any]) -> None:
         """Raise :class:`StaleCacheError` unless the cache's key agrees with ``key``'s entries."""
@@ -344,15 +445,17 @@ class TeacherCache:
     def _has_data(self, dataset: Dataset) -> bool:
         return fingerprint_data(dataset) == self._manifest["key"]["data"]
 
-    def lookup(self, index: torch.Tensor,
-               positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def lookup(self, index: torch.Tensor, positions: torch.Tensor | None = None, *,
+               rest: bool = False) -> tuple[torch.Tensor, ...]:
         """The cached rows of the samples ``index`` (``[B]``), on the CPU, laid out as a batch.
 
         Returns ``(values, indices)``: ``values`` are ``[B, W]`` (one row per sample) or, given
         the batch's ``[B, T]`` token ``positions``, ``[B, T, W]`` with each sample's rows at its
         positions and zeros elsewhere; ``W`` is the vocabulary (full logits) or ``k``.
         ``indices`` are the int64 vocabulary indices of a top-k cache, laid out alike
-        (``0..k-1`` off the positions), or None. (:meth:`rows` reads samples without a batch.)
+        (``0..k-1`` off the positions), or None. With ``rest=True``, ``(values, indices,
+        log_rest)``: ``log_rest`` ``[B]`` or ``[B, T]`` (``-inf`` off the positions) for a
+        ``"topk+rest"`` cache, None for the others. (:meth:`rows` reads samples without a batch.)
         """
         samples = sample_list(index)
         if positions is None and self.token_level:
@@ -361,7 +464,7 @@ class TeacherCache:
         self.require_complete()
         cached = self._store.read_rows(samples)
         if positions is None:
-            return cached.values, cached.indices
+            return (cached.values, cached.indices) + ((cached.log_rest,) if rest else ())
         expected = positions.sum(1).tolist()
         for i, have, want in zip(samples, cached.offsets.diff().tolist(), expected):
             if have != want:
@@ -377,7 +480,13 @@ class TeacherCache:
             # Off the positions: k distinct classes with equal logits, a harmless uniform row.
             out_index = torch.arange(self.top_k).expand(*mask.shape, self.top_k).clone()
             out_index[mask] = cached.indices
-        return out, out_index
+        if not rest:
+            return out, out_index
+        out_rest = None
+        if cached.log_rest is not None:
+            out_rest = cached.log_rest.new_full(mask.shape, float("-inf"))
+            out_rest[mask] = cached.log_rest
+        return out, out_index, out_rest
 
     def rows(self, index: int | Sequence[int] | torch.Tensor) -> CachedRows:
         """Every cached row of the samples ``index`` (an int, a sequence of ints or a 1-D

@@ -205,7 +205,8 @@ def logit_loss(student: LogitsLike, teacher: TeacherLogits, *, weight: torch.Ten
                "temperature": temperature, "alpha": alpha, "beta": beta,
                "ignore_index": ignore_index, "reduction": "sum", "soft_index": soft_index}
     if isinstance(teacher, TopKRows):
-        return distillation_loss_topk(student, teacher.index, teacher.logits, **options)
+        return distillation_loss_topk(student, teacher.index, teacher.logits,
+                                      teacher_log_rest=teacher.log_rest, **options)
     if isinstance(student, LinearRows):
         return fused_linear_distillation_loss(
             student.hidden, student.weight, teacher.hidden, teacher.weight,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -219,8 +220,20 @@ class TeacherStudentObjective(LogitObjective):
         if cache.top_k is not None:
             refused["sample_weighting (a top-k cache lacks the full distribution)"] = \
                 self.sample_weighting is not None
-            refused[f"divergence={self.divergence!r} (a top-k cache takes 'kl' or 'jsd')"] = \
-                self.divergence not in ("kl", "jsd")
+            allowed = ("kl",) if cache.signal == "topk+rest" else ("kl", "jsd")
+            refused[f"divergence={self.divergence!r} (a {cache.signal} cache takes "
+                    f"{' or '.join(map(repr, allowed))})"] = self.divergence not in allowed
+        if cache.temperature is not None:
+            # Its rest or draws hold at the build's temperature only.
+            temperature = self.config.temperature
+            if type(temperature) is Constant:
+                temperature = temperature.value
+            if not (isinstance(temperature, numbers.Real)
+                    and float(temperature) == cache.temperature):
+                raise ValueError(
+                    f"the TeacherCache's {cache.signal} signal holds the teacher at temperature "
+                    f"{cache.temperature}; train with temperature={cache.temperature} (a "
+                    f"constant), got {temperature!r}, or build a cache at that temperature")
         bad = [name for name, hit in refused.items() if hit]
         if bad:
             raise ValueError(f"training from a TeacherCache does not support {', '.join(bad)}")
@@ -419,8 +432,9 @@ class TeacherStudentObjective(LogitObjective):
                 f"the TeacherCache holds a teacher with {self.cache.vocab_size} classes, but the "
                 f"student gives {student.shape[-1]} logits per row: the two must be the same"
             )
-        values, index = self.cache.lookup(batch.index, positions)
+        values, index, log_rest = self.cache.lookup(batch.index, positions, rest=True)
         if index is None:
             return values.to(student.device, student.dtype)
-        # The top-k op reads the cached float16 logits as they are.
-        return TopKRows(index.to(student.device), values.to(student.device))
+        # The top-k op reads the cached float16 logits (and rest) as they are.
+        return TopKRows(index.to(student.device), values.to(student.device),
+                        None if log_rest is None else log_rest.to(student.device))

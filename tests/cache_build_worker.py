@@ -25,6 +25,8 @@ from pykd import TeacherCache
 
 # 5 shards of 2 samples: process 0 of 2 builds shards 0, 2 and 4, process 1 shards 1 and 3.
 TOKEN = {"top_k": 4, "shard_size": 2, "batch_size": 2}
+# Draws from per-shard generators: the same bytes whichever process builds a shard.
+SAMPLED = {**TOKEN, "signal": "sampled", "temperature": 2.0, "seed": 7}
 SENTENCE = {"dtype": "float32", "shard_size": 3, "batch_size": 2}
 
 
@@ -47,6 +49,11 @@ def build_token(path, **options) -> TeacherCache:
     return TeacherCache.build(path, teacher, data, **TOKEN, **options)
 
 
+def build_sampled(path, **options) -> TeacherCache:
+    teacher, data = token_job()
+    return TeacherCache.build(path, teacher, data, **{**SAMPLED, **options})
+
+
 def build_sentence(path, **options) -> TeacherCache:
     teacher, data = sentence_job()
     return TeacherCache.build(path, teacher, data, **SENTENCE, **options)
@@ -65,8 +72,10 @@ def train(cache: TeacherCache, batch_size: int) -> pykd.Distiller:
 
 def main(out: Path) -> None:
     rank = dist.get_rank()
-    built: dict[str, list[int]] = {"token": [], "sentence": [], "partial": [], "killed": []}
+    built: dict[str, list[int]] = {"token": [], "sentence": [], "partial": [], "killed": [],
+                                   "sampled": []}
     build_token(out / "token", on_shard=built["token"].append)
+    build_sampled(out / "sampled", on_shard=built["sampled"].append)
     build_sentence(out / "sentence", on_shard=built["sentence"].append)
     cache = build_token(out / "partial", on_shard=built["partial"].append)
     assert cache.complete

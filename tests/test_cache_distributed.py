@@ -37,6 +37,7 @@ def two(tmp_path_factory):
     torch.set_num_threads(1)  # as the workers run: the same kernels, the same bits
     try:
         worker.build_token(ref / "token")
+        worker.build_sampled(ref / "sampled", batch_size=3)  # another batching, the same draws
         worker.build_sentence(ref / "sentence")
         # A partial cache: shards 0, 1 and 2 of 5 built; shard 1 then dropped from the manifest
         # and shard 2 listed only in the part of process 3 of an earlier, killed 4-process run.
@@ -68,7 +69,8 @@ def test_two_processes_build_the_bytes_of_one(two):
     # Round-robin over the 5 (token) and 3 (sentence) missing shards.
     assert [r["built"]["token"] for r in ranks] == [[0, 2, 4], [1, 3]]
     assert [r["built"]["sentence"] for r in ranks] == [[0, 2], [1]]
-    for name in ("token", "sentence"):
+    assert [r["built"]["sampled"] for r in ranks] == [[0, 2, 4], [1, 3]]
+    for name in ("token", "sampled", "sentence"):
         assert_same_files(out / name, ref / name)  # the manifest and every shard file
         TeacherCache.open(out / name).verify()
 

@@ -1,0 +1,167 @@
+"""A teacher cache from an external engine's top-k log-probabilities
+(``TeacherCache.from_logprobs``, ``read_logprobs_jsonl``), checked against a float64 reference
+built from the same log-probabilities, and the caches' signals through the Distiller."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+import pykd
+
+V, LENGTH, K = 40, 6, 5
+
+
+class Windows(Dataset):
+    def __init__(self, ids: torch.Tensor) -> None:
+        self.ids = ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+class TinyLM(nn.Module):
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(V, width)
+        self.head = nn.Linear(width, V)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.embed(input_ids).cumsum(1)))
+
+
+def engine_dump(path, logits: torch.Tensor, temperature: float) -> list:
+    """What an engine writes: per window, per position, the top-k ids and logprobs at T."""
+    records = []
+    with open(path, "w") as f:
+        for window in logits:
+            lp = torch.log_softmax(window.double() / temperature, -1)
+            top = lp.topk(K, -1)
+            line = {"token_ids": top.indices.tolist(), "logprobs": top.values.tolist()}
+            records.append(line)
+            f.write(json.dumps(line) + "\n")
+    return records
+
+
+def bucket_kl_reference(student: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor,
+                        temperature: float) -> torch.Tensor:
+    """Per-row KL over k + 1 buckets straight from the engine's numbers, in float64: teacher
+    p_j = exp(logprob_j), rest 1 - sum_j p_j; student q at T, its rest summed off the k ids."""
+    lq = torch.log_softmax(student.double() / temperature, -1)
+    p = logprobs.double().exp()
+    rest = (1 - p.sum(-1)).clamp_min(0)
+    q_k = lq.gather(-1, ids).exp()
+    q_rest = lq.exp().sum(-1) - q_k.sum(-1)
+    kl = (p * (logprobs.double() - q_k.log())).sum(-1) + rest * (rest.log() - q_rest.log())
+    return temperature**2 * kl
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_imported_logprobs_give_the_reference_loss(tmp_path, temperature):
+    torch.manual_seed(0)
+    ids = torch.randint(0, V, (7, LENGTH))
+    data = Windows(ids)
+    teacher_logits = torch.randn(7, LENGTH, V) * 2
+    engine_dump(tmp_path / "dump.jsonl", teacher_logits, temperature)
+    cache = pykd.TeacherCache.from_logprobs(
+        tmp_path / "cache", data, pykd.read_logprobs_jsonl(tmp_path / "dump.jsonl"),
+        temperature=temperature, vocab_size=V, source="engine-a", shard_size=3)
+    assert cache.complete and cache.token_level and cache.vocab_size == V
+    assert cache.signal == "topk+rest" and cache.top_k == K
+    student = torch.randn(7, LENGTH, V, dtype=torch.float64)
+    index = torch.arange(7)
+    positions = torch.ones(7, LENGTH, dtype=torch.bool)
+    values, indices, log_rest = cache.lookup(index, positions, rest=True)
+    got = pykd.distillation_loss_topk(student, indices, values.double(),
+                                      temperature=temperature, reduction="none",
+                                      teacher_log_rest=log_rest.double())
+    lines = [json.loads(x) for x in (tmp_path / "dump.jsonl").read_text().splitlines()]
+    want = torch.stack([bucket_kl_reference(student[i], torch.tensor(line["token_ids"]),
+                                            torch.tensor(line["logprobs"]), temperature)
+                        for i, line in enumerate(lines)])
+    # float16 storage of the values and the rest: ~1e-3 relative.
+    torch.testing.assert_close(got, want, rtol=5e-3, atol=5e-3)
+
+
+def test_a_dump_that_does_not_fit_the_data_is_refused(tmp_path):
+    data = Windows(torch.randint(0, V, (3, LENGTH)))
+    logits = torch.randn(3, LENGTH, V)
+    records = engine_dump(tmp_path / "dump.jsonl", logits, 1.0)
+    with pytest.raises(ValueError, match="2 records for 3 samples|fewer records"):
+        pykd.TeacherCache.from_logprobs(tmp_path / "a", data, records[:2], temperature=1.0,
+                                        vocab_size=V, source="e")
+    short = [dict(r) for r in records]
+    short[1] = {"token_ids": short[1]["token_ids"][:-1], "logprobs": short[1]["logprobs"][:-1]}
+    with pytest.raises(ValueError, match="sample 1"):
+        pykd.TeacherCache.from_logprobs(tmp_path / "b", data, short, temperature=1.0,
+                                        vocab_size=V, source="e")
+    bad = [dict(r) for r in records]
+    bad[2] = {"token_ids": [[V + 1] * K] * LENGTH, "logprobs": bad[2]["logprobs"]}
+    with pytest.raises(ValueError, match="outside"):
+        pykd.TeacherCache.from_logprobs(tmp_path / "c", data, bad, temperature=1.0,
+                                        vocab_size=V, source="e")
+    positive = [dict(r) for r in records]
+    positive[0] = {"token_ids": positive[0]["token_ids"],
+                   "logprobs": [[0.5] * K] * LENGTH}
+    with pytest.raises(ValueError, match="log-probabilities"):
+        pykd.TeacherCache.from_logprobs(tmp_path / "d", data, positive, temperature=1.0,
+                                        vocab_size=V, source="e")
+
+
+def test_jsonl_reader_names_the_bad_line(tmp_path):
+    path = tmp_path / "dump.jsonl"
+    path.write_text('{"token_ids": [[1, 2]], "logprobs": [[-0.1, -2.0]]}\n{"token_ids": 3}\n')
+    records = pykd.read_logprobs_jsonl(path)
+    first = next(iter(records))
+    assert first[0].tolist() == [[1, 2]]
+    with pytest.raises(ValueError, match="line 2"):
+        list(pykd.read_logprobs_jsonl(path))
+
+
+@pytest.mark.parametrize("signal", ["topk", "topk+rest", "sampled"])
+def test_the_distiller_trains_from_each_signal(tmp_path, signal):
+    torch.manual_seed(0)
+    data = Windows(torch.randint(0, V, (12, LENGTH)))
+    teacher = TinyLM(16)
+    cache = pykd.TeacherCache.build(tmp_path / signal, teacher, data, top_k=K, signal=signal,
+                                    temperature=2.0, seed=1, batch_size=5, shard_size=4)
+    assert cache.signal == signal
+    student = TinyLM()
+    loader = cache.attach(DataLoader(data, batch_size=4, shuffle=True))
+    distiller = pykd.Distiller(cache, student, causal_lm=True, temperature=2.0, alpha=0.5,
+                               lr=1e-2, seed=0, progress=False, log_every=0)
+    history = distiller.fit(loader, epochs=2)
+    assert history is not None
+    assert all(torch.isfinite(p).all() for p in student.parameters())
+    # A temperature-bound signal refuses another temperature, before anything runs.
+    if signal != "topk":
+        with pytest.raises(ValueError, match="temperature"):
+            pykd.Distiller(cache, TinyLM(), causal_lm=True, temperature=1.0, progress=False)
+
+
+def test_the_rest_reaches_the_loss(tmp_path):
+    # The Distiller's loss on a topk+rest cache is the op on the cached rows, rest included.
+    torch.manual_seed(0)
+    data = Windows(torch.randint(0, V, (4, LENGTH)))
+    cache = pykd.TeacherCache.build(tmp_path / "c", TinyLM(16), data, top_k=K,
+                                    signal="topk+rest", temperature=1.0)
+    student = TinyLM()
+    batch = next(iter(cache.attach(DataLoader(data, batch_size=4))))
+    distiller = pykd.Distiller(cache, student, causal_lm=True, alpha=1.0, progress=False)
+    got = distiller.evaluate([batch])["loss"]
+    values, indices, log_rest = cache.lookup(torch.arange(4),
+                                             torch.ones(4, LENGTH, dtype=torch.bool), rest=True)
+    with torch.no_grad():
+        logits = student(data.ids)[:, :-1]  # causal: position t meets the word at t + 1
+    with_rest = pykd.distillation_loss_topk(logits, indices[:, :-1], values[:, :-1].float(),
+                                            teacher_log_rest=log_rest[:, :-1].float())
+    without = pykd.distillation_loss_topk(logits, indices[:, :-1], values[:, :-1].float())
+    assert got == pytest.approx(with_rest.item(), rel=1e-5)
+    assert got != pytest.approx(without.item(), rel=1e-3)
