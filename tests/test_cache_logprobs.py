@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from reference import logprob_bucket_kl
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -50,19 +51,6 @@ def engine_dump(path, logits: torch.Tensor, temperature: float) -> list:
     return records
 
 
-def bucket_kl_reference(student: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor,
-                        temperature: float) -> torch.Tensor:
-    """Per-row KL over k + 1 buckets straight from the engine's numbers, in float64: teacher
-    p_j = exp(logprob_j), rest 1 - sum_j p_j; student q at T, its rest summed off the k ids."""
-    lq = torch.log_softmax(student.double() / temperature, -1)
-    p = logprobs.double().exp()
-    rest = (1 - p.sum(-1)).clamp_min(0)
-    q_k = lq.gather(-1, ids).exp()
-    q_rest = lq.exp().sum(-1) - q_k.sum(-1)
-    kl = (p * (logprobs.double() - q_k.log())).sum(-1) + rest * (rest.log() - q_rest.log())
-    return temperature**2 * kl
-
-
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_imported_logprobs_give_the_reference_loss(tmp_path, temperature):
     torch.manual_seed(0)
@@ -83,7 +71,7 @@ def test_imported_logprobs_give_the_reference_loss(tmp_path, temperature):
                                       temperature=temperature, reduction="none",
                                       teacher_log_rest=log_rest.double())
     lines = [json.loads(x) for x in (tmp_path / "dump.jsonl").read_text().splitlines()]
-    want = torch.stack([bucket_kl_reference(student[i], torch.tensor(line["token_ids"]),
+    want = torch.stack([logprob_bucket_kl(student[i], torch.tensor(line["token_ids"]),
                                             torch.tensor(line["logprobs"]), temperature)
                         for i, line in enumerate(lines)])
     # float16 storage of the values and the rest: ~1e-3 relative.

@@ -43,28 +43,53 @@ def test_tiny_run_writes_results(load_example, tmp_path):
     args = ["--limit-tokens", "3000", "--epochs", "1", "--teacher-epochs", "1",
             "--teacher-width", "32", "--student-width", "16",
             "--speed-windows", "4", "--output", str(tmp_path), "--no-progress"]
-    results = ex.main([*args, "--top-k", "8"])
+    results = ex.main([*args, "--top-k", "8", "--caches", "topk+rest:8", "sampled:4",
+                       "--student-seeds", "0", "1"])
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["models"].keys() == {"teacher", "student", "distilled"}
+    assert saved["models"].keys() == {"teacher", "student", "distilled", "distilled topk+rest:8",
+                                      "distilled sampled:4", "distilled topk:8"}
     assert saved["vocab_size"] == 10_000
     for row in saved["models"].values():
         for key in ("valid_ppl", "test_ppl"):
             assert math.isfinite(row[key]) and 1.0 < row[key] < 2 * saved["vocab_size"]
-        assert row["params"] > 0 and row["ms_per_word_batch1"] > 0
-    assert saved["models"]["student"]["params"] == saved["models"]["distilled"]["params"]
-    assert saved["teacher_cache"]["top_k"] == 8
+        assert row["params"] > 0
+    for name in ("teacher", "student"):
+        assert saved["models"][name]["ms_per_word_batch1"] > 0
+    students = [r for name, r in saved["models"].items() if name != "teacher"]
+    assert len({r["params"] for r in students}) == 1
+    for r in students:
+        assert [run["seed"] for run in r["runs"]] == [0, 1]
+    # Bytes per position: k entries of a 2-byte value and a 2-byte index (10k words), the
+    # rest one more value, and the offsets and manifest a little more.
+    caches = saved["caches"]
+    assert caches.keys() == {"topk:8", "topk+rest:8", "sampled:4"}
+    assert 32 <= caches["topk:8"]["bytes_per_position"] < 34
+    assert 34 <= caches["topk+rest:8"]["bytes_per_position"] < 36
+    assert 16 <= caches["sampled:4"]["bytes_per_position"] < 18
+    assert set(saved["gap_to_live_percent"]) == {f"distilled {c}" for c in caches}
     assert results["models"]["distilled"]["test_ppl"] == saved["models"]["distilled"]["test_ppl"]
 
     # A second run with the same teacher settings loads the saved teacher instead of training
-    # it, and (no --top-k) distils from the live teacher's full distribution.
+    # it, and distils from the live teacher only.
     teacher_files = list(tmp_path.glob("teacher-*.pt"))
     assert len(teacher_files) == 1
     again = ex.main(args)
     assert again["models"]["teacher"]["train_s"] == 0.0
-    assert again["teacher_cache"]["top_k"] == 0
+    assert again["caches"] == {}
     assert math.isfinite(again["models"]["distilled"]["test_ppl"])
     assert again["models"]["teacher"]["test_ppl"] == pytest.approx(
         saved["models"]["teacher"]["test_ppl"])
+
+
+def test_cache_specs_are_checked(load_example, capsys):
+    ex = load_example("ptb_causal_lm")
+    assert ex.parse_cache_spec("topk+rest:32") == ("topk+rest", 32)
+    for bad in ("topk", "top:8", "sampled:0", "topk+rest:x"):
+        with pytest.raises(ValueError, match="SIGNAL:K"):
+            ex.parse_cache_spec(bad)
+    with pytest.raises(SystemExit):
+        ex.parse_args(["--caches", "topk:8", "topk:8"])
+    assert "twice" in capsys.readouterr().err
 
 
 def test_bf16_falls_back_to_float32_on_cpus_without_it(load_example, monkeypatch, capsys):
