@@ -10,22 +10,16 @@ import pytest
 import torch
 from reference import logprob_bucket_kl
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, TensorDataset
 
 import pykd
 
 V, LENGTH, K = 40, 6, 5
 
 
-class Windows(Dataset):
-    def __init__(self, ids: torch.Tensor) -> None:
-        self.ids = ids
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+def Windows(ids: torch.Tensor) -> TensorDataset:
+    """Token windows as (input_ids, labels) pairs, the labels being the tokens themselves."""
+    return TensorDataset(ids, ids)
 
 
 class TinyLM(nn.Module):
@@ -147,7 +141,7 @@ def test_the_rest_reaches_the_loss(tmp_path):
     values, indices, log_rest = cache.lookup(torch.arange(4),
                                              torch.ones(4, LENGTH, dtype=torch.bool), rest=True)
     with torch.no_grad():
-        logits = student(data.ids)[:, :-1]  # causal: position t meets the word at t + 1
+        logits = student(data.tensors[0])[:, :-1]  # causal: position t meets the word at t + 1
     with_rest = pykd.distillation_loss_topk(logits, indices[:, :-1], values[:, :-1].float(),
                                             teacher_log_rest=log_rest[:, :-1].float())
     without = pykd.distillation_loss_topk(logits, indices[:, :-1], values[:, :-1].float())

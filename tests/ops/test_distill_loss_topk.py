@@ -43,9 +43,17 @@ def check(case, k, dtype, go, **opts):
     truth = run_dense(s, top.indices, top.values, w, y, go, torch.float64, **opts)
     same = (run_dense(s, top.indices, top.values, w, y, go, dtype, **opts)
             if dtype in LOW_PRECISION else None)
+    return compare(ours, truth, same, dtype, go)
+
+
+def compare(ours, truth, same, dtype, go):
+    """Each of ``ours`` (loss and gradients) against the float64 ``truth``: within twice torch's
+    own error in ``dtype`` (``same``, the reference run in it) for bf16/fp16, else a float32 or
+    float64 bound; every output must be finite."""
     for i, (a, b) in enumerate(zip(ours, truth)):
         if b is None:
             continue
+        assert torch.isfinite(a).all(), f"output {i} is not finite"
         err = (a.detach().double().cpu() - b.double()).abs().max().item() if b.numel() else 0.0
         size = b.abs().max().item() if b.numel() else 0.0
         if same is not None:
