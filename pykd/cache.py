@@ -356,7 +356,9 @@ class TeacherCache:
 
         Args:
             path: the cache folder; an existing cache of another key is refused unless
-                ``overwrite``.
+                ``overwrite``. One of the same key is kept (an unfinished one completed): the
+                records themselves are not compared, so give a new dump a new ``source`` or
+                pass ``overwrite=True``.
             dataset: the samples the engine scored, in the same order, as the Distiller will
                 read them (the key holds their fingerprint, so :meth:`attach` checks them).
             source: names the teacher in the key (a model name and version): a cache from
