@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import time
 from collections.abc import Sequence
@@ -171,11 +172,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     serve_logprobs(engine, train, args.top_k, args.temperature, dump)
     serve_s = time.perf_counter() - start
 
-    # 2. The dump as a cache: the same windows, in the order the engine scored them.
+    # 2. The dump as a cache: the same windows, in the order the engine scored them. The source
+    # names this dump (its digest), so a cache of another run's dump is replaced, not reused.
     start = time.perf_counter()
+    digest = hashlib.sha256(dump.read_bytes()).hexdigest()[:16]
     cache = pykd.TeacherCache.from_logprobs(
         args.output / "cache", train, pykd.read_logprobs_jsonl(dump),
-        temperature=args.temperature, vocab_size=args.vocab, source=f"toy-engine-{args.seed}",
+        temperature=args.temperature, vocab_size=args.vocab, source=f"toy-engine:{digest}",
         overwrite=True)
     import_s = time.perf_counter() - start
     size = sum(f.stat().st_size for f in cache.path.iterdir() if f.is_file())

@@ -199,7 +199,8 @@ def distillation_loss_topk(
     ``k + 1``-bucket distributions, ``T^2 [sum_j p_j log(p_j / q_j) + r log(r / q_rest)]``, and
     the student's gradient off the top-k becomes ``T q_c (1 - r / q_rest)``: a student whose tail
     is as heavy as the teacher's gets no push there. ``q_rest`` is computed as
-    ``1 - sum_j q_j`` and floored at the accumulation dtype's epsilon.
+    ``1 - sum_j q_j`` and floored at the accumulation dtype's epsilon. With a rest, an unused
+    slot (``-inf`` logit) is one of the bucket's classes, not one of zero mass.
 
     Args:
         student: ``(*, V)`` student logits.

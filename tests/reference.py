@@ -48,16 +48,21 @@ def topk_rest_soft(s: torch.Tensor, indices: torch.Tensor, logits: torch.Tensor,
                    log_rest: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
     """Per-row kl soft term against a top-k teacher with its rest mass in one bucket: the KL
     between the (k + 1)-bucket distributions, the student's bucket summed over its own columns
-    off the top-k (not 1 - sum over the top-k, as a kernel may compute it)."""
+    off the used entries (not 1 - sum over them, as a kernel may compute it). With a rest, an
+    unused slot (-inf logit) is a class of the bucket."""
     T = torch.as_tensor(temperature, dtype=s.dtype).reshape(-1, 1)
     lr = log_rest.to(s.dtype).reshape(-1)
     idx = indices.long().reshape(s.shape[0], -1)
+    t = logits.to(s.dtype).reshape(idx.shape)
     lq = F.log_softmax(s / T, dim=-1)
     kept = torch.where(lr == float("-inf"), torch.zeros_like(lr), torch.log1p(-lr.exp()))
-    lp = F.log_softmax(logits.to(s.dtype).reshape(idx.shape) / T, dim=-1) + kept[:, None]
-    off = torch.ones_like(lq, dtype=torch.bool).scatter(-1, idx, False)
+    lp = F.log_softmax(t / T, dim=-1) + kept[:, None]
+    used = ~((t == float("-inf")) & (lr != float("-inf"))[:, None])
+    # Off the bucket: the used entries' columns only.
+    off = torch.ones_like(lq, dtype=torch.bool).scatter(-1, idx, ~used)
     lq_rest = torch.logsumexp(torch.where(off, lq, torch.full_like(lq, float("-inf"))), dim=-1)
-    p_all = torch.cat([lp.exp(), lr.exp()[:, None]], dim=-1)
+    p_used = torch.where(used, lp.exp(), torch.zeros_like(lp))
+    p_all = torch.cat([p_used, lr.exp()[:, None]], dim=-1)
     lp_all = torch.cat([lp, lr[:, None]], dim=-1)
     lq_all = torch.cat([lq.gather(-1, idx), lq_rest[:, None]], dim=-1)
     return (T * T).reshape(-1) * _plogp_ratio(p_all, lp_all, lq_all)
@@ -132,9 +137,10 @@ def logprob_bucket_kl(student: torch.Tensor, ids: torch.Tensor, logprobs: torch.
     log-probabilities at T, in float64: teacher p_j = exp(logprob_j) and rest 1 - sum_j p_j;
     student q = softmax(student / T) on the k ids and 1 - its mass there."""
     lq = torch.log_softmax(student.double() / temperature, -1)
-    p = logprobs.double().exp()
+    lp = logprobs.double()
+    p = lp.exp()  # 0 on unused (-inf) slots, whose classes belong to the rest
     rest = (1 - p.sum(-1)).clamp_min(0)
-    q_k = lq.gather(-1, ids).exp()
+    q_k = torch.where(p > 0, lq.gather(-1, ids).exp(), torch.zeros_like(p))
     q_rest = lq.exp().sum(-1) - q_k.sum(-1)
-    kl = (p * (logprobs.double() - q_k.log())).sum(-1) + rest * (rest.log() - q_rest.log())
-    return temperature**2 * kl
+    used = torch.where(p > 0, p * (lp - q_k.log()), torch.zeros_like(p)).sum(-1)
+    return temperature**2 * (used + torch.xlogy(rest, rest) - torch.xlogy(rest, q_rest))

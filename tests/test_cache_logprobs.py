@@ -128,22 +128,33 @@ def test_the_distiller_trains_from_each_signal(tmp_path, signal):
             pykd.Distiller(cache, TinyLM(), causal_lm=True, temperature=1.0, progress=False)
 
 
-def test_the_rest_reaches_the_loss(tmp_path):
-    # The Distiller's loss on a topk+rest cache is the op on the cached rows, rest included.
+def test_the_rest_reaches_the_loss_spread_by_the_marginal(tmp_path):
+    # A built topk+rest cache holds the teacher's marginal; the Distiller's loss is the dense kl
+    # against each row's top-k with its rest spread over the other classes like the marginal.
     torch.manual_seed(0)
     data = Windows(torch.randint(0, V, (4, LENGTH)))
-    cache = pykd.TeacherCache.build(tmp_path / "c", TinyLM(16), data, top_k=K,
-                                    signal="topk+rest", temperature=1.0)
+    teacher = TinyLM(16)
+    cache = pykd.TeacherCache.build(tmp_path / "c", teacher, data, top_k=K,
+                                    signal="topk+rest", temperature=1.0, shard_size=3)
+    with torch.no_grad():
+        probs = torch.softmax(teacher(data.tensors[0]).double(), -1)  # [4, LENGTH, V]
+    torch.testing.assert_close(cache.marginal, probs.mean((0, 1)), rtol=1e-9, atol=1e-12)
     student = TinyLM()
     batch = next(iter(cache.attach(DataLoader(data, batch_size=4))))
     distiller = pykd.Distiller(cache, student, causal_lm=True, alpha=1.0, progress=False)
     got = distiller.evaluate([batch])["loss"]
-    values, indices, log_rest = cache.lookup(torch.arange(4),
-                                             torch.ones(4, LENGTH, dtype=torch.bool), rest=True)
+    # By hand, in float64 from the teacher's own probabilities: its top-k kept (float16 logits
+    # aside), the rest r spread as r u_c / (1 - sum_top u).
+    top = probs.topk(K, -1)
+    u = cache.marginal
+    rest = 1 - top.values.sum(-1, keepdim=True)
+    p = rest * u / (1 - u[top.indices].sum(-1, keepdim=True))
+    p = p.scatter(-1, top.indices, top.values)
     with torch.no_grad():
-        logits = student(data.tensors[0])[:, :-1]  # causal: position t meets the word at t + 1
-    with_rest = pykd.distillation_loss_topk(logits, indices[:, :-1], values[:, :-1].float(),
-                                            teacher_log_rest=log_rest[:, :-1].float())
-    without = pykd.distillation_loss_topk(logits, indices[:, :-1], values[:, :-1].float())
-    assert got == pytest.approx(with_rest.item(), rel=1e-5)
-    assert got != pytest.approx(without.item(), rel=1e-3)
+        logits = student(data.tensors[0]).double()
+    want = pykd.distillation_loss(logits[:, :-1], p[:, :-1].log())
+    assert got == pytest.approx(want.item(), rel=2e-3)
+    bucket = pykd.distillation_loss_topk(
+        logits[:, :-1], top.indices[:, :-1], top.values[:, :-1].log(),
+        teacher_log_rest=rest[:, :-1, 0].log())
+    assert got != pytest.approx(bucket.item(), rel=1e-2)

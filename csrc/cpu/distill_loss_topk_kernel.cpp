@@ -115,8 +115,9 @@ void run_topk_rows(const TopkKernelArgs& a, int64_t begin, int64_t end) {
     for (int64_t j = 0; j < K; ++j) {
       const A lp = (tl[j] * o.inv_temperature - tmax) - lt;
       p[j] = std::exp(lp);
-      topk_entry<D>(o, kc, p[j], lp, static_cast<A>(srow[idx[j]]), acc_p, acc_q, q_mass);
       target_in_topk |= idx[j] == y;
+      if (topk_slot_in_rest(tl[j], log_rest)) continue;
+      topk_entry<D>(o, kc, p[j], lp, static_cast<A>(srow[idx[j]]), acc_p, acc_q, q_mass);
     }
     const A soft = topk_finish<D>(o, acc_p, acc_q, q_mass, log_rest, kc);
     // A soft-only row has no hard term (its weight 1 - alpha is 0).
@@ -144,7 +145,8 @@ void run_topk_rows(const TopkKernelArgs& a, int64_t begin, int64_t end) {
       for (int64_t e = 0; e < K; ++e) {
         const int64_t col = idx[e];
         if (col >= off && col < off + n) {
-          g[col - off] = topk_special_grad<D, kHard>(sc[col - off], p[e], true, col == y, o, kc);
+          g[col - off] = topk_special_grad<D, kHard>(
+              sc[col - off], p[e], !topk_slot_in_rest(tl[e], log_rest), col == y, o, kc);
         }
       }
       if (kHard && !target_in_topk && y >= off && y < off + n) {

@@ -94,8 +94,9 @@ __global__ void __launch_bounds__(kMaxThreads)
       lt = ::log(tsum) - topk_log_kept(log_rest);
       for (int64_t j = 0; j < K; ++j) {
         const A lp = (tl[j] * o.inv_temperature - tmax) - lt;
-        topk_entry<D>(o, kc, ::exp(lp), lp, static_cast<A>(srow[idx[j]]), acc_p, acc_q, q_mass);
         in_topk |= idx[j] == y;
+        if (topk_slot_in_rest(tl[j], log_rest)) continue;
+        topk_entry<D>(o, kc, ::exp(lp), lp, static_cast<A>(srow[idx[j]]), acc_p, acc_q, q_mass);
       }
       const A soft = topk_finish<D>(o, acc_p, acc_q, q_mass, log_rest, kc);
       const A hard = kHard && y >= 0 ? (kc.m1 - static_cast<A>(srow[y])) + kc.l1 : A(0);
@@ -136,8 +137,8 @@ __global__ void __launch_bounds__(kMaxThreads)
   for (int64_t j = threadIdx.x; j < K; j += blockDim.x) {
     const int64_t col = idx[j];
     const A p = ::exp((tl[j] * o.inv_temperature - teacher_max) - teacher_log_sum);
-    g_row[col] = static_cast<S>(
-        topk_special_grad<D, kHard>(static_cast<A>(srow[col]), p, true, col == y, o, kc));
+    g_row[col] = static_cast<S>(topk_special_grad<D, kHard>(
+        static_cast<A>(srow[col]), p, !topk_slot_in_rest(tl[j], log_rest), col == y, o, kc));
   }
   if (kHard && threadIdx.x == 0 && y >= 0 && !target_in_topk) {
     g_row[y] = static_cast<S>(

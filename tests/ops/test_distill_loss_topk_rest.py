@@ -89,6 +89,7 @@ def test_any_rest_in_zero_to_one_per_row_temperature_and_soft_rows(device):
     val = torch.randn(12, 6, dtype=torch.float64) * 2
     rest = torch.rand(12, dtype=torch.float64).log()
     rest[0], rest[3] = float("-inf"), 0.0
+    val[2, 4:] = val[0, 5] = float("-inf")  # unused slots: with a rest, classes of its bucket
     temperature = torch.rand(12, dtype=torch.float64) * 3 + 0.5
     check(s, idx.to(device), val.to(device), rest.to(device), w, y, torch.tensor(1.0),
           torch.float64, temperature=temperature.to(device), alpha=0.3, soft_index=-1)
@@ -132,6 +133,23 @@ def test_a_student_without_a_tail_stays_finite():
     torch.testing.assert_close(loss.double(), floored, rtol=1e-5, atol=1e-5)
     # The top-k columns still get q - p.
     torch.testing.assert_close(s.grad[:, :3].double(), lq.exp() - lp.exp(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unused_slots_belong_to_the_rest(device):
+    # An engine returned 4 ids, the last slot unused (-inf); the rest counts every class but the
+    # 3 used ones. A student equal to the teacher has loss 0 and gradient 0.
+    p = torch.tensor([[0.5, 0.2, 0.1, 0.1, 0.05, 0.05]], dtype=torch.float64)
+    idx = torch.tensor([[0, 1, 2, 3]])
+    val = torch.log(p[:, :4]).clone()
+    val[0, 3] = float("-inf")
+    rest = torch.log(1 - p[:, :3].sum(-1))
+    s = p.log().clone().to(device).requires_grad_(True)
+    loss = pykd.distillation_loss_topk(s, idx.to(device), val.to(device),
+                                       teacher_log_rest=rest.to(device))
+    loss.backward()
+    assert abs(loss.item()) < 1e-12
+    assert s.grad.abs().max().item() < 1e-12
 
 
 def test_no_rest_is_the_plain_top_k_loss():

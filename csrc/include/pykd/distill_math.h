@@ -578,7 +578,8 @@ PYKD_HD T row_scale(T w, T norm) {
 // m = (1 - beta) q off the top-k.
 //
 // With the teacher's rest mass r (kl only) the k entries carry 1 - r and the columns off the
-// top-k form one bucket of mass r, matched against the student's bucket q_rest = 1 - sum_j q_{i_j}:
+// top-k (and those of unused -inf slots) form one bucket of mass r, matched against the
+// student's bucket q_rest = 1 - sum_j q_{i_j} (sum over the used entries):
 // the loss gains T^2 r (log r - log q_rest) and d/dz_c off the top-k is q_c (1 - r / q_rest)
 // instead of q_c, so the student keeps a tail of the teacher's size rather than none.
 
@@ -640,9 +641,19 @@ PYKD_HD void topk_entry(const Options<T>& o, const TopkConsts<T>& k, T p, T lp, 
 }
 
 // log(1 - r) for the teacher's rest mass r = exp(log_rest): what each top-k entry's log p gains.
+// Two forms, each accurate where the other loses digits (r near 1, r near 0).
 template <typename T>
 PYKD_HD T topk_log_kept(T log_rest) {
-  return log_rest == -std::numeric_limits<T>::infinity() ? T(0) : ::log1p(-::exp(log_rest));
+  if (log_rest == -std::numeric_limits<T>::infinity()) return T(0);
+  return log_rest > T(-0.6931471805599453) ? ::log(-::expm1(log_rest)) : ::log1p(-::exp(log_rest));
+}
+
+// With a rest, an unused slot (-inf logit) names no mass of its own: its class is one of the
+// rest bucket's (whose mass r already counts it), not a class the teacher rules out.
+template <typename T>
+PYKD_HD bool topk_slot_in_rest(T logit, T log_rest) {
+  constexpr T kInf = std::numeric_limits<T>::infinity();
+  return log_rest != -kInf && logit == -kInf;
 }
 
 // The soft term from the entries' sums and the teacher's rest (log r; -inf without one); sets kq
