@@ -46,7 +46,7 @@ from pykd._cache_files import (
     remove_cache_files,
     write_manifest,
 )
-from pykd._cache_signals import encode_rows, probability_sum, shard_generator
+from pykd._cache_signals import encode_rows, shard_generator
 
 T = TypeVar("T")
 
@@ -261,7 +261,6 @@ def _build_shard(store: ShardStore, j: int, teacher: nn.Module, dataset: Dataset
     # A sampled shard draws from its own generator: its bytes depend on its number alone.
     generator = (shard_generator(key["seed"], j) if store.signal == "sampled" else None)
     values, indices, rests, counts = [], [], [], []
-    marginal = None
     for raw in loader:
         batch = parse_batch(to_device(raw, device, float_dtype))
         logits, _ = logits_and_hidden(call_model(teacher, batch.inputs, {}))
@@ -276,13 +275,10 @@ def _build_shard(store: ShardStore, j: int, teacher: nn.Module, dataset: Dataset
         indices.append(index)
         if rest is not None:
             rests.append(rest)
-            part = probability_sum(rows, key.get("temperature", 1.0))
-            marginal = part if marginal is None else marginal + part
     store.write_shard(j, torch.cat(values).numpy(),
                       np.concatenate([[0], torch.cat(counts).cumsum(0).numpy()]),
                       torch.cat(indices).numpy() if indices else None,
-                      torch.cat(rests).numpy() if rests else None,
-                      None if marginal is None else marginal.numpy())
+                      torch.cat(rests).numpy() if rests else None)
 
 
 def _rows(store: ShardStore, logits: torch.Tensor, batch: Batch

@@ -88,7 +88,6 @@ class _Shard:
     indices: np.ndarray | None  # [rows, k] or [rows, k, 3], as stored
     offsets: np.ndarray  # [samples + 1]
     rest: np.ndarray | None  # [rows]
-    marginal: np.ndarray | None  # [vocab] float64: the sum of the teacher's probabilities
 
 
 class ShardStore:
@@ -111,7 +110,6 @@ class ShardStore:
         self.signal: str | None = signal_of(manifest["key"])
         # Compact indices take the fewest bytes the vocabulary needs (known after one batch).
         self.compact_indices: bool = manifest["key"].get("index") == "compact"
-        self.marginal_files: bool = manifest["key"].get("tail") == "marginal"
         self._shards: OrderedDict[int, _Shard] = OrderedDict()  # mapped, least recent first
         self._verified: set[int] = set()  # shards whose checksums matched: not hashed again
         self._new_locks()
@@ -153,8 +151,7 @@ class ShardStore:
 
     def files(self, j: int) -> dict[str, Path]:
         """The files of shard ``j``, by the name of the array each holds."""
-        return {name: self.path / f"shard-{j:05d}.{name}"
-                for name in _file_names(self.signal, self.marginal_files)}
+        return {name: self.path / f"shard-{j:05d}.{name}" for name in _file_names(self.signal)}
 
     def index_layout(self) -> tuple[np.dtype, tuple[int, ...]]:
         """numpy dtype and per-row shape of the stored indices."""
@@ -174,8 +171,6 @@ class ShardStore:
             layout["indices"] = (dtype, (rows, *per_row))
         if self.signal == "topk+rest":
             layout["rest"] = (_DTYPES[self.dtype], (rows,))
-        if self.marginal_files:
-            layout["marginal"] = (np.dtype("<f8"), (self.manifest["vocab_size"],))
         return layout
 
     def check_shard(self, j: int) -> None:
@@ -218,15 +213,14 @@ class ShardStore:
             # Another thread may have mapped it meanwhile: one mapping of it stays.
             shard = self._shards.setdefault(
                 j, _Shard(arrays["values"], arrays.get("indices"), arrays["offsets"],
-                          arrays.get("rest"), arrays.get("marginal")))
+                          arrays.get("rest")))
             self._shards.move_to_end(j)
             while len(self._shards) > _MAPPED_SHARDS:
                 self._shards.popitem(last=False)
         return shard
 
     def write_shard(self, j: int, values: np.ndarray, offsets: np.ndarray,
-                    indices: np.ndarray | None, rest: np.ndarray | None = None,
-                    marginal: np.ndarray | None = None) -> None:
+                    indices: np.ndarray | None, rest: np.ndarray | None = None) -> None:
         """Store shard ``j``'s arrays as their files' types (``indices`` as int64 class
         numbers), then list it in the manifest (after its files: a build killed in between
         builds the shard again); a shard listed already (corrupted, being rebuilt) gets its new
@@ -238,8 +232,6 @@ class ShardStore:
                                  if self.compact_indices else indices.astype(_INDEX_DTYPE))
         if rest is not None:
             arrays["rest"] = rest.astype(_DTYPES[self.dtype])
-        if marginal is not None:
-            arrays["marginal"] = marginal.astype("<f8")
         sums = {}
         for name, file in self.files(j).items():
             data = np.ascontiguousarray(arrays[name]).tobytes()
@@ -287,14 +279,6 @@ class ShardStore:
                 np.concatenate(rest or [np.zeros(0, _DTYPES[self.dtype])])),
         )
 
-    def marginal(self) -> np.ndarray | None:
-        """The teacher's average prediction over every cached row (the shards' probability
-        sums added in shard order, normalised), or None for a cache that stores none."""
-        if not self.marginal_files:
-            return None
-        total = sum(np.array(self.shard(j).marginal) for j in self.finished())
-        return total / total.sum()
-
     def close(self) -> None:
         """Unmap the shards (see :meth:`shard`)."""
         with self._lock:
@@ -307,10 +291,10 @@ def signal_of(key: dict[str, Any]) -> str | None:
     return key.get("signal", "topk" if key["top_k"] is not None else None)
 
 
-def _file_names(signal: str | None, marginal: bool = False) -> list[str]:
+def _file_names(signal: str | None) -> list[str]:
     """The arrays of each shard."""
     return (["values", "offsets"] + (["indices"] if signal is not None else [])
-            + (["rest"] if signal == "topk+rest" else []) + (["marginal"] if marginal else []))
+            + (["rest"] if signal == "topk+rest" else []))
 
 
 def _sha256_file(path: Path) -> str:
@@ -374,8 +358,6 @@ def _check_manifest(file: Path, manifest: dict[str, Any]) -> None:
         need(key, "seed", is_int, "key.")
     if "index" in key:
         need(key, "index", lambda v: v == "compact", "key.")
-    if "tail" in key:
-        need(key, "tail", lambda v: v in ("marginal", "bucket"), "key.")
     if "collate" in key:  # absent from caches built before it was keyed (stale, not corrupt)
         need(key, "collate", is_str, "key.")
     need(manifest, "num_samples", is_int)
@@ -387,7 +369,7 @@ def _check_manifest(file: Path, manifest: dict[str, Any]) -> None:
     # Keys are shard numbers as str(j) writes them: "07" or "-0" would name no file.
     need(manifest, "shards", lambda v: isinstance(v, dict) and set(v) <= numbers
          and all(isinstance(entry, dict) for entry in v.values()))
-    names = _file_names(signal_of(key), key.get("tail") == "marginal")
+    names = _file_names(signal_of(key))
     for j, entry in manifest["shards"].items():
         samples = min(shard_size, num_samples - int(j) * shard_size)
         need(entry, "samples", lambda v, samples=samples: v == samples and is_int(v),

@@ -65,9 +65,8 @@ def import_logprobs(path: Path, dataset: Dataset, records: Iterable[Record], *,
     k = np.shape(first[0])[-1] if np.ndim(first[0]) else 0
     if k < 1:
         raise ValueError("a record's token_ids must be [k] or [rows, k] with k >= 1")
-    # No marginal: the engine gave no full distribution, so the rest stays one bucket.
     key = {**key, "top_k": k, "signal": "topk+rest", "index": "compact",
-           "temperature": float(temperature), "tail": "bucket"}
+           "temperature": float(temperature)}
     manifest = prepare(path, new_manifest(key, len(dataset), shard_size), overwrite=overwrite,
                        processes=Processes(False))
     token_level = np.ndim(first[0]) == 2

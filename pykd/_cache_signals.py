@@ -2,11 +2,8 @@
 
 * ``"topk"``: the k largest logits and their classes; the loss renormalises them (biased: no
   mass off the top-k);
-* ``"topk+rest"``: the same plus the log of the mass off them at the build's temperature, and
-  per shard the sum of the teacher's probabilities over its rows (the teacher's marginal, once
-  per shard): the Distiller spreads each row's rest over the classes off its top-k in
-  proportion to that marginal (:func:`dense_teacher`); an imported cache has no marginal and
-  its rest is one bucket (``distill_loss_topk``'s ``teacher_log_rest``);
+* ``"topk+rest"``: the same plus the log of the mass off them at the build's temperature, which
+  ``distill_loss_topk``'s ``teacher_log_rest`` turns into a rest bucket;
 * ``"sampled"``: ``k`` classes drawn with replacement from the teacher's softmax at the build's
   temperature, kept as distinct classes with logits ``T log(count)`` (Random-Sampling KD: the
   op's softmax at T is then count / k, an unbiased estimate of the teacher; docs/loss.md).
@@ -40,8 +37,6 @@ def signal_key(signal: str | None, temperature: float, seed: int) -> dict[str, A
     key: dict[str, Any] = {"signal": signal, "index": "compact"}
     if signal in TEMPERATURE_BOUND:
         key["temperature"] = float(temperature)
-    if signal == "topk+rest":
-        key["tail"] = "marginal"  # the build stores the teacher's marginal beside the rows
     if signal == "sampled":
         key["seed"] = int(seed)
     return key
@@ -107,37 +102,6 @@ def bytes_per_row(signal: str | None, k: int | None, vocab_size: int, value_byte
 def shard_generator(seed: int, shard: int) -> torch.Generator:
     """The draws' generator of one shard: a function of the cache's seed and the shard alone."""
     return torch.Generator().manual_seed((seed * 1_000_003 + shard) % (1 << 63))
-
-
-@torch.no_grad()
-def probability_sum(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``[V]`` float64: the sum over the rows of ``[R, V]`` logits of their softmax at T."""
-    return torch.softmax(logits.detach().double().cpu() / temperature, dim=-1).sum(0)
-
-
-@torch.no_grad()
-def dense_teacher(values: torch.Tensor, index: torch.Tensor, log_rest: torch.Tensor,
-                  marginal: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Teacher logits ``[..., V]`` from a ``"topk+rest"`` row and the teacher's marginal ``u``:
-    the k entries keep their softmax times ``1 - r``; every other class ``c`` gets
-    ``r u_c / (1 - sum_j u_{i_j})``, the rest spread like the teacher's average prediction.
-    Returned as ``T log p`` (``-inf`` where ``p = 0``), so a dense loss at T sees exactly ``p``.
-    Unused (``-inf``) slots are classes of the rest."""
-    T = temperature
-    v = values.float()
-    lr = log_rest.float()
-    used = torch.isfinite(v) | (lr == float("-inf"))[..., None]
-    kept = torch.where(lr == float("-inf"), torch.zeros_like(lr),
-                       torch.where(lr > -0.6931, torch.log(-torch.expm1(lr)),
-                                   torch.log1p(-lr.exp())))
-    p_k = torch.softmax(v / T, dim=-1) * kept.exp()[..., None]
-    u = marginal.to(v.device, torch.float32)
-    u_k = torch.where(used, u[index], torch.zeros_like(p_k))
-    tail = (1 - u_k.sum(-1)).clamp_min(torch.finfo(torch.float32).tiny)
-    scale = lr.exp() / tail  # mass per unit of marginal off the used entries
-    p = scale[..., None] * u.expand(*v.shape[:-1], u.shape[0])
-    p = p.scatter(-1, index, torch.where(used, p_k, scale[..., None] * u[index]))
-    return T * torch.log(p)
 
 
 @torch.no_grad()

@@ -10,8 +10,6 @@ A cache is a folder of plain data, never code::
                          16.7M; int32 in caches built before compact indices)
     shard-00000.rest     [rows] float16 or float32: log of the teacher's mass off the top-k
                          ("topk+rest" caches only)
-    shard-00000.marginal [vocab] float64: the sum of the teacher's probabilities over the
-                         shard's rows (built "topk+rest" caches only)
     shard-00000.offsets  [samples + 1] int64: where each sample's rows start in the shard
 
 What a row holds is the cache's signal (:mod:`pykd._cache_signals`): all logits (``top_k=None``),
@@ -147,7 +145,6 @@ class TeacherCache:
         # Its shard files, with the same manifest (which a build fills in); the store maps them
         # as lookups need them, and pickles without its locks and mappings.
         self._store = ShardStore(self.path, manifest)
-        self._marginal: torch.Tensor | None = None
 
     # ------------------------------------------------------------------------- properties
 
@@ -162,17 +159,6 @@ class TeacherCache:
     @property
     def temperature(self) -> float | None:
         return self._manifest["key"].get("temperature")
-
-    @property
-    def marginal(self) -> torch.Tensor | None:
-        """A built ``"topk+rest"`` cache's teacher marginal: ``[V]`` float64, the teacher's
-        probabilities at its temperature averaged over every cached row; None for other caches
-        (an imported one included). The Distiller spreads each row's rest over the classes off
-        its top-k in proportion to it."""
-        if self._marginal is None and self.complete:
-            found = self._store.marginal()
-            self._marginal = None if found is None else torch.from_numpy(found)
-        return self._marginal
 
     @property
     def dtype(self) -> str:
@@ -248,9 +234,7 @@ class TeacherCache:
             signal: what a row keeps of the teacher's logits, ``"topk"`` (the default with a
                 ``top_k``: the k largest, which the loss renormalises: no mass elsewhere),
                 ``"topk+rest"`` (the same plus the log of the mass they miss at
-                ``temperature``, and per shard the teacher's summed probabilities: the
-                Distiller spreads each row's rest over the other classes like the teacher's
-                marginal, :attr:`marginal`) or
+                ``temperature``: the loss keeps the student's tail at the teacher's size) or
                 ``"sampled"`` (``top_k`` classes drawn with replacement from the teacher's
                 softmax at ``temperature``, stored as distinct classes with logits
                 ``temperature * log(count)``: an unbiased estimate of the teacher; see

@@ -29,7 +29,6 @@ from pykd._batches import (
     to_device,
     token_positions,
 )
-from pykd._cache_signals import dense_teacher
 from pykd.cache import TeacherCache, TopKRows
 from pykd.config import DistillationConfig, configure
 from pykd.heads import HeadCapture, HeadLike, LinearRows, resolve_head
@@ -221,9 +220,7 @@ class TeacherStudentObjective(LogitObjective):
         if cache.top_k is not None:
             refused["sample_weighting (a top-k cache lacks the full distribution)"] = \
                 self.sample_weighting is not None
-            # A rest in one bucket has kl's math only; spread by the marginal it is a dense row.
-            allowed = (("kl",) if cache.signal == "topk+rest" and cache.marginal is None
-                       else ("kl", "jsd"))
+            allowed = ("kl",) if cache.signal == "topk+rest" else ("kl", "jsd")
             refused[f"divergence={self.divergence!r} (a {cache.signal} cache takes "
                     f"{' or '.join(map(repr, allowed))})"] = self.divergence not in allowed
         if cache.temperature is not None:
@@ -438,11 +435,6 @@ class TeacherStudentObjective(LogitObjective):
         values, index, log_rest = self.cache.lookup(batch.index, positions, rest=True)
         if index is None:
             return values.to(student.device, student.dtype)
-        if log_rest is not None and self.cache.marginal is not None:
-            # The rest spread over the tail like the teacher's average prediction: a dense row.
-            dense = dense_teacher(values, index, log_rest, self.cache.marginal,
-                                  self.cache.temperature)
-            return dense.to(student.device, student.dtype)
         # The top-k op reads the cached float16 logits (and rest) as they are.
         return TopKRows(index.to(student.device), values.to(student.device),
                         None if log_rest is None else log_rest.to(student.device))

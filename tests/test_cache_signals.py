@@ -11,7 +11,6 @@ import pykd
 from pykd._cache_signals import (
     bytes_per_row,
     check_signal,
-    dense_teacher,
     encode_rows,
     from_logprobs,
     index_bytes,
@@ -135,32 +134,3 @@ def test_bytes_per_row():
     assert bytes_per_row(None, None, 10_000, 2) == 20_000
     assert np.dtype("<u2").itemsize == 2
 
-
-def test_dense_teacher_spreads_the_rest_like_the_marginal():
-    torch.manual_seed(0)
-    logits = torch.randn(3, 5, 30) * 2
-    T = 1.5
-    values, index, log_rest = encode_rows(logits.reshape(-1, 30), "topk+rest", 4, T)
-    values, index, log_rest = values.reshape(3, 5, 4), index.reshape(3, 5, 4), \
-        log_rest.reshape(3, 5)
-    u = torch.rand(30, dtype=torch.float64)
-    u /= u.sum()
-    p = torch.softmax(dense_teacher(values, index, log_rest, u, T).double() / T, -1)
-    teacher = torch.softmax(logits.double() / T, -1)
-    # The top-k classes keep the teacher's probabilities, the rest its mass, shaped like u.
-    torch.testing.assert_close(p.gather(-1, index), teacher.gather(-1, index), rtol=1e-4,
-                               atol=1e-6)
-    off = torch.ones_like(p, dtype=torch.bool).scatter(-1, index, False)
-    tail = torch.where(off, p, 0.0)
-    torch.testing.assert_close(tail.sum(-1), log_rest.double().exp(), rtol=1e-4, atol=1e-6)
-    ratio = (tail / u)[off].reshape(3, 5, -1)  # one constant per row
-    assert bool((ratio.std(-1) <= 1e-4 * ratio.mean(-1)).all())
-    # An unused slot joins the tail; no rest (-inf) gives the renormalised top-k.
-    v = values.clone()
-    v[0, 0, 3] = float("-inf")
-    q = torch.softmax(dense_teacher(v, index, log_rest, u, T).double() / T, -1)
-    assert q[0, 0].sum().item() == pytest.approx(1.0, abs=1e-5)
-    assert q[0, 0, index[0, 0, 3]] > 0
-    none = dense_teacher(values, index, torch.full((3, 5), float("-inf")), u, T)
-    torch.testing.assert_close(torch.softmax(none.double() / T, -1).gather(-1, index),
-                               torch.softmax(values.double() / T, -1), rtol=1e-5, atol=1e-7)

@@ -64,9 +64,7 @@ def test_tiny_run_writes_results(load_example, tmp_path):
     caches = saved["caches"]
     assert caches.keys() == {"topk:8", "topk+rest:8", "sampled:4"}
     assert 32 <= caches["topk:8"]["bytes_per_position"] < 34
-    # topk+rest adds the rest (2 bytes) and, per shard, the teacher's marginal (V float64s).
-    marginal = 8 * saved["vocab_size"] / saved["tokens"]["train"]
-    assert 34 + marginal * 0.9 <= caches["topk+rest:8"]["bytes_per_position"] < 36 + marginal
+    assert 34 <= caches["topk+rest:8"]["bytes_per_position"] < 36  # + a 2-byte rest
     assert 16 <= caches["sampled:4"]["bytes_per_position"] < 18
     assert set(saved["gap_percent"]) == {f"distilled {c}" for c in caches}
     assert saved["gap_reference"] == "distilled"
