@@ -236,7 +236,8 @@ def test_alpha_zero_reads_no_teacher_cache(monkeypatch):
                                         shard_size=4)
         lookups = []
         lookup = cache.lookup
-        monkeypatch.setattr(cache, "lookup", lambda *a: lookups.append(1) or lookup(*a))
+        monkeypatch.setattr(cache, "lookup",
+                            lambda *a, **k: lookups.append(1) or lookup(*a, **k))
         train = cache.attach(DataLoader(dataset, batch_size=4, shuffle=True))
         distiller = pykd.Distiller(cache, TinyLM(width=6), alpha=0, progress=False)
         distiller.fit(train, epochs=2)
