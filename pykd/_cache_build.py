@@ -118,14 +118,7 @@ def prepare(path: Path, fresh: dict[str, Any], *, overwrite: bool,
         if replace:
             remove_cache_files(path)
         main = path / _MANIFEST
-        manifest = _read_manifest(path) if main.exists() else copy.deepcopy(fresh)
-        parts = part_names(path)
-        merge_parts(path, manifest, parts)
-        if not main.exists() or main.read_bytes() != manifest_bytes(manifest):
-            write_manifest(main, manifest)
-        # After the merged manifest: a process killed in between leaves parts merged again.
-        for name in parts:
-            (path / name).unlink()
+        _merge_into_manifest(path, _read_manifest(path) if main.exists() else copy.deepcopy(fresh))
 
     processes.together(write, path)
     return _read_manifest(path)
@@ -176,8 +169,7 @@ def verify_kept(store: ShardStore, *, overwrite: bool, processes: Processes) -> 
             store.check_shard(j)
         except CorruptCacheError as error:
             errors[j] = error
-    num_shards = -(-store.manifest["num_samples"] // store.manifest["shard_size"])
-    flags = processes.max([int(j in errors) for j in range(num_shards)])
+    flags = processes.max([int(j in errors) for j in range(store.num_shards())])
     corrupt = [j for j, flag in enumerate(flags) if flag]
     if corrupt and not overwrite:
         if errors:
@@ -210,11 +202,18 @@ def build_missing(path: Path, manifest: dict[str, Any], missing: list[int], teac
 
 def _merge_finished_parts(path: Path, rank: int) -> None:
     """Process 0: merge the parts of a distributed build into the manifest, then delete them."""
-    if rank != 0:
-        return
-    manifest, parts = _read_manifest(path), part_names(path)
+    if rank == 0:
+        _merge_into_manifest(path, _read_manifest(path))
+
+
+def _merge_into_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    """Merge the folder's manifest parts into ``manifest``, write it as ``manifest.json`` (if
+    that changes its bytes), then delete the parts: a process killed in between leaves parts
+    that the next build merges again."""
+    main, parts = path / _MANIFEST, part_names(path)
     merge_parts(path, manifest, parts)
-    write_manifest(path / _MANIFEST, manifest)
+    if not main.exists() or main.read_bytes() != manifest_bytes(manifest):
+        write_manifest(main, manifest)
     for name in parts:
         (path / name).unlink()
 

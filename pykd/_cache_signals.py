@@ -52,6 +52,11 @@ def check_signal(signal: str | None, k: int | None, temperature: float) -> None:
         raise ValueError(f"signal must be one of {SIGNALS} or None, got {signal!r}")
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"signal {signal!r} needs top_k, a positive int, got {k!r}")
+    check_temperature(temperature)
+
+
+def check_temperature(temperature: float) -> None:
+    """ValueError unless ``temperature`` is a finite number > 0."""
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
             and temperature > 0):
         raise ValueError(f"temperature must be finite and > 0, got {temperature!r}")
@@ -90,15 +95,6 @@ def unpack_indices(stored: np.ndarray, vocab_size: int) -> torch.Tensor:
     return torch.from_numpy(stored.astype(np.int64))
 
 
-def bytes_per_row(signal: str | None, k: int | None, vocab_size: int, value_bytes: int) -> int:
-    """Bytes one stored row of teacher outputs takes (the per-sample offsets excluded)."""
-    if signal is None:
-        return vocab_size * value_bytes
-    assert k is not None
-    rest = value_bytes if signal == "topk+rest" else 0
-    return k * (value_bytes + index_bytes(vocab_size)) + rest
-
-
 def shard_generator(seed: int, shard: int) -> torch.Generator:
     """The draws' generator of one shard: a function of the cache's seed and the shard alone."""
     return torch.Generator().manual_seed((seed * 1_000_003 + shard) % (1 << 63))
@@ -110,38 +106,52 @@ def encode_rows(logits: torch.Tensor, signal: str, k: int, temperature: float,
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One batch of ``[R, V]`` teacher logits as ``signal`` stores them.
 
-    Returns float32 ``values [R, k]``, int64 ``indices [R, k]`` and, for ``"topk+rest"``, the
-    float32 ``log_rest [R]`` (else None). ``"sampled"`` draws from ``generator`` (the shard's).
+    Returns, on the CPU, float32 ``values [R, k]``, int64 ``indices [R, k]`` and, for
+    ``"topk+rest"``, the float32 ``log_rest [R]`` (else None). The work runs where the logits
+    are (a GPU teacher's rows never cross to the host whole). ``"sampled"`` draws from
+    ``generator`` (the shard's, on the CPU).
     """
-    x = logits.detach().float().cpu()
+    x = logits.detach().float()
     if signal == "sampled":
-        return _sampled(x, k, temperature, generator) + (None,)
+        values, index = _sampled(x, k, temperature, generator)
+        return values.cpu(), index.cpu(), None
     top = x.topk(k, dim=-1)
     if signal == "topk":
-        return top.values, top.indices, None
+        return top.values.cpu(), top.indices.cpu(), None
     # The mass off the top-k, from float64 log-probabilities: log(1 - exp(logsumexp_k log p)).
+    # (log_softmax then a gather measured faster than torch.logsumexp over the row.)
     log_p = torch.log_softmax(x.double() / temperature, dim=-1)
     kept = torch.logsumexp(log_p.gather(-1, top.indices), dim=-1).clamp(max=0.0)
     log_rest = torch.log(-torch.expm1(kept))  # -inf where the k entries hold every bit of mass
-    return top.values, top.indices, log_rest.float()
+    return top.values.cpu(), top.indices.cpu(), log_rest.float().cpu()
 
 
 def _sampled(x: torch.Tensor, k: int, temperature: float,
              generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     rows, vocab = x.shape
-    # Inverse CDF on float64 cumulative probabilities: k uniforms per row, consumed in row
-    # order, so the draws do not depend on how rows are batched.
+    # Inverse CDF on float64 cumulative probabilities: k uniforms per row (drawn on the CPU,
+    # consumed in row order, so the draws do not depend on how rows are batched).
     cdf = torch.softmax(x.double() / temperature, dim=-1).cumsum(-1)
-    u = torch.rand(rows, k, dtype=torch.float64, generator=generator) * cdf[:, -1:]
-    draws = torch.searchsorted(cdf, u, right=True).clamp(max=vocab - 1)
-    counts = torch.zeros(rows, vocab, dtype=torch.float64)
-    counts.scatter_add_(-1, draws, torch.ones_like(u))
-    # The drawn classes first (most drawn first, then by class), then unused classes as padding
-    # (count 0, so logit -inf): k distinct indices per row, deterministically ordered.
-    order = counts * (vocab + 1) - torch.arange(vocab, dtype=torch.float64)
-    index = order.topk(k, dim=-1).indices
-    values = temperature * counts.gather(-1, index).log()
-    return values.float(), index
+    u = torch.rand(rows, k, dtype=torch.float64, generator=generator).to(x.device)
+    draws = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=vocab - 1)
+    # Distinct classes and their counts from the k sorted draws (no [R, V] table): slot s of a
+    # row holds its s-th distinct class, in class order, then padding.
+    drawn = draws.sort(-1).values
+    first = torch.ones_like(drawn, dtype=torch.bool)
+    first[:, 1:] = drawn[:, 1:] != drawn[:, :-1]
+    slot = first.cumsum(-1) - 1
+    counts = torch.zeros(rows, k, dtype=torch.float64, device=x.device)
+    counts.scatter_add_(-1, slot, torch.ones_like(u))
+    index = torch.zeros_like(drawn).scatter_(-1, slot, drawn)
+    # Padding slots (count 0, so logit -inf) take the smallest classes not drawn: k distinct
+    # indices per row. Among the first min(2k, V) classes at least k - distinct are free.
+    candidates = torch.arange(min(2 * k, vocab), device=x.device)
+    taken = (candidates[None, :, None] == drawn[:, None, :]).any(-1)
+    free = (taken * len(candidates) + candidates).argsort(-1)  # free classes first, ascending
+    pad = counts == 0
+    rank = (pad.cumsum(-1) - 1).clamp(min=0)
+    index = torch.where(pad, candidates[free.gather(-1, rank)], index)
+    return (temperature * counts.log()).float(), index
 
 
 def from_logprobs(token_ids: torch.Tensor, logprobs: torch.Tensor, temperature: float

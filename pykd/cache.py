@@ -66,7 +66,7 @@ from pykd._cache_files import (
 )
 from pykd._cache_import import import_logprobs, read_logprobs_jsonl
 from pykd._cache_loaders import cache_samples, check_loader, indexed_loader, sample_list
-from pykd._cache_signals import check_signal, signal_key
+from pykd._cache_signals import check_signal, check_temperature, signal_key
 from pykd._fingerprints import fingerprint_collate, fingerprint_data, fingerprint_model
 from pykd.checkpoint import PathLike
 
@@ -372,7 +372,7 @@ class TeacherCache:
         """
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {tuple(_DTYPES)}, got {dtype!r}")
-        check_signal("topk+rest", 1, temperature)
+        check_temperature(temperature)
         if not isinstance(source, str) or not source.strip():
             raise ValueError(f"source must name the teacher, got {source!r}")
         key = {"teacher": f"external:{source}", "data": fingerprint_data(dataset),

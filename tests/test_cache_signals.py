@@ -3,13 +3,11 @@ compact indices and external log-probabilities."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 import pykd
 from pykd._cache_signals import (
-    bytes_per_row,
     check_signal,
     encode_rows,
     from_logprobs,
@@ -126,11 +124,4 @@ def test_bad_signals_and_logprobs_are_refused():
         check_signal(None, 4, 1.0)
     with pytest.raises(ValueError, match="log-probabilities"):
         from_logprobs(torch.zeros(1, 2, dtype=torch.long), torch.tensor([[0.5, -1.0]]), 1.0)
-
-
-def test_bytes_per_row():
-    assert bytes_per_row("topk", 32, 10_000, 2) == 32 * 4
-    assert bytes_per_row("topk+rest", 32, 128_256, 2) == 32 * 5 + 2
-    assert bytes_per_row(None, None, 10_000, 2) == 20_000
-    assert np.dtype("<u2").itemsize == 2
 

@@ -163,11 +163,13 @@ def test_opcheck_and_compile():
                           (s, top.indices, top.values, w, y),
                           dict(zip(("divergence", "temperature", "alpha", "beta", "ignore_index",
                                     "reduction"), opts)))
+    assert_compiles_like_eager(
+        lambda x: pykd.distillation_loss_topk(x, top.indices, top.values, target=y, alpha=0.5), s)
+
+
+def assert_compiles_like_eager(step, s):
+    """``step(s)`` and its gradient are the same under ``torch.compile`` (full graph)."""
     torch._dynamo.reset()
-
-    def step(x):
-        return pykd.distillation_loss_topk(x, top.indices, top.values, target=y, alpha=0.5)
-
     eager = step(s)
     (g_eager,) = torch.autograd.grad(eager, s)
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(s)
