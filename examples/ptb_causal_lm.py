@@ -13,8 +13,9 @@ The script
 4. with ``--caches SIGNAL:K ...``, stores a compressed signal of the teacher's next-word
    distribution for every train position once per spec in a ``pykd.TeacherCache``, so that
    training from it never runs the teacher again: ``topk`` (the k largest logits, renormalised:
-   biased), ``topk+rest`` (the same plus the mass off them, one number) or ``sampled`` (k words
-   drawn from the teacher: unbiased);
+   biased), ``topk+rest`` (the same plus the mass off them, one number), ``sampled`` (k words
+   drawn from the teacher: unbiased) or ``topk+sampled`` (``topk+sampled:A+B``: the A largest
+   exactly and B words drawn from the rest, which carry its mass: unbiased);
 5. trains identical students (same architecture, same initial weights, same data order and
    schedule): one on the next words alone (``alpha=0``, plain cross entropy), one distilled
    from the live teacher (per-word KL at temperature ``T``, mixed with the cross entropy by
@@ -226,23 +227,29 @@ def teacher_key(args: argparse.Namespace, vocab_size: int) -> str:
     return settings_digest(settings)
 
 
-def parse_cache_spec(spec: str) -> tuple[str, int]:
-    """``"topk+rest:32"`` -> ``("topk+rest", 32)``."""
+def parse_cache_spec(spec: str) -> tuple[str, int, int | None]:
+    """``"topk+rest:32"`` -> ``("topk+rest", 32, None)``; ``"topk+sampled:16+16"`` ->
+    ``("topk+sampled", 32, 16)`` (k entries, of which the draws)."""
     signal, _, k = spec.rpartition(":")
-    if signal not in ("topk", "topk+rest", "sampled") or not k.isdigit() or int(k) < 1:
-        raise ValueError(f"a cache is SIGNAL:K with SIGNAL topk, topk+rest or sampled and K >= 1, "
-                         f"got {spec!r}")
-    return signal, int(k)
+    if signal == "topk+sampled":
+        top, _, draws = k.partition("+")
+        if top.isdigit() and draws.isdigit() and int(top) >= 1 and int(draws) >= 1:
+            return signal, int(top) + int(draws), int(draws)
+    elif signal in ("topk", "topk+rest", "sampled") and k.isdigit() and int(k) >= 1:
+        return signal, int(k), None
+    raise ValueError(f"a cache is SIGNAL:K with SIGNAL topk, topk+rest or sampled and K >= 1, "
+                     f"or topk+sampled:A+B (A, B >= 1), got {spec!r}")
 
 
 def build_cache(folder: Path, teacher: nn.Module, train: Windows, spec: str,
                 args: argparse.Namespace) -> pykd.TeacherCache:
     """The teacher's ``spec`` signal over ``train``, built once; a folder left by another
     teacher (same settings, different weights) is rebuilt."""
-    signal, k = parse_cache_spec(spec)
+    signal, k, draws = parse_cache_spec(spec)
     # Batches of 32 windows: each batch's [32, bptt + 1, V] float32 logits are ~50 MB.
     return pykd.TeacherCache.build(folder, teacher, train, top_k=k, signal=signal,
-                                   temperature=args.temperature, seed=args.seed, batch_size=32,
+                                   temperature=args.temperature, seed=args.seed, draws=draws,
+                                   batch_size=32,
                                    shard_size=2048, progress=args.progress, overwrite=True)
 
 
@@ -337,8 +344,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="also train a student from each of these teacher caches: topk:K "
                         "(the k largest logits; with this weak teacher (ppl ~350) forward KL "
                         "against it drives every other word down: k=32 made the student 10x "
-                        "worse), topk+rest:K (plus the mass off them) or sampled:K (K words "
-                        "drawn from the teacher)")
+                        "worse), topk+rest:K (plus the mass off them), sampled:K (K words "
+                        "drawn from the teacher) or topk+sampled:A+B (the A largest and B "
+                        "words drawn from the rest)")
     parser.add_argument("--top-k", type=int, default=0,
                         help="shorthand for --caches topk:K")
     parser.add_argument("--no-live", dest="live", action="store_false",

@@ -46,7 +46,7 @@ from pykd._cache_files import (
     remove_cache_files,
     write_manifest,
 )
-from pykd._cache_signals import encode_rows, shard_generator
+from pykd._cache_signals import SAMPLED, encode_rows, shard_generator
 
 T = TypeVar("T")
 
@@ -258,7 +258,7 @@ def _build_shard(store: ShardStore, j: int, teacher: nn.Module, dataset: Dataset
     loader = DataLoader(Subset(dataset, store.samples(j)), batch_size=batch_size, **options)
     key = store.manifest["key"]
     # A sampled shard draws from its own generator: its bytes depend on its number alone.
-    generator = (shard_generator(key["seed"], j) if store.signal == "sampled" else None)
+    generator = (shard_generator(key["seed"], j) if store.signal in SAMPLED else None)
     values, indices, rests, counts = [], [], [], []
     for raw in loader:
         batch = parse_batch(to_device(raw, device, float_dtype))
@@ -269,7 +269,8 @@ def _build_shard(store: ShardStore, j: int, teacher: nn.Module, dataset: Dataset
             values.append(rows.float().cpu())
             continue
         value, index, rest = encode_rows(rows, store.signal, store.top_k,
-                                         key.get("temperature", 1.0), generator)
+                                         key.get("temperature", 1.0), generator,
+                                         key.get("draws"))
         values.append(value)
         indices.append(index)
         if rest is not None:

@@ -25,7 +25,14 @@ import numpy as np
 import torch
 
 from pykd._cache_errors import CacheError, CorruptCacheError, StaleCacheError
-from pykd._cache_signals import SIGNALS, index_layout, pack_indices, unpack_indices
+from pykd._cache_signals import (
+    SAMPLED,
+    SIGNALS,
+    TEMPERATURE_BOUND,
+    index_layout,
+    pack_indices,
+    unpack_indices,
+)
 from pykd.checkpoint import write_atomic
 
 _FORMAT = "pykd.teacher_cache/2"
@@ -352,10 +359,12 @@ def _check_manifest(file: Path, manifest: dict[str, Any]) -> None:
     need(key, "dtype", lambda v: is_str(v) and v in _DTYPES, "key.")
     if "signal" in key:  # absent from caches built before signals were named: "topk" or none
         need(key, "signal", lambda v: v in SIGNALS and key["top_k"] is not None, "key.")
-    if key.get("signal") in ("topk+rest", "sampled"):
+    if key.get("signal") in TEMPERATURE_BOUND:
         need(key, "temperature", lambda v: isinstance(v, (int, float)) and v > 0, "key.")
-    if key.get("signal") == "sampled":
+    if key.get("signal") in SAMPLED:
         need(key, "seed", is_int, "key.")
+    if key.get("signal") == "topk+sampled":
+        need(key, "draws", lambda v: is_int(v, 1) and v < key["top_k"], "key.")
     if "index" in key:
         need(key, "index", lambda v: v == "compact", "key.")
     if "collate" in key:  # absent from caches built before it was keyed (stale, not corrupt)

@@ -13,8 +13,9 @@ A cache is a folder of plain data, never code::
     shard-00000.offsets  [samples + 1] int64: where each sample's rows start in the shard
 
 What a row holds is the cache's signal (:mod:`pykd._cache_signals`): all logits (``top_k=None``),
-the ``k`` largest (``"topk"``), the same plus the mass they miss (``"topk+rest"``) or ``k``
-classes drawn from the teacher (``"sampled"``); the last two at the build's temperature.
+the ``k`` largest (``"topk"``), the same plus the mass they miss (``"topk+rest"``), ``k``
+classes drawn from the teacher (``"sampled"``) or the largest plus draws from the others
+(``"topk+sampled"``); the last three at the build's temperature.
 
 A row is one sample (sequence classification) or one non-padding token (attention mask) of it.
 Shard ``j`` holds samples ``[j * shard_size, (j + 1) * shard_size)`` in dataset order. Every file
@@ -129,9 +130,10 @@ class TeacherCache:
     Attributes:
         path: the cache folder.
         top_k: ``k`` of a top-k cache, None for full logits.
-        signal: None (full logits), ``"topk"``, ``"topk+rest"`` or ``"sampled"``.
-        temperature: the temperature a ``"topk+rest"`` or ``"sampled"`` cache holds its
-            teacher at, which training must use; None for the others.
+        signal: None (full logits), ``"topk"``, ``"topk+rest"``, ``"sampled"`` or
+            ``"topk+sampled"``.
+        temperature: the temperature a ``"topk+rest"``, ``"sampled"`` or ``"topk+sampled"``
+            cache holds its teacher at, which training must use; None for the others.
         dtype: ``"float16"`` or ``"float32"``, the stored logits' type.
         num_samples, num_shards, shard_size: the dataset's size and how it is split.
         token_level: whether rows are tokens (None until the first shard is built).
@@ -201,6 +203,7 @@ class TeacherCache:
         signal: str | None = None,
         temperature: float = 1.0,
         seed: int = 0,
+        draws: int | None = None,
         dtype: str = "float16",
         batch_size: int = 32,
         collate_fn: Callable[[list[Any]], Any] | None = None,
@@ -238,11 +241,17 @@ class TeacherCache:
                 ``"sampled"`` (``top_k`` classes drawn with replacement from the teacher's
                 softmax at ``temperature``, stored as distinct classes with logits
                 ``temperature * log(count)``: an unbiased estimate of the teacher; see
-                docs/loss.md). Indices take 2 bytes per entry up to 65,536 classes, 3 up to 16.7M.
-            temperature: the temperature of a ``"topk+rest"`` or ``"sampled"`` signal; training
-                from the cache must use the same (the Distiller checks it).
-            seed: the draws' seed of a ``"sampled"`` signal (each shard draws from its own
-                generator: the same bytes whatever the batch size, resuming or process count).
+                docs/loss.md) or ``"topk+sampled"`` (the ``top_k - draws`` largest exactly and
+                ``draws`` draws from the rest of the teacher's softmax carrying the mass off
+                them: exact on the top, unbiased on the tail). Indices take 2 bytes per entry
+                up to 65,536 classes, 3 up to 16.7M.
+            temperature: the temperature of a ``"topk+rest"``, ``"sampled"`` or
+                ``"topk+sampled"`` signal; training from the cache must use the same (the
+                Distiller checks it).
+            seed: the draws' seed of a ``"sampled"`` or ``"topk+sampled"`` signal (each shard
+                draws from its own generator: the same bytes whatever the batch size, resuming
+                or process count).
+            draws: how many of a ``"topk+sampled"`` row's ``top_k`` entries are tail draws.
             dtype: ``"float16"`` (default) or ``"float32"`` for the stored logits.
             batch_size, collate_fn: how the teacher's batches are formed, as in a DataLoader.
                 The key holds ``collate_fn``'s fingerprint (:func:`fingerprint_collate`).
@@ -274,7 +283,7 @@ class TeacherCache:
             raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
         if signal is None and top_k is not None:
             signal = "topk"
-        check_signal(signal, top_k, temperature)
+        check_signal(signal, top_k, temperature, draws)
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {tuple(_DTYPES)}, got {dtype!r}")
         if shard_size < 1 or batch_size < 1:
@@ -282,7 +291,7 @@ class TeacherCache:
         processes = Processes(distributed)
         key = {"teacher": fingerprint_model(teacher), "data": fingerprint_data(dataset),
                "collate": _collate_key(collate_fn, collate_key), "top_k": top_k, "dtype": dtype,
-               **signal_key(signal, temperature, seed)}
+               **signal_key(signal, temperature, seed, draws)}
         path = Path(path)
         fresh = new_manifest(key, len(dataset), shard_size)
         if not processes.same(json.dumps(fresh, sort_keys=True)):

@@ -99,6 +99,47 @@ def test_sampled_values_are_at_the_build_temperature():
     assert torch.allclose(counts[finite], counts[finite].round(), atol=1e-4)
 
 
+def test_top_and_tail_draws_are_exact_on_the_top_and_follow_the_tail():
+    logits = torch.randn(30, 25) * 2
+    logits[0, 3:] = float("-inf")  # a row whose top (3 classes) holds every bit of its mass
+    T, k, draws = 1.5, 8, 5
+    values, index, rest = encode_rows(logits, "topk+sampled", k, T, shard_generator(1, 0), draws)
+    assert rest is None and values.shape == index.shape == (30, k)
+    assert all(len(set(r.tolist())) == k for r in index)  # top and tail classes distinct
+    p = torch.softmax(logits.double() / T, -1)
+    top = logits.topk(k - draws, -1).indices
+    assert torch.equal(index[:, : k - draws], top)
+    # The top entries carry the teacher's own probabilities; all entries sum to one.
+    torch.testing.assert_close((values[:, : k - draws].double() / T).exp(), p.gather(-1, top),
+                               rtol=1e-5, atol=1e-7)
+    q = (values.double() / T).exp()
+    torch.testing.assert_close(q.sum(-1), torch.ones(30, dtype=torch.float64), rtol=1e-5,
+                               atol=1e-6)
+    assert bool((values[0, k - draws:] == float("-inf")).all())
+    # Batching does not change the draws.
+    g = shard_generator(1, 0)
+    parts = [encode_rows(logits[a:b], "topk+sampled", k, T, g, draws) for a, b in ((0, 9), (9, 30))]
+    assert torch.equal(index, torch.cat([x[1] for x in parts]))
+
+
+def test_tail_draws_estimate_the_teacher_without_bias():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0, -2.0]])
+    T, k, draws, shards = 1.0, 4, 2, 4000
+    total = torch.zeros(6, dtype=torch.float64)
+    for j in range(shards):
+        values, index, _ = encode_rows(logits, "topk+sampled", k, T, shard_generator(0, j), draws)
+        total.index_add_(0, index[0], (values[0].double() / T).exp())
+    p = torch.softmax(logits[0].double(), -1)
+    mean = total / shards
+    torch.testing.assert_close(mean[:2], p[:2], rtol=1e-5, atol=1e-7)  # the top: exact
+    rest = p[2:].sum()
+    # Tail class c's estimate is rest * count / draws: standard error rest sqrt(f (1 - f) /
+    # (draws shards)) with f its share of the tail.
+    f = p[2:] / rest
+    se = rest * (f * (1 - f) / (draws * shards)).sqrt()
+    assert bool(((mean[2:] - p[2:]).abs() < 5 * se).all()), (mean, p)
+
+
 def test_external_logprobs_give_the_same_signal_as_the_logits():
     logits = torch.randn(8, 60) * 2
     for T in (1.0, 0.7):
@@ -122,6 +163,11 @@ def test_bad_signals_and_logprobs_are_refused():
         check_signal("topk+rest", 4, 0.0)
     with pytest.raises(ValueError, match="top_k needs a signal"):
         check_signal(None, 4, 1.0)
+    for draws in (None, 0, 4, True):
+        with pytest.raises(ValueError, match="needs draws"):
+            check_signal("topk+sampled", 4, 1.0, draws)
+    with pytest.raises(ValueError, match="draws belongs"):
+        check_signal("sampled", 4, 1.0, 2)
     with pytest.raises(ValueError, match="log-probabilities"):
         from_logprobs(torch.zeros(1, 2, dtype=torch.long), torch.tensor([[0.5, -1.0]]), 1.0)
 

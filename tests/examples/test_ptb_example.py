@@ -84,8 +84,10 @@ def test_tiny_run_writes_results(load_example, tmp_path):
 
 def test_cache_specs_are_checked(load_example, capsys):
     ex = load_example("ptb_causal_lm")
-    assert ex.parse_cache_spec("topk+rest:32") == ("topk+rest", 32)
-    for bad in ("topk", "top:8", "sampled:0", "topk+rest:x"):
+    assert ex.parse_cache_spec("topk+rest:32") == ("topk+rest", 32, None)
+    assert ex.parse_cache_spec("topk+sampled:16+8") == ("topk+sampled", 24, 8)
+    for bad in ("topk", "top:8", "sampled:0", "topk+rest:x", "topk+sampled:8", "topk+sampled:0+4",
+                "topk+sampled:4+"):
         with pytest.raises(ValueError, match="SIGNAL:K"):
             ex.parse_cache_spec(bad)
     with pytest.raises(SystemExit):
