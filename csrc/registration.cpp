@@ -1,9 +1,11 @@
-// Every pykd op schema, one line each, and the pybind11 module (build information only: tensors
-// never cross pybind11, they go through torch.library so autograd and torch.compile see the ops).
+// Every pykd op schema, one line each, and the pybind11 module (build information and a machine
+// probe for the benchmark only: tensors never cross pybind11, they go through torch.library so
+// autograd and torch.compile see the ops).
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 
 #include "cpu/isa.h"
+#include "cpu/probe_kernel.h"
 
 #ifdef PYKD_WITH_CUDA
 #include "cuda/distill_loss.h"
@@ -89,6 +91,15 @@ PYBIND11_MODULE(_C, m) {
         return d;
       },
       "Versions and kernels this extension was built with.");
+  m.def(
+      "cpu_exp_rate",
+      [](int64_t reps) {
+        pybind11::gil_scoped_release release;
+        return PYKD_CPU_KERNEL(exp_rate)(reps);
+      },
+      pybind11::arg("reps") = 20000,
+      "Float exps per second on one thread with the CPU kernels' vectorised exp (the active "
+      "ISA's), from L1: the compute side of pykd bench's floor.");
 #ifdef PYKD_WITH_CUDA
   m.def("cuda_launch_plan", &pykd::cuda::launch_plan, pybind11::arg("classes"),
         pybind11::arg("dtype"), pybind11::arg("device") = 0, pybind11::arg("aligned") = true,

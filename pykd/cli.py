@@ -39,22 +39,44 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    """The op benchmark table for this machine: pykd vs eager vs torch.compile."""
+    """The op benchmark table for this machine: pykd vs eager vs torch.compile vs the floor."""
     require_extension()
     from pykd.apps import bench  # torch.compile is imported lazily: `pykd demo` never pays for it
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
-             "float16": torch.float16}[args.dtype]
     impls = [name.strip() for name in args.impl.split(",") if name.strip()]
     unknown = set(impls) - {"pykd", "eager", "compile"}
-    if unknown:
+    if unknown or not impls:
         raise SystemExit(f"pykd bench: unknown --impl {sorted(unknown)}; use pykd,eager,compile")
+    if args.iters < 1:
+        raise SystemExit("pykd bench: --iters must be >= 1")
+    specs = list(args.shape or [])
+    if args.preset == "cpu":
+        specs += bench.CPU_PRESET
+    try:
+        cases = ([bench.parse_case(spec) for spec in specs] if specs
+                 else [bench.Case(args.rows, args.vocab, args.dtype)])
+    except ValueError as error:
+        raise SystemExit(f"pykd bench: {error}") from None
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
              else f"CPU, {torch.get_num_threads()} threads")
-    print(f"pykd bench: KL T=2 forward+backward, N={args.rows} V={args.vocab} {args.dtype} on "
-          f"{where}, median of {args.iters}")
-    print(bench.run(args.rows, args.vocab, dtype, device, impls, args.iters))
+    print(f"pykd bench: KL T=2 forward+backward on {where}, median of {args.iters} interleaved "
+          "rounds")
+    report = bench.run_cases(cases, device, impls, args.iters)
+    probes = report["probes"]
+    exps = probes["exp_rate_per_thread_g_s"]
+    print(f"floor: copy bandwidth {probes['copy_bandwidth_gb_s']:.1f} GB/s (read + write)"
+          + (f", exp {exps:.2f} G/s per thread ({report['machine'].get('cpu_kernel')} kernel)"
+             if exps else ""))
+    print(bench.table(report))
+    if args.json:
+        bench.write_json(report, args.json)
+        print(f"json: {args.json}")
+    if args.plot:
+        if bench.plot(report, args.plot):
+            print(f"plot: {args.plot}")
+        else:
+            print("matplotlib is not installed (pip install 'pykd[demo]'): no plot")
     return 0
 
 
@@ -97,7 +119,15 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     bench.add_argument("--impl", default="pykd,eager,compile")
-    bench.add_argument("--iters", type=int, default=5)
+    bench.add_argument("--iters", type=int, default=5, help="interleaved rounds per case")
+    bench.add_argument("--shape", action="append", metavar="NxV[:DTYPE]",
+                       help="a case to time, e.g. 512x128256:bfloat16 (repeatable; replaces "
+                       "--rows/--vocab/--dtype)")
+    bench.add_argument("--preset", choices=["cpu"], default=None,
+                       help="cpu: the shapes of docs/benchmarks.md (large V and small label sets)")
+    bench.add_argument("--json", type=Path, default=None, help="also write the table as JSON")
+    bench.add_argument("--plot", type=Path, default=None,
+                       help="also draw it as a PNG bar chart (needs matplotlib)")
     bench.set_defaults(func=_bench)
     info = sub.add_parser("info", help="print the build information of the compiled extension")
     info.set_defaults(func=_info)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 import tempfile
@@ -105,14 +106,29 @@ def test_cli_demo_on_a_slice_of_bbc(tmp_path):
     assert bad.returncode != 0 and "invalid demo settings: epochs" in bad.stderr
 
 
-def test_cli_version_and_bench():
+def test_cli_version_and_bench(tmp_path):
     out = run_cli("--version")
     assert out.returncode == 0 and "pykd " in out.stdout and "built for torch" in out.stdout
-    out = run_cli("bench", "--rows", "64", "--vocab", "300", "--iters", "2", "--impl",
-                  "pykd,eager")
+    report = tmp_path / "bench.json"
+    out = run_cli("bench", "--shape", "64x300", "--shape", "8x5:bfloat16", "--iters", "2",
+                  "--impl", "pykd,eager", "--json", str(report))
     assert out.returncode == 0, out.stderr
-    rows = [ln for ln in out.stdout.splitlines() if ln.startswith("| pykd") or
-            ln.startswith("| eager")]
-    assert len(rows) == 2 and "1.00x" in rows[0], out.stdout
+    rows = [ln.split(" | ") for ln in out.stdout.splitlines() if ln.startswith("| N=")]
+    assert [r[1] for r in rows] == ["pykd", "eager", rows[2][1], "pykd", "eager", rows[5][1]]
+    assert rows[0][3] == "1.00x" and rows[2][1].startswith("floor (memory")
+    data = json.loads(report.read_text())
+    assert data["machine"]["cpu_kernel"] == pykd.build_info()["cpu_kernel"]
+    assert data["probes"]["exp_rate_per_thread_g_s"] > 0
+    assert data["probes"]["copy_bandwidth_gb_s"] > 0
+    assert [(r["rows"], r["vocab"], r["dtype"], r["impl"]) for r in data["results"]] == [
+        (64, 300, "float32", "pykd"), (64, 300, "float32", "eager"),
+        (8, 5, "bfloat16", "pykd"), (8, 5, "bfloat16", "eager")]
+    first = data["results"][0]
+    assert first["ms"] > 0 and first["floor_ms"] == max(first["memory_ms"], first["exp_ms"])
+    # 3 N V float32 elements read or written at the measured bandwidth.
+    expected = 3 * 64 * 300 * 4 / (data["probes"]["copy_bandwidth_gb_s"] * 1e9) * 1e3
+    assert abs(first["memory_ms"] - expected) < 1e-9 * max(1.0, expected)
     bad = run_cli("bench", "--impl", "nope")
     assert bad.returncode != 0 and "unknown --impl" in bad.stderr
+    bad = run_cli("bench", "--shape", "64by300")
+    assert bad.returncode != 0 and "a shape is NxV" in bad.stderr
