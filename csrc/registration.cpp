@@ -82,6 +82,11 @@ PYBIND11_MODULE(_C, m) {
         d["torch_version"] = PYKD_TORCH_VERSION;
         d["cpu_isas"] = PYKD_CPU_ISAS;
         d["cpu_kernel"] = pykd::cpu::active_cpu_isa();
+#ifdef PYKD_WITH_OPENMP
+        d["cpu_threads"] = "openmp";  // at::parallel_for splits rows over torch's threads
+#else
+        d["cpu_threads"] = "single";
+#endif
 #ifdef PYKD_WITH_CUDA
         d["cuda"] = true;
 #else
