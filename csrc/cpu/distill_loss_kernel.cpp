@@ -278,8 +278,7 @@ void run_rows(const KernelArgs& a, int64_t begin, int64_t end) {
 
 template <typename S, typename A, Divergence D>
 void run_divergence(const KernelArgs& a) {
-  // Enough columns per task that scheduling costs little next to the exps.
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(a.classes, 1));
+  const int64_t grain = row_grain(a.classes);
   at::parallel_for(0, a.rows, grain, [&](int64_t begin, int64_t end) {
     if (a.target) {
       run_rows<S, A, D, true>(a, begin, end);

@@ -107,6 +107,13 @@ A chunk_max(const A* x, int64_t n) {
   return m;
 }
 
+// Rows per parallel task: enough work that scheduling costs little next to it. A row costs its
+// classes plus a fixed part (label, logs, lane reductions: ~100 ns, some 64 columns' worth), which
+// counts at small V: at V = 2, 16384 / V rows kept 4096-row batches on one thread.
+inline int64_t row_grain(int64_t classes) {
+  return std::max<int64_t>(1, 16384 / (std::max<int64_t>(classes, 1) + 64));
+}
+
 // Whether a row holds a NaN or an infinity: the slow path of a row whose sums came out
 // non-finite, to tell a bad input from an overflow.
 template <typename S>

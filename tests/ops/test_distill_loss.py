@@ -147,6 +147,17 @@ def test_max_moves_across_chunks(divergence):
                case=case)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("V", [2 * 8192 + 16, 8197], ids=["aligned-rows", "unaligned-rows"])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_long_rows(divergence, V, dtype):
+    # Rows of several chunks whose starts are vector-aligned (every row of the first V) or not
+    # (15 rows in 16 of the second), with the target's -1 in a later chunk: both gradients
+    # against the float64 reference.
+    check_case((5, V), dtype, "cpu", divergence, "sum", weight=True, target=True,
+               teacher_grad=True)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_non_contiguous(divergence, device):
