@@ -26,7 +26,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, astuple, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -183,10 +183,10 @@ def floor_ms(case: Case, bandwidth: float, exps: float | None, threads: int) -> 
 
 
 def time_case(case: Case, device: torch.device, impls: Sequence[str], iters: int,
-              temperature: float = 2.0, progress: Callable[[str], None] = print
-              ) -> list[dict[str, Any]]:
-    """Median ms and peak extra memory of each implementation on ``case``, from ``iters``
-    interleaved rounds after two warm-up calls each."""
+              temperature: float = 2.0, progress: Callable[[str], None] = print, *,
+              peaks_only: bool = False) -> list[dict[str, Any]]:
+    """Median ms of each implementation on ``case``, from ``iters`` interleaved rounds after two
+    warm-up calls each; with ``peaks_only``, each one's peak extra memory instead."""
     torch.manual_seed(0)
     s = torch.randn(case.rows, case.vocab, device=device).to(DTYPES[case.dtype])
     s.requires_grad_(True)
@@ -202,13 +202,19 @@ def time_case(case: Case, device: torch.device, impls: Sequence[str], iters: int
         return step
 
     steps = {name: stepper(available[name]) for name in impls}
-    peaks = {}
+    if peaks_only:
+        out = []
+        for name, step in steps.items():
+            step()
+            s.grad = None
+            peak = peak_extra_bytes(step, device)
+            s.grad = None
+            out.append({"impl": name, "peak_extra_mb": None if peak is None else peak / 2**20})
+        return out
     for name, step in steps.items():
         progress(f"  {case.name} {name}: warming up")
         step()
         step()
-        s.grad = None
-        peaks[name] = peak_extra_bytes(step, device)
         s.grad = None
     times: dict[str, list[float]] = {name: [] for name in impls}
     for _ in range(iters):
@@ -217,8 +223,7 @@ def time_case(case: Case, device: torch.device, impls: Sequence[str], iters: int
             step()
             times[name].append(time.perf_counter() - start)
             s.grad = None
-    return [{**asdict(case), "impl": name, "ms": statistics.median(times[name]) * 1e3,
-             "peak_extra_mb": None if peaks[name] is None else peaks[name] / 2**20}
+    return [{**asdict(case), "impl": name, "ms": statistics.median(times[name]) * 1e3}
             for name in impls]
 
 
@@ -226,8 +231,7 @@ def run_cases(cases: Sequence[Case], device: torch.device, impls: Sequence[str],
               temperature: float = 2.0, progress: Callable[[str], None] = print
               ) -> dict[str, Any]:
     """Time every case and measure the floor: ``{"machine", "probes", "results"}``, each result
-    one (case, implementation) with its floor."""
-    fix_mmap_threshold()
+    one (case, implementation) with its floor and peak extra memory."""
     info = machine(device)
     progress("  measuring the copy bandwidth and the exp rate")
     bandwidth = copy_bandwidth(device)
@@ -238,6 +242,15 @@ def run_cases(cases: Sequence[Case], device: torch.device, impls: Sequence[str],
         floor = floor_ms(case, bandwidth, exps, threads)
         for row in time_case(case, device, impls, iters, temperature, progress):
             results.append({**row, **floor})
+    # Peaks last: reading them needs a fixed mmap threshold (fix_mmap_threshold), which would
+    # also make every buffer over 64 KB a fresh mapping, and its page faults would slow the
+    # timings of small cases several-fold.
+    fix_mmap_threshold()
+    for case in cases:
+        progress(f"  {case.name}: peak memory")
+        for peak in time_case(case, device, impls, 0, temperature, progress, peaks_only=True):
+            next(r for r in results if r["impl"] == peak["impl"]
+                 and (r["rows"], r["vocab"], r["dtype"]) == astuple(case)).update(peak)
     return {"machine": info, "probes": {"copy_bandwidth_gb_s": bandwidth / 1e9,
                                         "exp_rate_per_thread_g_s": exps / 1e9 if exps else None},
             "results": results}
