@@ -243,6 +243,13 @@ at::Tensor as_rows(const at::Tensor& x, int64_t rows, int64_t classes) {
 }  // namespace
 
 namespace {
+// A label that is neither ignore_index nor soft_index and names no class: its row's loss is NaN,
+// and the CPU value checks raise on it.
+bool bad_label(const LossConfig& cfg, int64_t label) {
+  return label != cfg.ignore_index && label != cfg.soft_index &&
+         (label < 0 || label >= cfg.classes);
+}
+
 // prepare_rows on the CPU: the weights, normaliser and validity in one loop over the rows
 // instead of a dozen small ATen ops (each a few microseconds: as much as the kernel itself for a
 // few thousand rows of a few classes). The same rules as the ATen form below.
@@ -262,7 +269,7 @@ void cpu_row_weights(const LossConfig& cfg, const A* given, const int64_t* y, A*
         wi = A(0);
       } else {
         ++count;
-        if (label != cfg.soft_index && (label < 0 || label >= cfg.classes)) wi = kNaN;
+        if (bad_label(cfg, label)) wi = kNaN;
       }
     }
     w[i] = wi;
@@ -352,8 +359,7 @@ void check_row_values(const char* op, const LossConfig& cfg,
       const auto yc = y.contiguous();
       const int64_t* p = yc.const_data_ptr<int64_t>();
       for (int64_t i = 0; i < cfg.rows && row < 0; ++i) {
-        if (p[i] != cfg.ignore_index && p[i] != cfg.soft_index && (p[i] < 0 || p[i] >= cfg.classes))
-          row = i;
+        if (bad_label(cfg, p[i])) row = i;
       }
     } else {
       const auto bad =
