@@ -76,21 +76,20 @@ class _FusedLossOp:
     def _autograd_kernel(self) -> Callable:
         op, glue = self.op, self
 
-        class Function(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx: Any, keyset: Any, *args: Any) -> tuple:
-                with torch._C._AutoDispatchBelowAutograd():
-                    output = op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
-                glue.setup_context(ctx, args, output)
-                return output
+        def forward(ctx: Any, keyset: Any, *args: Any) -> tuple:
+            with torch._C._AutoDispatchBelowAutograd():
+                output = op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+            glue.setup_context(ctx, args, output)
+            return output
 
-            @staticmethod
-            def backward(ctx: Any, *grads: Any) -> tuple:
-                # needs_input_grad counts the keyset argument first.
-                return (None, *glue.backward(ctx, *grads))
+        def backward(ctx: Any, *grads: Any) -> tuple:
+            # needs_input_grad counts the keyset argument first.
+            return (None, *glue.backward(ctx, *grads))
 
-        # grad_fn then reads "pykd_distill_lossBackward" (autograd appends "Backward").
-        Function.__name__ = Function.__qualname__ = f"pykd_{self.public}"
+        # Made with type() so that its grad_fn reads "pykd_distill_lossBackward" (autograd names
+        # the node when the class is created).
+        Function = type(f"pykd_{self.public}", (torch.autograd.Function,),
+                        {"forward": staticmethod(forward), "backward": staticmethod(backward)})
 
         def kernel(keyset: Any, *args: Any) -> tuple:
             if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
