@@ -160,12 +160,11 @@ def _top_and_tail(x: torch.Tensor, top_k: int, draws: int, temperature: float,
     T times a log-probability, so the entries' softmax at T is that distribution itself."""
     top = x.topk(top_k, dim=-1)
     log_p, log_rest = _top_log_probs(x, top.indices, temperature)
-    tail = x.scatter(-1, top.indices, float("-inf"))
-    # A row whose top holds all the mass still takes distinct tail classes (uniform draws, as
-    # unused -inf slots): the op needs k distinct indices.
+    # The tail: the row without its top. A row whose top holds all the mass still takes
+    # distinct tail classes (uniform draws, stored as unused -inf slots): the op needs k distinct
+    # indices. One [R, V] temporary, no host sync.
     empty = (log_rest == float("-inf"))[:, None]
-    tail = torch.where(empty, torch.zeros_like(tail).scatter_(-1, top.indices, float("-inf")),
-                       tail)
+    tail = torch.where(empty, 0.0, x).scatter_(-1, top.indices, float("-inf"))
     counts_log, tail_index = _sampled(tail, draws, 1.0, generator, exclude=top.indices)
     tail_lp = counts_log.double() + log_rest[:, None] - math.log(draws)
     tail_lp = torch.where(empty, float("-inf"), tail_lp)
