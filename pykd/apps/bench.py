@@ -26,7 +26,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, astuple, dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -182,49 +182,40 @@ def floor_ms(case: Case, bandwidth: float, exps: float | None, threads: int) -> 
     return out
 
 
-def time_case(case: Case, device: torch.device, impls: Sequence[str], iters: int,
-              temperature: float = 2.0, progress: Callable[[str], None] = print, *,
-              peaks_only: bool = False) -> list[dict[str, Any]]:
-    """Median ms of each implementation on ``case``, from ``iters`` interleaved rounds after two
-    warm-up calls each; with ``peaks_only``, each one's peak extra memory instead."""
+def case_steps(case: Case, device: torch.device, impls: Sequence[str], temperature: float
+               ) -> dict[str, Callable[[], None]]:
+    """One forward + backward of each implementation on fresh inputs of ``case``, as a
+    callable; a fresh ``torch.compile`` per case, so no case recompiles another's graph."""
     torch.manual_seed(0)
     s = torch.randn(case.rows, case.vocab, device=device).to(DTYPES[case.dtype])
     s.requires_grad_(True)
     t = torch.randn(case.rows, case.vocab, device=device).to(DTYPES[case.dtype])
     sync = _sync(device)
-    available = implementations(temperature)  # a fresh torch.compile per case: no recompiles
+    available = implementations(temperature)
 
     def stepper(fn: Callable) -> Callable[[], None]:
         def step() -> None:
-            s.grad = None
             fn(s, t).backward()
             sync()
+            s.grad = None
         return step
 
-    steps = {name: stepper(available[name]) for name in impls}
-    if peaks_only:
-        out = []
-        for name, step in steps.items():
-            step()
-            s.grad = None
-            peak = peak_extra_bytes(step, device)
-            s.grad = None
-            out.append({"impl": name, "peak_extra_mb": None if peak is None else peak / 2**20})
-        return out
-    for name, step in steps.items():
-        progress(f"  {case.name} {name}: warming up")
+    return {name: stepper(available[name]) for name in impls}
+
+
+def time_case(steps: dict[str, Callable[[], None]], iters: int) -> dict[str, float]:
+    """Median ms of each step over ``iters`` interleaved rounds, after two warm-up calls each
+    (the first compiles)."""
+    for step in steps.values():
         step()
         step()
-        s.grad = None
-    times: dict[str, list[float]] = {name: [] for name in impls}
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(iters):
         for name, step in steps.items():
             start = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - start)
-            s.grad = None
-    return [{**asdict(case), "impl": name, "ms": statistics.median(times[name]) * 1e3}
-            for name in impls]
+    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
 
 
 def run_cases(cases: Sequence[Case], device: torch.device, impls: Sequence[str], iters: int,
@@ -239,18 +230,21 @@ def run_cases(cases: Sequence[Case], device: torch.device, impls: Sequence[str],
     threads = torch.get_num_threads() if device.type == "cpu" else 1
     results = []
     for case in cases:
+        progress(f"  {case.name}: timing")
+        ms = time_case(case_steps(case, device, impls, temperature), iters)
         floor = floor_ms(case, bandwidth, exps, threads)
-        for row in time_case(case, device, impls, iters, temperature, progress):
-            results.append({**row, **floor})
+        results += [{**asdict(case), "impl": name, "ms": ms[name], **floor} for name in impls]
     # Peaks last: reading them needs a fixed mmap threshold (fix_mmap_threshold), which would
     # also make every buffer over 64 KB a fresh mapping, and its page faults would slow the
-    # timings of small cases several-fold.
+    # timings of small cases several-fold. (torch.compile compiles each case again here.)
     fix_mmap_threshold()
+    rows = iter(results)
     for case in cases:
         progress(f"  {case.name}: peak memory")
-        for peak in time_case(case, device, impls, 0, temperature, progress, peaks_only=True):
-            next(r for r in results if r["impl"] == peak["impl"]
-                 and (r["rows"], r["vocab"], r["dtype"]) == astuple(case)).update(peak)
+        for name, step in case_steps(case, device, impls, temperature).items():
+            step()
+            peak = peak_extra_bytes(step, device)
+            next(rows)["peak_extra_mb"] = None if peak is None else peak / 2**20
     return {"machine": info, "probes": {"copy_bandwidth_gb_s": bandwidth / 1e9,
                                         "exp_rate_per_thread_g_s": exps / 1e9 if exps else None},
             "results": results}
