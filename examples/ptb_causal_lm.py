@@ -249,8 +249,8 @@ def build_cache(folder: Path, teacher: nn.Module, train: Windows, spec: str,
     # Batches of 32 windows: each batch's [32, bptt + 1, V] float32 logits are ~50 MB.
     return pykd.TeacherCache.build(folder, teacher, train, top_k=k, signal=signal,
                                    temperature=args.temperature, seed=args.seed, draws=draws,
-                                   batch_size=32,
-                                   shard_size=2048, progress=args.progress, overwrite=True)
+                                   batch_size=32, shard_size=2048, progress=args.progress,
+                                   overwrite=True)
 
 
 def train_student(student: LSTMLanguageModel, teacher: pykd.TeacherCache | nn.Module,
