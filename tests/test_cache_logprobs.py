@@ -107,14 +107,18 @@ def test_jsonl_reader_names_the_bad_line(tmp_path):
         list(pykd.read_logprobs_jsonl(path))
 
 
-@pytest.mark.parametrize("signal", ["topk", "topk+rest", "sampled"])
+@pytest.mark.parametrize("signal", ["topk", "topk+rest", "sampled", "topk+sampled"])
 def test_the_distiller_trains_from_each_signal(tmp_path, signal):
     torch.manual_seed(0)
     data = Windows(torch.randint(0, V, (12, LENGTH)))
     teacher = TinyLM(16)
+    draws = 2 if signal == "topk+sampled" else None
     cache = pykd.TeacherCache.build(tmp_path / signal, teacher, data, top_k=K, signal=signal,
-                                    temperature=2.0, seed=1, batch_size=5, shard_size=4)
+                                    temperature=2.0, seed=1, draws=draws, batch_size=5,
+                                    shard_size=4)
     assert cache.signal == signal
+    # Its manifest reads back (the key's draws, seed and temperature are checked on opening).
+    assert pykd.TeacherCache.open(cache.path).signal == signal
     student = TinyLM()
     loader = cache.attach(DataLoader(data, batch_size=4, shuffle=True))
     distiller = pykd.Distiller(cache, student, causal_lm=True, temperature=2.0, alpha=0.5,
@@ -149,3 +153,16 @@ def test_the_rest_reaches_the_loss(tmp_path):
     plain = pykd.distillation_loss_topk(logits, top.indices, top.values.log())
     assert got == pytest.approx(want.item(), rel=2e-3)
     assert got != pytest.approx(plain.item(), rel=1e-2)
+
+
+def test_a_manifest_with_impossible_draws_is_refused(tmp_path):
+    torch.manual_seed(0)
+    data = Windows(torch.randint(0, V, (4, LENGTH)))
+    cache = pykd.TeacherCache.build(tmp_path / "c", TinyLM(16), data, top_k=K,
+                                    signal="topk+sampled", draws=2)
+    manifest = cache.path / "manifest.json"
+    text = json.loads(manifest.read_text())
+    text["key"]["draws"] = K  # as many draws as entries: no top left
+    manifest.write_text(json.dumps(text))
+    with pytest.raises(pykd.CorruptCacheError, match="draws"):
+        pykd.TeacherCache.open(cache.path)
