@@ -13,7 +13,8 @@ The script
 4. with ``--caches SIGNAL:K ...``, stores a compressed signal of the teacher's next-word
    distribution for every train position once per spec in a ``pykd.TeacherCache``, so that
    training from it never runs the teacher again: ``topk`` (the k largest logits, renormalised:
-   biased), ``topk+rest`` (the same plus the mass off them, one number), ``sampled`` (k words
+   biased), ``topk+rest`` (the same plus the mass off them, one number, spent as one bucket or,
+   with ``--rest target``, on the next word where it is off the k), ``sampled`` (k words
    drawn from the teacher: unbiased) or ``topk+sampled`` (``topk+sampled:A+B``: the A largest
    exactly and B words drawn from the rest, which carry its mass: unbiased);
 5. trains identical students (same architecture, same initial weights, same data order and
@@ -241,6 +242,11 @@ def parse_cache_spec(spec: str) -> tuple[str, int, int | None]:
                      f"or topk+sampled:A+B (A, B >= 1), got {spec!r}")
 
 
+def rest_note(cache: pykd.TeacherCache, rest: str) -> str:
+    """What a variant's name adds when a cache's rest is spent on the next word."""
+    return " (rest on the label)" if rest == "target" and cache.signal == "topk+rest" else ""
+
+
 def build_cache(folder: Path, teacher: nn.Module, train: Windows, spec: str,
                 args: argparse.Namespace) -> pykd.TeacherCache:
     """The teacher's ``spec`` signal over ``train``, built once; a folder left by another
@@ -259,10 +265,12 @@ def train_student(student: LSTMLanguageModel, teacher: pykd.TeacherCache | nn.Mo
     is plain cross entropy through the very same loop. Returns the seconds it took."""
     loader = DataLoader(train, batch_size=args.batch_size, shuffle=True)
     total_steps = args.epochs * len(loader)
+    rest = "bucket"
     if isinstance(teacher, pykd.TeacherCache):
         loader = teacher.attach(loader)
+        rest = args.rest if teacher.signal == "topk+rest" else "bucket"
     distiller = pykd.Distiller(
-        teacher, student, causal_lm=True, temperature=args.temperature, alpha=alpha,
+        teacher, student, causal_lm=True, temperature=args.temperature, alpha=alpha, rest=rest,
         optimizer=lambda params: make_optimizer(params, args.lr),
         scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, linear_decay(total_steps)),
         max_grad_norm=args.max_grad_norm, precision="bf16" if args.bf16 else "fp32",
@@ -347,6 +355,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "worse), topk+rest:K (plus the mass off them), sampled:K (K words "
                         "drawn from the teacher) or topk+sampled:A+B (the A largest and B "
                         "words drawn from the rest)")
+    parser.add_argument("--rest", choices=("bucket", "target"), default="bucket",
+                        help="how a topk+rest cache's rest is spent: one bucket the student "
+                        "matches in total, or on the next word where it is off the k")
     parser.add_argument("--top-k", type=int, default=0,
                         help="shorthand for --caches topk:K")
     parser.add_argument("--no-live", dest="live", action="store_false",
@@ -474,7 +485,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     variants: dict[str, tuple[pykd.TeacherCache | nn.Module, float]] = {"student": (teacher, 0.0)}
     if args.live:
         variants["distilled"] = (live_teacher, args.alpha)
-    variants.update({f"distilled {spec}": (cache, args.alpha) for spec, cache in caches.items()})
+    variants.update({f"distilled {spec}{rest_note(cache, args.rest)}": (cache, args.alpha)
+                     for spec, cache in caches.items()})
     per_seed: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
     last: dict[str, nn.Module] = {}
     for seed in args.student_seeds:

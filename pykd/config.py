@@ -25,6 +25,7 @@ import torch
 from pykd._batches import ROUTES
 from pykd.callbacks import Callback
 from pykd.checkpoint import PathLike
+from pykd.functional import REST_MODES
 from pykd.heads import HeadLike
 from pykd.objective import OptimizerLike, SchedulerLike, check_alpha_schedule
 from pykd.schedules import ScheduleLike, as_schedule
@@ -117,6 +118,7 @@ class DistillationConfig(_Config):
     teacher_dtype: torch.dtype | None = None
     inputs: Mapping[str, str] | None = None  # batch key -> "teacher", "student" or "both"
     soft_index: int | None = None  # the label of rows without one (transfer data): soft only
+    rest: str = "bucket"  # how a topk+rest cache's rest is spent: "bucket" or "target"
 
     def __post_init__(self) -> None:
         self._check_inputs()
@@ -134,6 +136,8 @@ class DistillationConfig(_Config):
                              "never computes; use one or the other")
         # Checked here as well as in the op, which never sees alpha without labels.
         check_alpha_schedule(as_schedule(self.alpha))
+        if self.rest not in REST_MODES:
+            raise ValueError(f"rest must be one of {REST_MODES}, got {self.rest!r}")
         soft = self.soft_index
         if soft is not None and not (isinstance(soft, numbers.Integral) and soft < 0
                                      and soft != self.ignore_index):

@@ -75,6 +75,10 @@ class Distiller(TrainingLoop):
             whatever ``alpha`` is, and they count in the normaliser like labelled rows. A
             negative int other than ``ignore_index`` (e.g. -1); None: no such rows. Metrics:
             ``ce`` and ``accuracy`` are over the labelled rows only.
+        rest: how a ``"topk+rest"`` cache's rest (the teacher's mass off its k entries) is
+            spent: ``"bucket"`` (one class the student matches in total) or ``"target"``
+            (on the row's label where the label is off the k; the bucket elsewhere and in
+            batches without labels). See :func:`pykd.functional.distillation_loss_topk`.
         causal_lm: compare the logits at position ``t`` with the label at ``t + 1``.
         sample_weighting: adaptive per-row weights from the teacher: ``"confidence"``,
             ``"entropy"``, ``"correctness"`` or ``fn(teacher_logits, labels) -> weights``

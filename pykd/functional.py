@@ -10,6 +10,8 @@ from pykd._checks import as_int, as_options, check_tensors
 from pykd._checks import check_loss_options as check_loss_options
 from pykd._extension import require_extension
 
+REST_MODES = ("bucket", "target")
+
 # The argument checks live in the ops (docs/loss.md, "Bad input"); pykd._checks says why. What runs
 # here is only the conversion to the schema's types, which must happen before the dispatcher sees
 # the arguments.
@@ -180,6 +182,7 @@ def distillation_loss_topk(
     reduction: str = "mean",
     soft_index: int | None = None,
     teacher_log_rest: torch.Tensor | None = None,
+    rest: str = "bucket",
 ) -> torch.Tensor:
     """Distillation loss against a teacher stored as its top-k logits (a teacher-output cache).
 
@@ -202,6 +205,11 @@ def distillation_loss_topk(
     ``1 - sum_j q_j`` and floored at the accumulation dtype's epsilon. With a rest, an unused
     slot (``-inf`` logit) is one of the bucket's classes, not one of zero mass.
 
+    ``rest="target"`` spends the rest differently where a row's label is a class off the k
+    entries: the teacher then puts its mass ``r`` on that label (one more entry) instead of on
+    a bucket, so the student's tail is shaped by what the data say came next, not left as it
+    is. Rows whose label is among the k, ``ignore_index`` or ``soft_index`` keep the bucket.
+
     Args:
         student: ``(*, V)`` student logits.
         teacher_indices: ``(*, k)`` int64 or int32 class indices in ``[0, V)``.
@@ -212,6 +220,8 @@ def distillation_loss_topk(
         teacher_log_rest: ``(*)`` log of the teacher's probability mass off the k entries at
             the temperature used (``<= 0``; ``-inf`` for none), or None for a renormalised
             top-k teacher. Needs ``divergence="kl"``.
+        rest: ``"bucket"`` (the default) or ``"target"`` (the rest on an off-k label; needs
+            ``teacher_log_rest`` and ``target``).
 
     Example:
         >>> import torch, pykd
@@ -233,9 +243,58 @@ def distillation_loss_topk(
     check_tensors(op, student=student, teacher_indices=teacher_indices,
                   teacher_logits=teacher_logits, weight=weight, target=target,
                   teacher_log_rest=teacher_log_rest)
+    if rest not in REST_MODES:
+        raise ValueError(f"{op}: rest must be one of {REST_MODES}, got {rest!r}")
+    if rest == "target":
+        if teacher_log_rest is None or target is None:
+            raise ValueError(f"{op}: rest='target' needs teacher_log_rest and target")
+        # The op checks the shapes; these transforms need them to agree first.
+        if (teacher_log_rest.shape != teacher_indices.shape[:-1]
+                or target.shape != teacher_indices.shape[:-1]):
+            raise ValueError(f"{op}: rest='target' needs target and teacher_log_rest of the "
+                             f"teacher's leading shape {tuple(teacher_indices.shape[:-1])}")
+        teacher_indices, teacher_logits, teacher_log_rest = _rest_on_target(
+            teacher_indices, teacher_logits, teacher_log_rest, target,
+            classes=student.shape[-1], temperature=temperature)
     return torch.ops.pykd.distill_loss_topk(
         student, teacher_indices, teacher_logits, weight, target,
         **as_options(op, divergence, temperature, alpha, beta, ignore_index, reduction,
                      soft_index),
         teacher_log_rest=teacher_log_rest,
     )
+
+
+@torch.no_grad()
+def _rest_on_target(teacher_indices: torch.Tensor, teacher_logits: torch.Tensor,
+                   teacher_log_rest: torch.Tensor, target: torch.Tensor, *, classes: int,
+                   temperature: float | torch.Tensor = 1.0
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A top-k + rest teacher with its rest moved onto each row's label where that label is a
+    class in ``[0, classes)`` off the k entries: ``k + 1`` entries per row, the last one the
+    label with logit ``T log r`` (the others rescaled to carry ``1 - r``) and no rest left, or,
+    in the other rows, an unused slot (``-inf`` at a class not in the row) and the rest as it
+    was. The values come out in float32 (float64 for float64 inputs) for the op as they are.
+    """
+    k = teacher_indices.shape[-1]
+    index = teacher_indices.long()
+    label = target.long()
+    moves = (label >= 0) & (label < classes) & ~(index == label[..., None]).any(-1)
+    # A class not in the row for the unused slot: one of 0..k always is.
+    small = torch.arange(k + 1, device=index.device).expand(*index.shape[:-1], k + 1)
+    free = ~(small[..., :, None] == index[..., None, :]).any(-1)
+    spare = small.gather(-1, free.int().argmax(-1, keepdim=True)).squeeze(-1)
+    dtype = torch.promote_types(teacher_logits.dtype, torch.float32)
+    t = torch.as_tensor(temperature, dtype=dtype, device=index.device)
+    t_row = t[..., None] if t.dim() else t
+    logits = teacher_logits.to(dtype)
+    log_rest = teacher_log_rest.to(dtype)
+    # log p_j at T for the k entries once they carry 1 - r; a row of unused slots stays -inf.
+    log_kept = torch.log(-torch.expm1(log_rest))
+    scaled = torch.log_softmax(logits / t_row, dim=-1) + log_kept[..., None]
+    scaled = torch.where(torch.isneginf(logits), logits, t_row * scaled)
+    logits = torch.where(moves[..., None], scaled, logits)
+    extra_index = torch.where(moves, label, spare)
+    extra_logit = torch.where(moves, t * log_rest, torch.full_like(log_rest, float("-inf")))
+    log_rest = torch.where(moves, torch.full_like(log_rest, float("-inf")), log_rest)
+    return (torch.cat([index, extra_index[..., None]], -1),
+            torch.cat([logits, extra_logit[..., None]], -1), log_rest)

@@ -199,14 +199,17 @@ class LogitRows:
 def logit_loss(student: LogitsLike, teacher: TeacherLogits, *, weight: torch.Tensor,
                target: torch.Tensor | None, divergence: str, temperature: float, alpha: float,
                beta: float, ignore_index: int, chunk_size: int,
-               soft_index: int | None = None) -> torch.Tensor:
-    """The op's loss with ``reduction="sum"``, in the form that fits the rows."""
+               soft_index: int | None = None, rest: str = "bucket") -> torch.Tensor:
+    """The op's loss with ``reduction="sum"``, in the form that fits the rows. ``rest`` is how
+    a top-k teacher's rest is spent where the rows have labels (see distillation_loss_topk)."""
     options = {"weight": weight, "target": target, "divergence": divergence,
                "temperature": temperature, "alpha": alpha, "beta": beta,
                "ignore_index": ignore_index, "reduction": "sum", "soft_index": soft_index}
     if isinstance(teacher, TopKRows):
+        on_target = rest == "target" and target is not None and teacher.log_rest is not None
         return distillation_loss_topk(student, teacher.index, teacher.logits,
-                                      teacher_log_rest=teacher.log_rest, **options)
+                                      teacher_log_rest=teacher.log_rest,
+                                      rest="target" if on_target else "bucket", **options)
     if isinstance(student, LinearRows):
         return fused_linear_distillation_loss(
             student.hidden, student.weight, teacher.hidden, teacher.weight,
@@ -264,12 +267,13 @@ class LogitObjective(Objective):
     def __init__(self, *, device: torch.device, divergence: str, temperature: ScheduleLike,
                  alpha: Callable[[int], Any], beta: float, ignore_index: int, causal_lm: bool,
                  chunk_size: int = 1024, hidden_divergence: str | None = None,
-                 soft_index: int | None = None) -> None:
+                 soft_index: int | None = None, rest: str = "bucket") -> None:
         check_loss_options(divergence, 1.0, 1.0, beta, "sum", has_target=True)
         self.device = device
         self.divergence, self.beta, self.ignore_index = divergence, float(beta), int(ignore_index)
         # The label of rows that have none (a transfer set): the soft term alone (docs/loss.md).
         self.soft_index = soft_index
+        self.rest = rest  # how a top-k + rest cache's rest is spent (distillation_loss_topk)
         self.temperature, self.alpha = as_schedule(temperature), alpha
         self.causal_lm, self.chunk_size = causal_lm, chunk_size
         self.hidden_divergence = hidden_divergence  # None: no hidden-state terms
@@ -335,7 +339,7 @@ class LogitObjective(Objective):
             divergence=self.divergence, temperature=temperature,
             alpha=alpha if rows.target is not None else 1.0, beta=self.beta,
             ignore_index=self.ignore_index, chunk_size=self.chunk_size,
-            soft_index=self.soft_index,
+            soft_index=self.soft_index, rest=self.rest,
         )
         for s_h, t_h, weight in rows.hidden:
             loss = loss + distillation_loss(s_h, t_h, weight=weight * inverse[1],
@@ -357,7 +361,7 @@ class LogitObjective(Objective):
                 rows.student, rows.teacher, weight=weight, target=rows.target,
                 divergence=divergence, temperature=temperature, alpha=alpha, beta=self.beta,
                 ignore_index=self.ignore_index, chunk_size=self.chunk_size,
-                soft_index=self.soft_index,
+                soft_index=self.soft_index, rest=self.rest,
             )
 
         zero = torch.zeros((), device=self.device)

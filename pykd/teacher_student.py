@@ -152,7 +152,7 @@ class TeacherStudentObjective(LogitObjective):
             alpha=as_schedule(config.alpha), beta=config.beta, ignore_index=config.ignore_index,
             causal_lm=config.causal_lm, chunk_size=config.lm_head_chunk_size,
             hidden_divergence=config.hidden.divergence if config.hidden is not None else None,
-            soft_index=config.soft_index,
+            soft_index=config.soft_index, rest=config.rest,
         )
         self.hidden = config.hidden
         self.sample_weighting = config.sample_weighting
@@ -177,6 +177,9 @@ class TeacherStudentObjective(LogitObjective):
                        weights: Sequence[float] | None, device: torch.device | str | None,
                        head: HeadLike) -> None:
         self.cache = teacher if isinstance(teacher, TeacherCache) else None
+        if self.rest != "bucket" and self.cache is None:
+            raise ValueError(f"rest={self.rest!r} spends the rest of a topk+rest TeacherCache; "
+                             "a live teacher gives its full distribution")
         self._teacher_devices, self._teacher_extra = [], []
         self._teacher_dtypes: list[torch.dtype | None] = []  # what their floating inputs become
         self._teacher_head: nn.Linear | None = None
@@ -216,6 +219,8 @@ class TeacherStudentObjective(LogitObjective):
             "teacher_weights": weights is not None,
             "hidden (the cache holds no hidden states)": self.hidden is not None,
             "fused_lm_head (the cache holds logits)": self.fused_lm_head,
+            f"rest={self.rest!r} (a {cache.signal or 'full-logits'} cache has no rest)":
+                self.rest != "bucket" and cache.signal != "topk+rest",
         }
         if cache.top_k is not None:
             refused["sample_weighting (a top-k cache lacks the full distribution)"] = \

@@ -166,3 +166,44 @@ def test_a_manifest_with_impossible_draws_is_refused(tmp_path):
     manifest.write_text(json.dumps(text))
     with pytest.raises(pykd.CorruptCacheError, match="draws"):
         pykd.TeacherCache.open(cache.path)
+
+
+def test_the_rest_on_the_label_reaches_the_loss(tmp_path):
+    # rest="target": where the next word is off the cached top-k, the teacher's rest sits on
+    # it. The Distiller's loss is the op's with the cached rows, and differs from the bucket's.
+    torch.manual_seed(0)
+    data = Windows(torch.randint(0, V, (4, LENGTH)))
+    cache = pykd.TeacherCache.build(tmp_path / "c", TinyLM(16), data, top_k=K,
+                                    signal="topk+rest", temperature=1.0, shard_size=3)
+    student = TinyLM()
+    batch = next(iter(cache.attach(DataLoader(data, batch_size=4))))
+    losses = {}
+    for rest in ("bucket", "target"):
+        distiller = pykd.Distiller(cache, student, causal_lm=True, alpha=0.5, rest=rest,
+                                   progress=False)
+        losses[rest] = distiller.evaluate([batch])["loss"]
+    positions = torch.ones(4, LENGTH, dtype=torch.bool)
+    rows = cache.lookup(torch.arange(4), positions, rest=True)
+    # Position t meets word t + 1: the last position has no label.
+    values, index, log_rest = (x[:, :-1].reshape(4 * (LENGTH - 1), *x.shape[2:]) for x in rows)
+    with torch.no_grad():
+        logits = student(data.tensors[0])[:, :-1].reshape(-1, V)
+    labels = data.tensors[0][:, 1:].reshape(-1)
+    assert (~(index == labels[:, None]).any(-1)).sum() > 3  # some labels are off the top-k
+    for rest, got in losses.items():
+        want = pykd.distillation_loss_topk(logits, index, values, target=labels, alpha=0.5,
+                                           teacher_log_rest=log_rest, rest=rest)
+        assert got == pytest.approx(want.item(), rel=1e-5)
+    assert losses["target"] != pytest.approx(losses["bucket"], rel=1e-3)
+
+
+def test_the_rest_on_the_label_needs_a_cache_with_a_rest(tmp_path):
+    torch.manual_seed(0)
+    data = Windows(torch.randint(0, V, (4, LENGTH)))
+    cache = pykd.TeacherCache.build(tmp_path / "c", TinyLM(16), data, top_k=K)
+    with pytest.raises(ValueError, match="a topk cache has no rest"):
+        pykd.Distiller(cache, TinyLM(), causal_lm=True, rest="target", progress=False)
+    with pytest.raises(ValueError, match="live teacher"):
+        pykd.Distiller(TinyLM(16), TinyLM(), causal_lm=True, rest="target", progress=False)
+    with pytest.raises(ValueError, match="rest must be one of"):
+        pykd.Distiller(cache, TinyLM(), causal_lm=True, rest="label", progress=False)

@@ -81,6 +81,12 @@ def test_tiny_run_writes_results(load_example, tmp_path):
     assert again["models"]["teacher"]["test_ppl"] == pytest.approx(
         saved["models"]["teacher"]["test_ppl"])
 
+    # The topk+rest cache again, its rest spent on the next word: a variant of its own name.
+    on_label = ex.main([*args, "--caches", "topk+rest:8", "--rest", "target", "--no-live"])
+    row = on_label["models"]["distilled topk+rest:8 (rest on the label)"]
+    assert math.isfinite(row["test_ppl"])
+    assert row["test_ppl"] != pytest.approx(saved["models"]["distilled topk+rest:8"]["test_ppl"])
+
 
 def test_cache_specs_are_checked(load_example, capsys):
     ex = load_example("ptb_causal_lm")

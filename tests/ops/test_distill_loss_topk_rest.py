@@ -267,3 +267,73 @@ def test_module_face_takes_the_rest():
                                            teacher_log_rest=rest.float())
     got = loss_fn(s, idx, val.float(), target=y, weight=w, teacher_log_rest=rest.float())
     torch.testing.assert_close(got, expected)
+
+
+def rest_on_label_soft(s, idx, val, rest, y, temperature, classes):
+    """Per-row kl soft term of ``rest="target"``, from the dense distribution: the top-k
+    entries carrying 1 - r plus r on the label where the label is a class off them; the bucket
+    (topk_rest_soft) elsewhere."""
+    n = s.shape[0]
+    T = torch.as_tensor(temperature, dtype=s.dtype).reshape(-1, 1).expand(n, 1)
+    lr = rest.to(s.dtype).reshape(n)
+    y = y.reshape(n)
+    moves = (y >= 0) & (y < classes) & ~(idx == y[:, None]).any(-1)
+    p_top = torch.softmax(val.to(s.dtype) / T, -1) * (-torch.expm1(lr))[:, None]
+    p = torch.zeros_like(s).scatter(-1, idx.long(), p_top)
+    on_label = torch.nn.functional.one_hot(torch.where(moves, y, 0), classes).to(s.dtype)
+    p = p + torch.where(moves, lr.exp(), torch.zeros_like(lr))[:, None] * on_label
+    lq = torch.log_softmax(s / T, -1)
+    dense = (T * T).reshape(-1) * torch.where(p > 0, p * (p.log() - lq), 0).sum(-1)
+    return torch.where(moves, dense, topk_rest_soft(s, idx, val, rest, temperature))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_rest_on_the_target_matches_float64_reference(dtype, device):
+    # Labels off the top-k (the rest moves onto them), on it, ignored and soft-only; a row with
+    # no rest (-inf), one with all of it (0), unused slots, a temperature per row.
+    n, V, k = 40, 53, 6
+    s, t, w, y = make_case((n, V), dtype, device, weight=True, target=True)
+    idx, val, rest = teacher_top(t.cpu(), k, 1.0)
+    y = y.cpu()
+    y[1] = y[5] = -1
+    y[2] = idx[2, 3]
+    y[3] = idx[3, 0]
+    rest[7], rest[8] = float("-inf"), 0.0
+    val = val.clone()
+    val[9, 4:] = float("-inf")
+    temperature = torch.rand(n, dtype=torch.float64) * 3 + 0.5
+    moved = ((y >= 0) & ~(idx == y[:, None]).any(-1)).sum()
+    assert 10 < moved < n - 10  # both kinds of rows are exercised
+    go = torch.tensor(1.0)
+    opts = dict(temperature=temperature.to(device), alpha=0.4, soft_index=-1)
+    s_ours = s.detach().clone().requires_grad_(True)
+    out = pykd.distillation_loss_topk(s_ours, idx.to(device), val.float().to(device), weight=w,
+                                      target=y.to(device), teacher_log_rest=rest.float().to(device),
+                                      rest="target", **opts)
+    out.backward()
+    s_ref = s.detach().cpu().double().requires_grad_(True)
+
+    def soft(rows, temp):
+        return rest_on_label_soft(rows, idx, val.float(), rest.float(), y, temp, V)
+
+    ref = reference_loss(s_ref, None, w.cpu(), y, dtype=torch.float64, soft_fn=soft,
+                         temperature=temperature, alpha=0.4, soft_index=-1)
+    ref.backward(go.double())
+    tol = {torch.float64: 1e-6, torch.float32: 1e-4, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(out.double().cpu(), ref.detach(), rtol=tol, atol=tol)
+    torch.testing.assert_close(s_ours.grad.double().cpu(), s_ref.grad, rtol=tol, atol=tol)
+
+
+def test_rest_on_the_target_needs_a_rest_and_labels():
+    s, idx, val = torch.randn(4, 10), torch.arange(3).expand(4, 3), torch.randn(4, 3)
+    rest, y = torch.full((4,), -1.0), torch.tensor([5, 1, -100, 9])
+    with pytest.raises(ValueError, match="rest must be one of"):
+        pykd.distillation_loss_topk(s, idx, val, teacher_log_rest=rest, target=y, rest="label")
+    with pytest.raises(ValueError, match="needs teacher_log_rest and target"):
+        pykd.distillation_loss_topk(s, idx, val, target=y, rest="target")
+    with pytest.raises(ValueError, match="needs teacher_log_rest and target"):
+        pykd.distillation_loss_topk(s, idx, val, teacher_log_rest=rest, rest="target")
+    with pytest.raises(ValueError, match="leading shape"):
+        pykd.distillation_loss_topk(s, idx, val, teacher_log_rest=rest, target=y[:3],
+                                    rest="target")
