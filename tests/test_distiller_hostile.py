@@ -315,3 +315,22 @@ def test_fit_again_with_the_same_epochs_warns_that_epochs_is_a_total():
         distiller.fit(batches(2), epochs=2)
     assert (distiller.epoch, distiller.global_step) == (2, 4)
 
+
+
+def test_the_step_norm_is_the_float64_norm_and_keeps_non_finite_entries():
+    # pykd.update.total_norm takes a BLAS dot for large float32 CPU gradients: the same norm
+    # as a float64 one, NaN/inf where an entry is, and a float32-overflowing dot redone.
+    from pykd.update import total_norm
+
+    torch.manual_seed(0)
+    cases = [[torch.randn(300, 700), torch.randn(5, 7), torch.randn(5)],
+             [torch.randn(300, 700) * 1e18, torch.randn(3)],  # squares overflow float32
+             [torch.randn(300, 700).t()], [torch.randn(10)], [torch.randn(70000).double()]]
+    for grads in cases:
+        want = torch.linalg.vector_norm(torch.cat([g.double().flatten() for g in grads]))
+        assert total_norm(grads).item() == pytest.approx(want.item(), rel=1e-5)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        g = torch.randn(300, 700)
+        g[7, 11] = bad
+        norm = total_norm([g, torch.randn(3)]).item()
+        assert not math.isfinite(norm) and (math.isnan(norm) == math.isnan(bad))
