@@ -132,3 +132,25 @@ def test_cli_version_and_bench(tmp_path):
     assert bad.returncode != 0 and "unknown --impl" in bad.stderr
     bad = run_cli("bench", "--shape", "64by300")
     assert bad.returncode != 0 and "a shape is NxV" in bad.stderr
+
+
+def test_bench_repeats_fast_steps_within_a_round():
+    # A sub-millisecond step is timed as the mean of enough calls to fill a round; a slow one
+    # once per round. Both after two warm-up calls.
+    import time
+
+    from pykd.apps.bench import time_case
+
+    calls = {"fast": 0, "slow": 0}
+
+    def fast() -> None:
+        calls["fast"] += 1
+
+    def slow() -> None:
+        calls["slow"] += 1
+        time.sleep(0.03)
+
+    ms = time_case({"fast": fast, "slow": slow}, iters=3, round_s=0.02)
+    assert calls["slow"] == 2 + 3
+    assert calls["fast"] > 2 + 3 * 100
+    assert ms["slow"] >= 30.0 and ms["fast"] < 1.0
