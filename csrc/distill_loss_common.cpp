@@ -1,8 +1,10 @@
 #include "distill_loss_common.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/GradMode.h>
+#include <c10/util/env.h>
 #include <torch/library.h>
 
 #include <cctype>
@@ -491,18 +493,42 @@ const DeviceKernels& kernels_for(const at::Tensor& t) {
 
 at::Tensor no_grad_output(const at::Tensor& like) { return at::empty({0}, like.options()); }
 
-// A fresh [N, V] gradient on the CPU is mostly page faults on first touch: 4 KB pages cost as
-// much as the whole loss at N=2048, V=32000 on the 2-core machine (docs/perf-notes.md). Asking
-// for huge pages on its 2 MB-aligned interior (as torch does under THP_MEM_ALLOC_ENABLE) cuts that.
+// A fresh [N, V] gradient on the CPU is mostly page faults on first touch: glibc maps every
+// block above 32 MB anew, and at N=2048, V=32000 (256 MB) faulting it in costs about as much as
+// the loss. Two remedies (docs/perf-notes.md):
+// - huge pages (MADV_HUGEPAGE on the 2 MB-aligned interior) cut the faults 512-fold, but with
+//   the kernel's default defrag setting a huge-page fault compacts memory synchronously when no
+//   free 2 MB page is at hand, and then a call takes 2-5x longer, at random. As torch does for
+//   its own allocations, we ask for them only under THP_MEM_ALLOC_ENABLE=1;
+// - otherwise the pages are populated up front (MADV_POPULATE_WRITE, Linux 5.14+), split over
+//   the intra-op threads: the same zeroing without one trap per 4 KB page (-7% at 256 MB).
+// Either is advice: where the kernel refuses it, the pages fault in on first touch as before.
 namespace {
-void advise_huge_pages(const at::Tensor& t) {
+constexpr uintptr_t kHugePage = uintptr_t(2) << 20;
+constexpr size_t kFreshMapping = size_t(32) << 20;  // glibc's largest mmap threshold
+
+void prepare_pages(const at::Tensor& t) {
 #ifdef __linux__
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  if (!t.is_cpu() || t.nbytes() < 4 * kHuge) return;
+  if (!t.is_cpu() || t.nbytes() < kFreshMapping) return;
+  static const bool huge = c10::utils::check_env("THP_MEM_ALLOC_ENABLE") == true;
   const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t last = (begin + t.nbytes()) & ~(kHuge - 1);
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+  const uintptr_t end = begin + t.nbytes();
+  if (huge) {
+    const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
+    const uintptr_t last = end & ~(kHugePage - 1);
+    if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+    return;
+  }
+#ifdef MADV_POPULATE_WRITE
+  constexpr uintptr_t kPage = 4096;
+  const uintptr_t first = (begin + kPage - 1) & ~(kPage - 1);
+  const int64_t pages = int64_t(((end & ~(kPage - 1)) - first) / kPage);
+  // 2 MB per task at least: each madvise is one system call.
+  at::parallel_for(0, pages, int64_t(kHugePage / kPage), [&](int64_t lo, int64_t hi) {
+    madvise(reinterpret_cast<void*>(first + lo * kPage), size_t(hi - lo) * kPage,
+            MADV_POPULATE_WRITE);
+  });
+#endif
 #endif
 }
 
@@ -510,7 +536,7 @@ void advise_huge_pages(const at::Tensor& t) {
 
 at::Tensor new_gradient(const at::Tensor& like) {
   auto g = at::empty(like.sizes(), like.options());
-  advise_huge_pages(g);
+  prepare_pages(g);
   return g;
 }
 

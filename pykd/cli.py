@@ -62,6 +62,8 @@ def _bench(args: argparse.Namespace) -> int:
              else f"CPU, {torch.get_num_threads()} threads")
     print(f"pykd bench: KL T=2 forward+backward on {where}, median of {args.iters} interleaved "
           "rounds")
+    if device.type == "cpu" and "compile" in impls:
+        bench.separate_compile_cache(str(build_info().get("cpu_kernel") or "default"))
     report = bench.run_cases(cases, device, impls, args.iters)
     probes = report["probes"]
     exps = probes["exp_rate_per_thread_g_s"]

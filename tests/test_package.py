@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -154,3 +155,17 @@ def test_bench_repeats_fast_steps_within_a_round():
     assert calls["slow"] == 2 + 3
     assert calls["fast"] > 2 + 3 * 100
     assert ms["slow"] >= 30.0 and ms["fast"] < 1.0
+
+
+def test_bench_keeps_compiled_code_of_each_cpu_kernel_apart(monkeypatch):
+    # Inductor's cache does not tell an AVX2-forced run's code from an AVX-512 one's.
+    from pykd.apps.bench import separate_compile_cache
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    avx2 = separate_compile_cache("AVX2")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    avx512 = separate_compile_cache("AVX512")
+    assert avx2 != avx512 and os.environ["TORCHINDUCTOR_CACHE_DIR"] == avx512
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/else")
+    assert separate_compile_cache("AVX2") is None
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/somewhere/else"

@@ -25,6 +25,7 @@ import math
 import os
 import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -72,6 +73,21 @@ def eager_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -
     return F.kl_div(F.log_softmax(student / temperature, -1),
                     F.log_softmax(teacher / temperature, -1), log_target=True,
                     reduction="batchmean") * temperature**2
+
+
+def separate_compile_cache(kernel: str) -> str | None:
+    """Point torch.compile's cache at a folder of pykd's CPU ``kernel`` (AVX2, AVX512, ...)
+    unless ``TORCHINDUCTOR_CACHE_DIR`` is set; returns the folder chosen, or None.
+
+    Inductor's cache key leaves out ``ATEN_CPU_CAPABILITY``: code compiled in a run forced to
+    AVX2 is loaded by a later AVX-512 run and crashes it (measured with torch 2.13: a segfault
+    or glibc's "unaligned tcache chunk")."""
+    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
+        return None
+    user = getattr(os, "getuid", lambda: 0)()  # one folder per user, as inductor's own
+    folder = os.path.join(tempfile.gettempdir(), f"pykd-inductor-{user}-{kernel.lower()}")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
+    return folder
 
 
 def implementations(temperature: float) -> dict[str, Callable]:
