@@ -111,8 +111,10 @@ std::tuple<at::Tensor, at::Tensor> reduce_rows(const LossConfig& cfg, const at::
 
 // An empty stand-in for a gradient that was not asked for (custom ops cannot return None).
 at::Tensor no_grad_output(const at::Tensor& like);
-// A fresh gradient buffer shaped like `like` (on the CPU, backed by huge pages when large).
-at::Tensor new_gradient(const at::Tensor& like);
+// A fresh gradient buffer shaped like `like`. On the CPU a large one gets its pages ready
+// (distill_loss_common.cpp): populated now, or, where `rows_populate` is given and its rows are
+// long, left to the row kernel, which then gets *rows_populate = true.
+at::Tensor new_gradient(const at::Tensor& like, bool* rows_populate = nullptr);
 
 // Whether PYKD_DEBUG=1 asks the CUDA path to check the data (a device sync) and raise.
 bool debug_checks_enabled();
@@ -145,6 +147,9 @@ struct RowKernelArgs {
   void* grad_student;  // [rows, classes] logits dtype, contiguous, out; nullptr = not wanted
   void* grad_teacher;  // [rows, classes] logits dtype, contiguous, out; nullptr = not wanted
   int64_t* bad_row;    // [1] out: a row with no finite logit where a softmax needs one; -1
+  // CPU: the gradients are fresh mappings whose pages the kernel populates row by row, just
+  // before writing each row (new_gradient).
+  bool populate_rows = false;
 };
 using RowKernelLauncher = void (*)(const RowKernelArgs&);
 struct TopkKernelArgs;  // distill_loss_topk.h

@@ -199,6 +199,10 @@ void run_rows(const KernelArgs& a, int64_t begin, int64_t end) {
       if (gt_row) std::fill_n(gt_row, V, g_value);
     };
 
+    if (a.populate_rows) {
+      populate_pages(gs_row, V * sizeof(S));
+      populate_pages(gt_row, V * sizeof(S));
+    }
     Options<A> o = call;
     int64_t y;  // < 0: no label is read
     const RowLabel label = begin_row(a, i, o, y);

@@ -12,7 +12,12 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <type_traits>
 
@@ -35,6 +40,18 @@ struct VMath<at::vec::Vectorized<A>> {
 namespace pykd::cpu::CPU_CAPABILITY {
 
 using at::vec::Vectorized;
+
+// Populate the pages under [p, p + bytes) for writing (new_gradient's row-by-row plan); pages
+// shared with a neighbouring row are populated twice, which is a no-op the second time.
+inline void populate_pages(void* p, size_t bytes) {
+#if defined(__linux__) && defined(MADV_POPULATE_WRITE)
+  constexpr uintptr_t kPage = 4096;
+  if (p == nullptr) return;
+  const auto begin = reinterpret_cast<uintptr_t>(p) & ~(kPage - 1);
+  const auto end = (reinterpret_cast<uintptr_t>(p) + bytes + kPage - 1) & ~(kPage - 1);
+  madvise(reinterpret_cast<void*>(begin), end - begin, MADV_POPULATE_WRITE);
+#endif
+}
 
 // Columns per chunk: two float inputs and two gradients of this size fit a 48 KB L1.
 constexpr int64_t kChunk = 2048;
