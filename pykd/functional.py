@@ -279,10 +279,11 @@ def _rest_on_target(teacher_indices: torch.Tensor, teacher_logits: torch.Tensor,
     index = teacher_indices.long()
     label = target.long()
     moves = (label >= 0) & (label < classes) & ~(index == label[..., None]).any(-1)
-    # A class not in the row for the unused slot: one of 0..k always is.
-    small = torch.arange(k + 1, device=index.device).expand(*index.shape[:-1], k + 1)
-    free = ~(small[..., :, None] == index[..., None, :]).any(-1)
-    spare = small.gather(-1, free.int().argmax(-1, keepdim=True)).squeeze(-1)
+    # A class not in the row for the unused slot: one of 0..k always is. Classes above k go to
+    # a last column that is never chosen; O(rows * k), whatever k is.
+    seen = torch.zeros(*index.shape[:-1], k + 2, dtype=torch.bool, device=index.device)
+    seen.scatter_(-1, index.clamp(0, k + 1), True)
+    spare = (~seen[..., :k + 1]).int().argmax(-1)
     dtype = torch.promote_types(teacher_logits.dtype, torch.float32)
     t = torch.as_tensor(temperature, dtype=dtype, device=index.device)
     t_row = t[..., None] if t.dim() else t
