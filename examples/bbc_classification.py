@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--epochs", type=int, default=DemoConfig.epochs)
     parser.add_argument("--teacher-epochs", type=int, default=DemoConfig.teacher_epochs)
     parser.add_argument("--max-tokens", type=int, default=DemoConfig.max_tokens)
+    parser.add_argument("--transfer-copies", type=int, default=0,
+                        help="also train a student on the training articles plus this many "
+                        "augmented copies of each as soft-only rows (a transfer set)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
 
@@ -63,7 +66,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for seed in args.seeds:
         cfg = DemoConfig(output=args.output / f"seed-{seed}", seed=seed, articles=args.articles,
                          epochs=args.epochs, teacher_epochs=args.teacher_epochs,
-                         max_tokens=args.max_tokens, progress=not args.quiet)
+                         max_tokens=args.max_tokens, transfer_copies=args.transfer_copies,
+                         progress=not args.quiet)
         runs.append(run_demo(cfg))
         print(f"\nseed {seed}\n{format_table(runs[-1])}")
     summary = summarise(runs)

@@ -20,7 +20,8 @@ def _demo(args: argparse.Namespace) -> int:
     try:
         cfg = DemoConfig(output=args.output, seed=args.seed, articles=args.articles,
                          epochs=args.epochs, teacher_epochs=args.teacher_epochs,
-                         max_tokens=args.max_tokens, plot=not args.no_plot,
+                         max_tokens=args.max_tokens, transfer_copies=args.transfer_copies,
+                         plot=not args.no_plot,
                          progress=not args.quiet)
     except ValueError as e:
         raise SystemExit(f"pykd demo: {e}") from None
@@ -112,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--epochs", type=int, default=20, help="student epochs")
     demo.add_argument("--teacher-epochs", type=int, default=2)
     demo.add_argument("--max-tokens", type=int, default=128, help="word pieces per article")
+    demo.add_argument("--transfer-copies", type=int, default=0,
+                      help="also train a student with this many augmented copies of each "
+                      "training article as soft-only rows (slower: the teacher labels them)")
     demo.add_argument("--no-plot", action="store_true", help="skip the learning-curve PNG")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)

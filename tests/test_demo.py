@@ -225,6 +225,22 @@ def test_demo_second_run_reuses_the_teacher_and_its_outputs(small_run):
     assert "teacher (fine-tuned)" not in again["seconds"]
 
 
+def test_demo_adds_a_student_distilled_on_a_transfer_set(small_run):
+    cfg, first = small_run
+    plus = demo_mod.run_demo(DemoConfig(**{**cfg.__dict__, "transfer_copies": 2}))
+    name = "student, distilled + transfer set"
+    models = plus["models"]
+    assert list(models) == [*first["models"], name]
+    assert 0 < plus["data"]["transfer_copies"] <= 2 * plus["data"]["train"]
+    assert first["data"]["transfer_copies"] == 0
+    assert len(plus["curves"]["distilled + transfer set"]["accuracy"]) == cfg.epochs
+    assert models[name]["params"] == models["student, distilled"]["params"]
+    # The other students are those of the run without copies (same seed, cache and batches).
+    for other in ("student, labels only", "student, distilled"):
+        assert models[other]["accuracy"] == first["models"][other]["accuracy"]
+    assert name in demo_mod.format_table(plus)
+
+
 def test_demo_refuses_a_corrupt_cached_teacher(small_run, tmp_path):
     cfg, _ = small_run
     (cached,) = cfg.output.glob("teacher-*.safetensors")

@@ -40,6 +40,7 @@ from pykd.apps.common import (
     write_json,
 )
 from pykd.apps.datasets import bbc_news, install_hint, package_dir, stratified_split
+from pykd.augment import transfer_set
 from pykd.cache import TeacherCache
 from pykd.callbacks import Callback
 from pykd.checkpoint import write_atomic
@@ -71,6 +72,9 @@ class DemoConfig:
     temperature: float = 4.0
     alpha: float = 0.9
     student_dim: int = 64
+    # > 0: a third student, distilled on the training articles plus this many augmented copies
+    # of each as soft-only rows (a Tang et al. transfer set, its teacher outputs cached too).
+    transfer_copies: int = 0
     latency_samples: int = 100
     plot: bool = True
     progress: bool = True
@@ -86,6 +90,7 @@ class DemoConfig:
             "temperature": self.temperature > 0,
             "alpha": 0.0 <= self.alpha <= 1.0,
             "student_dim": self.student_dim >= 1,
+            "transfer_copies": self.transfer_copies >= 0,
             "latency_samples": self.latency_samples >= 1,
         }
         bad = [name for name, ok in checks.items() if not ok]
@@ -116,6 +121,9 @@ class BagOfTokens(nn.Module):
         return self.head(self.embed(input_ids))
 
 
+_SOFT = -1  # the label of the transfer set's copies: soft-only rows
+
+
 class _Encoded(Dataset):
     """Tokenised articles as Hugging Face style dict items."""
 
@@ -129,6 +137,21 @@ class _Encoded(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {"input_ids": self.input_ids[i], "attention_mask": self.attention_mask[i],
                 "labels": self.labels[i]}
+
+
+def _with_transfer_set(train: _Encoded, tokenizer: Any, cfg: DemoConfig) -> _Encoded:
+    """``train`` followed by ``cfg.transfer_copies`` augmented copies of each article (Tang et
+    al.'s recipe as in examples/tweet_sentiment.py: 10% of word pieces masked, 10% replaced by
+    one the articles use, a quarter of the copies cut to an n-gram), labelled ``_SOFT``."""
+    copies = transfer_set(train.input_ids, cfg.transfer_copies, mask_id=tokenizer.mask_token_id,
+                          special_ids=tokenizer.all_special_ids,
+                          attention_mask=train.attention_mask, pad_id=tokenizer.pad_token_id,
+                          seed=cfg.seed)
+    soft = torch.full((len(copies.sources),), _SOFT, dtype=train.labels.dtype)
+    return _Encoded(torch.cat([train.input_ids, copies.ids]),
+                    torch.cat([train.attention_mask, copies.attention_mask.to(
+                        train.attention_mask.dtype)]),
+                    torch.cat([train.labels, soft]))
 
 
 def _require_demo_packages() -> tuple[Any, Any]:
@@ -318,6 +341,18 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
               for name, data in (("train", train), ("test", test))}
     teacher_test = caches["test"].lookup(torch.arange(len(test)))[0]
     timer("teacher outputs", t)
+    # (student, the cache it learns from, alpha), and each cache's training data.
+    runs = [("labels only", "train", 0.0), ("distilled", "train", cfg.alpha)]
+    data_of = {"train": train}
+    if cfg.transfer_copies:
+        t = time.perf_counter()
+        data_of["transfer"] = _with_transfer_set(train, tokenizer, cfg)
+        # The cache checks its inputs: other copies (another seed or setting) rebuild it.
+        caches["transfer"] = TeacherCache.build(
+            cache_dir / f"train+{cfg.transfer_copies}-copies", teacher, data_of["transfer"],
+            top_k=None, dtype="float32", batch_size=64, progress=cfg.progress, overwrite=True)
+        runs.append(("distilled + transfer set", "transfer", cfg.alpha))
+        timer("transfer set", t)
 
     def score(pred: torch.Tensor) -> tuple[float, float]:
         return accuracy_and_macro_f1(pred, test.labels, len(topics))
@@ -334,16 +369,17 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
     students: dict[str, BagOfTokens] = {}
     curves: dict[str, _Curve] = {}
-    # attach() checks the data against the cache by reading every item: once, for both.
-    loader = caches["train"].attach(DataLoader(train, batch_size=cfg.batch_size, shuffle=True))
-    for name, alpha in (("labels only", 0.0), ("distilled", cfg.alpha)):
+    # attach() checks the data against the cache by reading every item: once per cache.
+    loaders = {key: caches[key].attach(DataLoader(data, batch_size=cfg.batch_size, shuffle=True))
+               for key, data in data_of.items()}
+    for name, key, alpha in runs:
         student = new_student()
         curves[name] = _Curve(lambda m: score(_predict(m, test)))
         if cfg.progress:
             print(f"training the {name} student ({cfg.epochs} epochs)")
-        Distiller(caches["train"], student, temperature=cfg.temperature, alpha=alpha,
-                  lr=cfg.lr, seed=cfg.seed, progress=cfg.progress,
-                  callbacks=[curves[name]]).fit(loader, epochs=cfg.epochs)
+        Distiller(caches[key], student, temperature=cfg.temperature, alpha=alpha,
+                  soft_index=_SOFT, lr=cfg.lr, seed=cfg.seed, progress=cfg.progress,
+                  callbacks=[curves[name]]).fit(loaders[key], epochs=cfg.epochs)
         students[name] = student
     timer("students", t)
     for cache in caches.values():
@@ -368,7 +404,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
     results: dict[str, Any] = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
-        "data": {"train": len(train_idx), "test": len(test_idx), "classes": topics},
+        "data": {"train": len(train_idx), "test": len(test_idx), "classes": topics,
+                 "transfer_copies": len(data_of.get("transfer", train)) - len(train)},
         "threads": torch.get_num_threads(),
         "teacher_reused": reused,
         "models": rows,
@@ -416,10 +453,11 @@ def format_table(results: dict[str, Any]) -> str:
     """The demo's result table as aligned text."""
     rows = results["models"]
     teacher = next(v for k, v in rows.items() if k.startswith("teacher"))
-    lines = [f"{'model':<24}{'accuracy':>9}{'macro-F1':>10}{'params':>12}"
+    width = max(24, *(len(name) + 1 for name in rows))
+    lines = [f"{'model':<{width}}{'accuracy':>9}{'macro-F1':>10}{'params':>12}"
              f"{'ms/article':>12}{'speed-up':>10}"]
     for name, r in rows.items():
-        lines.append(f"{name:<24}{r['accuracy']:>9.1%}{r['macro_f1']:>10.3f}"
+        lines.append(f"{name:<{width}}{r['accuracy']:>9.1%}{r['macro_f1']:>10.3f}"
                      f"{r['params'] / 1e6:>11.2f}M{r['latency_ms']:>12.2f}"
                      f"{teacher['latency_ms'] / r['latency_ms']:>9.0f}x")
     return "\n".join(lines)
