@@ -231,8 +231,8 @@ def test_demo_adds_a_student_distilled_on_a_transfer_set(small_run):
     name = "student, distilled + transfer set"
     models = plus["models"]
     assert list(models) == [*first["models"], name]
-    assert 0 < plus["data"]["transfer_copies"] <= 2 * plus["data"]["train"]
-    assert first["data"]["transfer_copies"] == 0
+    assert 0 < plus["data"]["transfer_rows"] <= 2 * plus["data"]["train"]
+    assert first["data"]["transfer_rows"] == 0
     assert len(plus["curves"]["distilled + transfer set"]["accuracy"]) == cfg.epochs
     assert models[name]["params"] == models["student, distilled"]["params"]
     # The other students are those of the run without copies (same seed, cache and batches).

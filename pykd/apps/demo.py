@@ -8,7 +8,9 @@ The pipeline, each step cached in the output folder so a second run only trains 
 2. store its logits over the training and test articles once (:class:`pykd.TeacherCache`);
 3. train the same small student (a bag of word pieces, ~1.96M parameters, its embeddings the
    teacher's projected onto their top principal directions) twice with :class:`pykd.Distiller`:
-   on labels alone (``alpha = 0``) and distilled from the cached teacher;
+   on labels alone (``alpha = 0``) and distilled from the cached teacher (with
+   ``transfer_copies=N``, a third time: distilled on the training articles plus N augmented
+   copies of each as soft-only rows, which the teacher labels once into a cache too);
 4. report accuracy, macro-F1, parameters and CPU latency per article, and plot the learning
    curves.
 
@@ -405,7 +407,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     results: dict[str, Any] = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
         "data": {"train": len(train_idx), "test": len(test_idx), "classes": topics,
-                 "transfer_copies": len(data_of.get("transfer", train)) - len(train)},
+                 "transfer_rows": len(data_of.get("transfer", train)) - len(train)},
         "threads": torch.get_num_threads(),
         "teacher_reused": reused,
         "models": rows,
