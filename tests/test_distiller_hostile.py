@@ -318,8 +318,9 @@ def test_fit_again_with_the_same_epochs_warns_that_epochs_is_a_total():
 
 
 def test_the_step_norm_is_the_float64_norm_and_keeps_non_finite_entries():
-    # pykd.update.total_norm takes a BLAS dot for large float32 CPU gradients: the same norm
-    # as a float64 one, NaN/inf where an entry is, and a float32-overflowing dot redone.
+    # pykd.update.total_norm takes BLAS dots for float32 CPU gradients (others: torch's norm):
+    # the same norm as a float64 one, NaN/inf where an entry is, a float32-overflowing dot
+    # redone, and a non-contiguous gradient read right.
     from pykd.update import total_norm
 
     torch.manual_seed(0)
