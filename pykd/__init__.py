@@ -35,6 +35,7 @@ from pykd.functional import (
 from pykd.loop import TrainingLoop
 from pykd.losses import DistillationLoss, FusedLinearDistillationLoss, TopKDistillationLoss
 from pykd.objective import Objective
+from pykd.onpolicy import OnPolicy
 from pykd.propagation import MutualDistiller, propagate
 from pykd.teachers import adaptive_weights, combine_teachers
 
@@ -57,6 +58,7 @@ __all__ = [
     "MutualDistiller",
     "NonFiniteLossError",
     "Objective",
+    "OnPolicy",
     "StaleCacheError",
     "TeacherCache",
     "TrainingConfig",

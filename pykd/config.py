@@ -32,6 +32,7 @@ from pykd.schedules import ScheduleLike, as_schedule
 from pykd.teachers import WEIGHTINGS, WeightFn
 
 if TYPE_CHECKING:
+    from pykd.onpolicy import OnPolicy
     from pykd.teacher_student import HiddenMatch
 
 __all__ = ["DistillationConfig", "TrainingConfig"]
@@ -119,6 +120,7 @@ class DistillationConfig(_Config):
     inputs: Mapping[str, str] | None = None  # batch key -> "teacher", "student" or "both"
     soft_index: int | None = None  # the label of rows without one (transfer data): soft only
     rest: str = "bucket"  # how a topk+rest cache's rest is spent: "bucket" or "target"
+    on_policy: OnPolicy | None = None  # GKD: steps on the student's own samples
 
     def __post_init__(self) -> None:
         self._check_inputs()

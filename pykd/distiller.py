@@ -18,6 +18,7 @@ from pykd.cache import TeacherCache
 from pykd.config import DistillationConfig, TrainingConfig, flat_signature, sort_options
 from pykd.loop import TrainingLoop
 from pykd.objective import OptimizerLike, SchedulerLike
+from pykd.onpolicy import OnPolicyObjective
 from pykd.teacher_student import HiddenMatch, TeacherStudentObjective
 from pykd.update import NonFiniteLossError
 
@@ -163,7 +164,9 @@ class Distiller(TrainingLoop):
                  training: TrainingConfig | None = None, **options: Any) -> None:
         objective_options, loop_options = sort_options(
             "Distiller", options, DistillationConfig, TrainingConfig)
-        objective = TeacherStudentObjective(teacher, student, distillation, **objective_options)
+        on_policy = objective_options.get("on_policy", getattr(distillation, "on_policy", None))
+        kind = TeacherStudentObjective if on_policy is None else OnPolicyObjective
+        objective = kind(teacher, student, distillation, **objective_options)
         super().__init__(objective, training, **loop_options)
 
     # The objective's pieces, where users of the Distiller have always found them.
