@@ -63,6 +63,7 @@ from pykd.apps.common import (
 )
 from pykd.apps.datasets import Article, bbc_news, install_hint, stratified_split
 from pykd.checkpoint import save_atomic, write_atomic
+from pykd.students import prune_vocabulary, take_layers, used_ids
 
 # Ids of the reduced output vocabulary: the special tokens first, then every WordPiece seen in
 # a training headline. The decoders predict over this vocabulary only (see HeadlineVocab).
@@ -232,8 +233,58 @@ class HeadlineDecoder(nn.Module):
         return out
 
 
-class StudentSeq2Seq(nn.Module):
-    """The small student: a transformer encoder over MiniLM's WordPiece ids plus a decoder."""
+class Seq2Seq(nn.Module):
+    """An encoder (``encode``) and a :class:`HeadlineDecoder` (``decoder``): the students."""
+
+    decoder: HeadlineDecoder
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                decoder_input_ids: torch.Tensor, article: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        # ``article`` is in every batch for the teacher (BankTeacher); the student has no use
+        # for it, but the Distiller calls both models with the same keywords.
+        memory = self.encode(input_ids, attention_mask)
+        return self.decoder(decoder_input_ids, memory, attention_mask)
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_tokens: int,
+                 block_repeats: bool = True) -> list[list[int]]:
+        with torch.no_grad():
+            memory = self.encode(input_ids, attention_mask)
+        return self.decoder.generate(memory, attention_mask, max_tokens, block_repeats)
+
+    @torch.no_grad()
+    def sample(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_tokens: int,
+               temperature: float) -> torch.Tensor:
+        """Sampled headlines for on-policy distillation: ``[B, L]`` ids after BOS, PAD after
+        each row's EOS. The encoder runs once (pykd's own sampler would rerun it per token)."""
+        memory = self.encode(input_ids, attention_mask)
+        ids = torch.full((len(input_ids), 1), BOS, dtype=torch.long, device=input_ids.device)
+        done = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
+        for _ in range(max_tokens + 1):  # + 1: room for the EOS after max_tokens tokens
+            logits = self.decoder(ids, memory, attention_mask)[:, -1].float()
+            logits[:, [PAD, UNK, BOS]] = -math.inf  # never targets mid-sequence
+            token = torch.multinomial(torch.softmax(logits / temperature, -1), 1)[:, 0]
+            token = token.masked_fill(done, PAD)
+            ids = torch.cat([ids, token[:, None]], dim=1)
+            done |= token == EOS
+            if bool(done.all()):
+                break
+        return ids[:, 1:]
+
+
+def student_sampler(student: Seq2Seq, inputs: dict[str, torch.Tensor],
+                    settings: pykd.OnPolicy) -> torch.Tensor:
+    """``pykd.OnPolicy.sample`` for the students (see :meth:`Seq2Seq.sample`)."""
+    return student.sample(inputs["input_ids"], inputs["attention_mask"],
+                          settings.max_new_tokens - 1, settings.temperature)
+
+
+class StudentSeq2Seq(Seq2Seq):
+    """The small student from scratch: a transformer encoder over MiniLM's WordPiece ids plus a
+    decoder, only its embeddings from the teacher's (PCA)."""
 
     def __init__(self, src_vocab: int, tgt_vocab: int, width: int, layers: int,
                  max_source: int, max_target: int, dropout: float) -> None:
@@ -253,19 +304,42 @@ class StudentSeq2Seq(nn.Module):
         x = self.drop(self.embed(input_ids) + self.pos(positions))
         return self.norm(self.encoder(x, src_key_padding_mask=attention_mask == 0))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                decoder_input_ids: torch.Tensor, article: torch.Tensor | None = None
-                ) -> torch.Tensor:
-        # ``article`` is in every batch for the teacher (BankTeacher); the student has no use
-        # for it, but the Distiller calls both models with the same keywords.
-        memory = self.encode(input_ids, attention_mask)
-        return self.decoder(decoder_input_ids, memory, attention_mask)
 
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_tokens: int,
-                 block_repeats: bool = True) -> list[list[int]]:
-        with torch.no_grad():
-            memory = self.encode(input_ids, attention_mask)
-        return self.decoder.generate(memory, attention_mask, max_tokens, block_repeats)
+class CutStudent(Seq2Seq):
+    """The student cut from the teacher (DistilBERT-style): a few of MiniLM's layers over the
+    word pieces the articles use (``pykd.students.take_layers`` and ``prune_vocabulary``), and the
+    first layers of the teacher's trained decoder. Its encoder is fine-tuned, the teacher's is
+    frozen. ``id_map`` takes MiniLM's ids to the pruned vocabulary's, inside the model, so the
+    batches stay the teacher's."""
+
+    def __init__(self, encoder: nn.Module, decoder: HeadlineDecoder, id_map: torch.Tensor
+                 ) -> None:
+        super().__init__()
+        self.encoder, self.decoder = encoder, decoder
+        self.register_buffer("id_map", id_map, persistent=False)
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        states = self.encoder(input_ids=self.id_map[input_ids], attention_mask=attention_mask)
+        return states.last_hidden_state
+
+
+def cut_student(encoder: nn.Module, teacher_decoder: HeadlineDecoder, *, encoder_layers:
+                Sequence[int], decoder_layers: int, used: Sequence[int], unk_id: int,
+                dropout: float) -> CutStudent:
+    """:class:`CutStudent` from MiniLM (``encoder``) and the trained teacher decoder: MiniLM's
+    ``encoder_layers`` over the ``used`` word pieces, and a copy of the teacher decoder's first
+    ``decoder_layers`` layers with its embeddings, positions, norm and output layer."""
+    cut = take_layers(encoder, encoder_layers, hidden_dropout_prob=dropout,
+                      attention_probs_dropout_prob=dropout)
+    cut, id_map = prune_vocabulary(cut, used, unk_id=unk_id)
+    width = teacher_decoder.embed.embedding_dim
+    heads = teacher_decoder.layers.layers[0].self_attn.num_heads
+    decoder = HeadlineDecoder(teacher_decoder.embed.num_embeddings, width, decoder_layers, heads,
+                              teacher_decoder.pos.num_embeddings, dropout)
+    # Layer j of the copy is the teacher's layer j: the names match and the later ones are absent.
+    own = decoder.state_dict()
+    decoder.load_state_dict({k: v for k, v in teacher_decoder.state_dict().items() if k in own})
+    return CutStudent(cut.train(), decoder, id_map)
 
 
 class BankTeacher(nn.Module):
@@ -344,9 +418,10 @@ def train_teacher(teacher: BankTeacher, data: HeadlineData, *, epochs: int, lr: 
     teacher.eval()
 
 
-def train_student(teacher: nn.Module, student: StudentSeq2Seq, data: HeadlineData, *,
+def train_student(teacher: nn.Module, student: Seq2Seq, data: HeadlineData, *,
                   alpha: float, temperature: float, epochs: int, lr: float, batch_size: int,
-                  seed: int, progress: bool, name: str) -> None:
+                  seed: int, progress: bool, name: str, on_policy: pykd.OnPolicy | None = None,
+                  beta: float = 0.5) -> None:
     """One student run through ``pykd.Distiller``; ``alpha=0`` is plain cross entropy.
 
     Every student goes through the same Distiller (same optimizer, schedule, clipping and data
@@ -358,6 +433,7 @@ def train_student(teacher: nn.Module, student: StudentSeq2Seq, data: HeadlineDat
     torch.manual_seed(seed)  # the same dropout masks for every run
     distiller = pykd.Distiller(
         teacher, student, alpha=alpha, temperature=temperature, seed=seed, max_grad_norm=1.0,
+        on_policy=on_policy, divergence="kl" if on_policy is None else "jsd", beta=beta,
         optimizer=lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.01),
         scheduler=lambda optimizer: warmup_linear(optimizer, total),
         progress=progress, log_every=0,
@@ -416,6 +492,25 @@ def latency_ms(generate: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
                              median=statistics.median_high)["model"]
 
 
+@torch.no_grad()
+def sequence_nll(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 articles: torch.Tensor, targets: Sequence[Sequence[int]], batch_size: int,
+                 max_target_tokens: int) -> float:
+    """The mean negative log-likelihood per token (EOS included) of ``targets`` under
+    ``model``, teacher-forced: on the reference headlines, ``exp`` of it is the perplexity; on a
+    student's greedy headlines under the teacher, how plausible the teacher finds them."""
+    data = HeadlineData(input_ids, attention_mask, targets, articles.tolist(), max_target_tokens)
+    total, count = 0.0, 0
+    for start in range(0, len(data), batch_size):
+        batch = collate([data[i] for i in range(start, min(start + batch_size, len(data)))])
+        labels = batch.pop("labels")
+        logits = model(**batch).float()
+        total += F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
+                                 reduction="sum").item()
+        count += int((labels != IGNORE).sum())
+    return total / max(1, count)
+
+
 def score(hypotheses: list[str], references: list[str]) -> dict[str, float]:
     """Corpus BLEU and chrF, lowercased on both sides (the models' vocabulary is uncased)."""
     from sacrebleu.metrics import BLEU, CHRF
@@ -442,12 +537,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--teacher-layers", type=int, default=2)
     p.add_argument("--teacher-lr", type=float, default=1e-3)
     p.add_argument("--epochs", type=int, default=8, help="epochs of every student")
-    p.add_argument("--student-width", type=int, default=128)
-    p.add_argument("--student-layers", type=int, default=2)
-    p.add_argument("--lr", type=float, default=2e-3, help="students' learning rate")
+    p.add_argument("--student", choices=("cut", "small"), default="cut",
+                   help="cut: MiniLM's --student-encoder-layers over the articles' word pieces "
+                   "and the teacher decoder's first --student-decoder-layers; small: a "
+                   "from-scratch d=--student-width encoder-decoder")
+    p.add_argument("--student-encoder-layers", default="0,1",
+                   help="MiniLM layers the cut student keeps (comma-separated)")
+    p.add_argument("--student-decoder-layers", type=int, default=1,
+                   help="teacher decoder layers the cut student keeps")
+    p.add_argument("--student-width", type=int, default=128, help="the small student's width")
+    p.add_argument("--student-layers", type=int, default=2, help="the small student's layers")
+    p.add_argument("--lr", type=float, default=None,
+                   help="students' learning rate (default: 5e-4 cut, 2e-3 small)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--alpha", type=float, default=0.5, help="soft-term weight of word-level KD")
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--beta", type=float, default=0.5,
+                   help="the on-policy variants' generalised JSD: 0.5 is symmetric")
+    p.add_argument("--sample-temperature", type=float, default=1.0,
+                   help="temperature of the on-policy variants' samples")
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--variants", default="no_kd,word_kd,seq_kd",
                    help=f"comma-separated student runs, from {', '.join(VARIANTS)}")
@@ -463,14 +571,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if unknown or not variants:
         p.error(f"--variants takes a comma-separated subset of {', '.join(VARIANTS)}")
     args.variants = variants
+    try:
+        args.student_encoder_layers = [int(k) for k in args.student_encoder_layers.split(",")]
+    except ValueError:
+        p.error("--student-encoder-layers takes comma-separated layer numbers, e.g. 0,1")
+    if args.lr is None:
+        args.lr = 5e-4 if args.student == "cut" else 2e-3
     if not 0.0 < args.alpha <= 1.0:
         p.error("--alpha must be in (0, 1]")
     return args
 
 
-# name -> (trained on the teacher's outputs?, word-level KD?)
-VARIANTS = {"no_kd": (False, False), "word_kd": (False, True), "seq_kd": (True, False),
-            "seq_word_kd": (True, True)}
+# name -> (trained on the teacher's outputs?, word-level KD?, share of on-policy steps)
+VARIANTS = {"no_kd": (False, False, 0.0), "word_kd": (False, True, 0.0),
+            "seq_kd": (True, False, 0.0), "seq_word_kd": (True, True, 0.0),
+            "on_policy_0.5": (False, True, 0.5), "on_policy_1": (False, True, 1.0)}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -587,42 +702,65 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {"teacher": {}, **{name: {} for name in args.variants}}
     hypotheses: dict[str, list[str]] = {}
 
-    def evaluate(name: str, generate: Any, timed: Any, params: int) -> None:
+    def evaluate(name: str, model: nn.Module, generate: Any, timed: Any, params: int) -> None:
         decoded = decode_all(generate, test_ids, test_mask, test_articles, 4 * args.batch_size,
                              f"decode test ({name})", progress)
         hypotheses[name] = [vocab.decode(tokenizer, ids) for ids in decoded]
         n = min(args.latency_articles, len(test_idx))
+
+        def nll(model: nn.Module, targets: Sequence[Sequence[int]]) -> float:
+            return sequence_nll(model, test_ids, test_mask, test_articles, targets,
+                                4 * args.batch_size, args.max_target_tokens)
+
         results[name] = {
             **score(hypotheses[name], test_refs), "params": params,
             "latency_ms": latency_ms(timed, test_ids[:n], test_mask[:n], test_articles[:n]),
             "mean_tokens": sum(map(len, decoded)) / max(1, len(decoded)),
+            "ppl": math.exp(nll(model, [references[i] for i in test_idx])),
+            "teacher_nll": nll(teacher, decoded),
         }
 
     teacher_params = count_parameters(encoder) + count_parameters(decoder)
-    evaluate("teacher", teacher_from_bank, teacher_end_to_end, teacher_params)
+    evaluate("teacher", teacher, teacher_from_bank, teacher_end_to_end, teacher_params)
     clock = lap("teacher_test", clock)
 
     # Students: one initialisation, copied into every run.
     torch.manual_seed(args.seed)
-    template = StudentSeq2Seq(tokenizer.vocab_size, len(vocab), args.student_width,
-                              args.student_layers, args.max_source_tokens, max_len, args.dropout)
-    with torch.no_grad():
-        projected = principal_embeddings(encoder.embeddings.word_embeddings.weight,
-                                         args.student_width)
-        # This student was tuned with unit variance per dimension; the shared helper scales
-        # all dimensions by one number.
-        projected = projected / projected.std(0, keepdim=True)
-        template.embed.weight.copy_(projected)
-        template.decoder.embed.weight.copy_(projected[list(vocab.full_ids)])
+    if args.student == "cut":
+        # The word pieces every article's lead uses (the test articles' too: the vocabulary is
+        # the input's, not a label's), so no input word piece is lost to the pruning.
+        used = used_ids(source["input_ids"], tokenizer.all_special_ids)
+        template: Seq2Seq = cut_student(
+            encoder, decoder, encoder_layers=args.student_encoder_layers,
+            decoder_layers=args.student_decoder_layers, used=used,
+            unk_id=tokenizer.unk_token_id, dropout=args.dropout)
+    else:
+        template = StudentSeq2Seq(tokenizer.vocab_size, len(vocab), args.student_width,
+                                  args.student_layers, args.max_source_tokens, max_len,
+                                  args.dropout)
+        with torch.no_grad():
+            projected = principal_embeddings(encoder.embeddings.word_embeddings.weight,
+                                             args.student_width)
+            # This student was tuned with unit variance per dimension; the shared helper
+            # scales all dimensions by one number.
+            projected = projected / projected.std(0, keepdim=True)
+            template.embed.weight.copy_(projected)
+            template.decoder.embed.weight.copy_(projected[list(vocab.full_ids)])
     init = {k: v.clone() for k, v in template.state_dict().items()}
     for name in args.variants:
-        on_teacher_outputs, word_level = VARIANTS[name]
+        on_teacher_outputs, word_level, lmbda = VARIANTS[name]
         student = template
         student.load_state_dict(init)
+        on_policy = None
+        if lmbda > 0:  # GKD: JSD(beta) on the student's samples, word-level KD otherwise
+            on_policy = pykd.OnPolicy(lmbda=lmbda, max_new_tokens=max_len,
+                                      temperature=args.sample_temperature, eos_token_id=EOS,
+                                      pad_token_id=PAD, sample=student_sampler, seed=args.seed)
         train_student(teacher if word_level else LabelsOnly(len(vocab)), student,
                       seq_data if on_teacher_outputs else train_data,
                       alpha=args.alpha if word_level else 0.0,
                       temperature=args.temperature if word_level else 1.0,
+                      on_policy=on_policy, beta=args.beta,
                       epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                       seed=args.seed, progress=progress, name=name)
         clock = lap(f"{name}_training", clock)
@@ -631,7 +769,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                              ) -> list[list[int]]:
             return student.generate(ids, mask, args.max_target_tokens, block)
 
-        evaluate(name, student_generate, student_generate, count_parameters(student))
+        evaluate(name, student, student_generate, student_generate, count_parameters(student))
         clock = lap(f"{name}_test", clock)
 
     report = {
@@ -652,10 +790,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 def print_table(results: dict[str, dict[str, float]], data: dict[str, int]) -> None:
     print(f"\nBBC body -> headline, {data['train']} train / {data['test']} test articles, "
           "greedy decoding")
-    print(f"{'model':<13}{'BLEU':>7}{'chrF':>7}{'params':>12}{'ms/article':>12}{'tokens':>8}")
+    print(f"{'model':<15}{'BLEU':>7}{'chrF':>7}{'ppl':>8}{'t-NLL':>7}{'params':>12}"
+          f"{'ms/article':>12}{'tokens':>8}")
     for name, r in results.items():
-        print(f"{name:<13}{r['bleu']:>7.2f}{r['chrf']:>7.2f}{r['params']:>12,}"
-              f"{r['latency_ms']:>12.1f}{r['mean_tokens']:>8.1f}")
+        print(f"{name:<15}{r['bleu']:>7.2f}{r['chrf']:>7.2f}{r['ppl']:>8.1f}"
+              f"{r['teacher_nll']:>7.2f}{r['params']:>12,}{r['latency_ms']:>12.1f}"
+              f"{r['mean_tokens']:>8.1f}")
 
 
 if __name__ == "__main__":

@@ -124,6 +124,8 @@ def sample_continuations(next_logits: Callable[[dict[str, torch.Tensor]], torch.
     else:
         prompts = inputs["input_ids"]
         rows, width = prompts.shape
+        # Without a mask (a model that takes none) the prompts are of one length, and every
+        # row grows by a token per step, padding after its EOS.
         mask = inputs.get("attention_mask")
         lengths = (mask != 0).sum(1) if mask is not None else \
             torch.full((rows,), width, device=prompts.device)
@@ -138,17 +140,18 @@ def sample_continuations(next_logits: Callable[[dict[str, torch.Tensor]], torch.
             logits = next_logits({**inputs, "decoder_input_ids": ids})[:, -1]
         else:
             span = int(lengths.max())
-            positions = torch.arange(span, device=ids.device)
-            logits = next_logits({"input_ids": ids[:, :span],
-                                  "attention_mask": (positions < lengths[:, None]).long()})
-            logits = logits[every, lengths - 1]
+            step = {"input_ids": ids[:, :span]}
+            if mask is not None:
+                positions = torch.arange(span, device=ids.device)
+                step["attention_mask"] = (positions < lengths[:, None]).long()
+            logits = next_logits(step)[every, lengths - 1]
         token = _pick(logits, settings.temperature).masked_fill(done, pad)
         out.append(token)
         if encoder_decoder:
             ids = torch.cat([ids, token[:, None]], dim=1)
         else:
             ids[every, lengths] = torch.where(done, ids[every, lengths], token)
-            lengths = lengths + (~done).long()
+            lengths = lengths + (1 if mask is None else (~done).long())
         if eos is not None:
             done = done | (token == eos)
             if bool(done.all()):
@@ -261,10 +264,16 @@ class OnPolicyObjective(TeacherStudentObjective):
             prompt = present & (positions < first[:, None])
         if not bool(prompt.any(1).all()):
             raise ValueError(f"every row needs a prompt of at least one token ({where})")
-        width = int(prompt.sum(1).max())
-        return {"input_ids": ids[:, :width].masked_fill(~prompt[:, :width],
-                                                        self.on_policy.pad_token_id),
-                "attention_mask": prompt[:, :width].long()}
+        lengths = prompt.sum(1)
+        width = int(lengths.max())
+        out = {"input_ids": ids[:, :width].masked_fill(~prompt[:, :width],
+                                                       self.on_policy.pad_token_id)}
+        if mask is not None:
+            out["attention_mask"] = prompt[:, :width].long()
+        elif bool((lengths != width).any()):
+            raise ValueError(f"prompts of different lengths need an attention_mask in the batch "
+                             f"(the model must take one); {where} has none")
+        return out
 
     def _sample(self, prompts: dict[str, Any], encoder_decoder: bool) -> torch.Tensor:
         """The student's samples, drawn in eval mode from a seed of (seed, step, rank,
@@ -327,7 +336,9 @@ class OnPolicyObjective(TeacherStudentObjective):
             batch["labels"] = torch.full_like(tokens, ignore).masked_fill(generated,
                                                                           self.soft_index)
             return batch, tokens.masked_fill(~generated, ignore)
-        lengths = prompts["attention_mask"].sum(1)
+        prompt_mask = prompts.get("attention_mask")
+        lengths = prompt_mask.sum(1) if prompt_mask is not None else \
+            torch.full((rows,), prompts["input_ids"].shape[1], device=tokens.device)
         width = int((lengths + generated.sum(1)).max())
         ids = torch.full((rows, width), pad, dtype=tokens.dtype, device=tokens.device)
         ids[:, :prompts["input_ids"].shape[1]] = prompts["input_ids"]
@@ -342,7 +353,9 @@ class OnPolicyObjective(TeacherStudentObjective):
         mask = torch.arange(width, device=ids.device) < (lengths + generated.sum(1))[:, None]
         batch = {k: v for k, v in inputs.items() if not (isinstance(v, torch.Tensor)
                                                          and v.dim() >= 2)}
-        batch.update(input_ids=ids, attention_mask=mask.long(), labels=labels)
+        batch.update(input_ids=ids, labels=labels)
+        if prompt_mask is not None:  # else padding after an EOS is only ever ignored
+            batch["attention_mask"] = mask.long()
         # Row t predicts the token at t + 1, as the loss rows are shifted.
         return batch, torch.cat([truth[:, 1:], truth.new_full((rows, 1), ignore)], dim=1)
 

@@ -264,3 +264,40 @@ def test_hf_generate_matches_the_builtin_sampler_on_right_padded_prompts():
     distiller.fit([{"input_ids": prompts["input_ids"], "attention_mask": prompts["attention_mask"],
                     "labels": prompts["input_ids"]}])
     assert 1.0 <= steps.metrics[0]["generated_tokens"] <= 4.0
+
+
+class NoMaskLM(TinyLM):
+    """A language model whose forward takes the ids alone (an LSTM's, say)."""
+
+    def forward(self, input_ids):
+        return super().forward(input_ids)
+
+
+def test_models_without_attention_mask():
+    # Prompts of one length, no mask anywhere: rows padded after their EOS are ignored.
+    torch.manual_seed(7)
+    teacher, student = NoMaskLM(width=12, depth=3), NoMaskLM(width=6)
+    ids = torch.tensor([[3, 4, 5, 6], [7, 8, 9, 2]])
+    sampled = torch.tensor([[5, EOS, 7], [3, 4, 6]])
+    steps = Steps()
+    distiller = pykd.Distiller(
+        teacher, student, causal_lm=True, divergence="jsd",
+        on_policy=pykd.OnPolicy(lmbda=1.0, eos_token_id=EOS, prompt_tokens=2, max_new_tokens=3,
+                                sample=fixed_sampler(sampled)),
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.0), progress=False, callbacks=[steps])
+    distiller.fit([{"input_ids": ids, "labels": ids}])
+    total, count = 0.0, 0
+    for seq in ([3, 4, 5, EOS], [7, 8, 3, 4, 6]):
+        x = torch.tensor([seq])
+        t, s = teacher.double()(x)["logits"][0], student.double()(x)["logits"][0]
+        total += soft_term(s[1:len(seq) - 1], t[1:len(seq) - 1], "jsd", 1.0, 0.5).sum().item()
+        count += len(seq) - 2
+    assert steps.metrics[0]["loss"] == pytest.approx(total / count, rel=1e-4)
+    # The built-in sampler runs such a model too (every row grows, padding after its EOS).
+    teacher.float(), student.float()
+    builtin = pykd.Distiller(teacher, student, causal_lm=True, progress=False, log_every=1,
+                             on_policy=pykd.OnPolicy(lmbda=1.0, prompt_tokens=2,
+                                                     max_new_tokens=3, eos_token_id=EOS),
+                             callbacks=[steps])
+    builtin.fit([{"input_ids": ids, "labels": ids}])
+    assert 1.0 <= steps.metrics[-1]["generated_tokens"] <= 3.0

