@@ -151,6 +151,26 @@ class LSTMLanguageModel(nn.Module):
         hidden, _ = self.rnn(self.drop(self.embed(input_ids)))
         return self.lm_head(self.drop(hidden))
 
+    @torch.no_grad()
+    def sample(self, prompts: torch.Tensor, words: int, temperature: float = 1.0
+               ) -> torch.Tensor:
+        """``words`` sampled continuations of ``[B, P]`` prompts, ``[B, words]``: the LSTM's
+        state carries the prefix, one step per word (no rerun of the prefix)."""
+        hidden, state = self.rnn(self.drop(self.embed(prompts)))
+        out = []
+        for _ in range(words):
+            logits = self.lm_head(self.drop(hidden[:, -1])).float()
+            word = torch.multinomial(torch.softmax(logits / temperature, -1), 1)
+            out.append(word)
+            hidden, state = self.rnn(self.drop(self.embed(word)), state)
+        return torch.cat(out, dim=1)
+
+
+def lstm_sampler(student: LSTMLanguageModel, inputs: dict[str, torch.Tensor],
+                 settings: pykd.OnPolicy) -> torch.Tensor:
+    """``pykd.OnPolicy.sample`` for the LSTM students (pykd seeds it per micro-batch)."""
+    return student.sample(inputs["input_ids"], settings.max_new_tokens, settings.temperature)
+
 
 class Bfloat16Autocast(nn.Module):
     """``model`` run under CPU bfloat16 autocast: the teacher as the cache builder runs it, a few
@@ -260,17 +280,26 @@ def build_cache(folder: Path, teacher: nn.Module, train: Windows, spec: str,
 
 
 def train_student(student: LSTMLanguageModel, teacher: pykd.TeacherCache | nn.Module,
-                  train: Windows, alpha: float, args: argparse.Namespace, seed: int) -> float:
+                  train: Windows, alpha: float, args: argparse.Namespace, seed: int,
+                  lmbda: float = 0.0) -> float:
     """Train ``student`` with the Distiller from the cached or the live teacher; ``alpha=0``
-    is plain cross entropy through the very same loop. Returns the seconds it took."""
+    is plain cross entropy through the very same loop; ``lmbda > 0`` trains that share of the
+    steps on the student's own continuations of each window's first ``--prompt-words`` words
+    (GKD: the JSD with ``--beta``). Returns the seconds it took."""
     loader = DataLoader(train, batch_size=args.batch_size, shuffle=True)
     total_steps = args.epochs * len(loader)
     rest = "bucket"
     if isinstance(teacher, pykd.TeacherCache):
         loader = teacher.attach(loader)
         rest = args.rest if teacher.signal == "topk+rest" else "bucket"
+    on_policy = None
+    if lmbda > 0:
+        on_policy = pykd.OnPolicy(lmbda=lmbda, max_new_tokens=args.bptt - args.prompt_words,
+                                  prompt_tokens=args.prompt_words, sample=lstm_sampler,
+                                  seed=seed)
     distiller = pykd.Distiller(
         teacher, student, causal_lm=True, temperature=args.temperature, alpha=alpha, rest=rest,
+        on_policy=on_policy, divergence="kl" if on_policy is None else "jsd", beta=args.beta,
         optimizer=lambda params: make_optimizer(params, args.lr),
         scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, linear_decay(total_steps)),
         max_grad_norm=args.max_grad_norm, precision="bf16" if args.bf16 else "fp32",
@@ -300,6 +329,24 @@ def perplexity(model: nn.Module, data: Windows, args: argparse.Namespace) -> flo
         count += int((labels != IGNORE).sum())
     model.train(was_training)
     return math.exp(total / count)
+
+
+@torch.no_grad()
+def teacher_nll_of_samples(model: LSTMLanguageModel, teacher: nn.Module, data: Windows,
+                           args: argparse.Namespace) -> float:
+    """The teacher's negative log-likelihood per word of ``model``'s continuations (T=1) of the
+    first ``--prompt-words`` words of the first ``--sample-windows`` windows of ``data``: how
+    plausible the teacher finds what the model writes (lower is better), seeded."""
+    was_training = model.training
+    model.eval()
+    prompts = data.inputs[:args.sample_windows, :args.prompt_words]
+    with torch.random.fork_rng():
+        torch.manual_seed(args.seed)
+        words = model.sample(prompts, args.bptt - args.prompt_words)
+    model.train(was_training)
+    sequence = torch.cat([prompts, words], dim=1)
+    logits = teacher(sequence)[:, args.prompt_words - 1:-1].float()
+    return nn.functional.cross_entropy(logits.flatten(0, 1), words.flatten()).item()
 
 
 @torch.no_grad()
@@ -366,6 +413,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="train every student once per seed (default: --seed)")
     parser.add_argument("--speed-windows", type=int, default=40,
                         help="test windows timed for the speed columns")
+    parser.add_argument("--on-policy", type=float, nargs="*", default=[], metavar="LMBDA",
+                        help="one more student per value, that share of its steps on its own "
+                        "continuations (GKD; 1: all)")
+    parser.add_argument("--prompt-words", type=int, default=10,
+                        help="words of each window the on-policy students continue")
+    parser.add_argument("--beta", type=float, default=0.5,
+                        help="the on-policy students' generalised JSD (0.5: symmetric)")
+    parser.add_argument("--sample-windows", type=int, default=256,
+                        help="test windows continued by every model for the teacher's NLL")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-bf16", dest="bf16", action="store_false",
                         help="train in float32 instead of under bfloat16 autocast (the "
@@ -374,7 +430,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     positive = ("epochs", "teacher_epochs", "bptt", "batch_size", "eval_batch_size",
                 "teacher_width", "teacher_layers", "student_width", "student_layers",
-                "speed_windows", "threads")
+                "speed_windows", "threads", "sample_windows")
     for name in positive:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -389,6 +445,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             parser.error(str(error))
     if len(set(args.caches)) != len(args.caches):
         parser.error("--caches lists a cache twice")
+    if not 1 <= args.prompt_words < args.bptt:
+        parser.error("--prompt-words must be in [1, --bptt)")
+    if any(not 0.0 < lmbda <= 1.0 for lmbda in args.on_policy):
+        parser.error("--on-policy takes shares in (0, 1]")
     if args.student_seeds is None:
         args.student_seeds = [args.seed]
     if args.limit_tokens is not None and args.limit_tokens < 2 * (args.bptt + 1):
@@ -411,7 +471,7 @@ def print_table(rows: dict[str, dict[str, Any]], seeds: int) -> None:
     spread = f" (mean ± std of {seeds} seeds)" if seeds > 1 else ""
     print(f"test perplexity{spread}")
     header = (f"{'model':<18} {'params':>10} {'valid ppl':>10} {'test ppl':>16} "
-              f"{'bytes/pos':>9} {'build s':>7} {'s/epoch':>7}")
+              f"{'t-NLL':>6} {'bytes/pos':>9} {'build s':>7} {'s/epoch':>7}")
     print(header)
     print("-" * len(header))
     for name, r in rows.items():
@@ -420,8 +480,8 @@ def print_table(rows: dict[str, dict[str, Any]], seeds: int) -> None:
             test += f" ± {r['test_ppl_std']:.1f}"
         cache = (f"{r['bytes_per_position']:>9.0f} {r['build_s']:>7.0f}"
                  if "bytes_per_position" in r else f"{'':>9} {'':>7}")
-        print(f"{name:<18} {r['params']:>10,} {r['valid_ppl']:>10.1f} {test:>16} {cache} "
-              f"{r['s_per_epoch']:>7.0f}")
+        print(f"{name:<18} {r['params']:>10,} {r['valid_ppl']:>10.1f} {test:>16} "
+              f"{r['teacher_nll']:>6.2f} {cache} {r['s_per_epoch']:>7.0f}")
 
 
 def cache_stats(cache: pykd.TeacherCache, positions: int, build_s: float) -> dict[str, float]:
@@ -482,24 +542,30 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
               f"{cache_info[spec]['build_s']:.0f} s", flush=True)
 
     # Per seed, students from the same initial weights; only what they learn from differs.
-    variants: dict[str, tuple[pykd.TeacherCache | nn.Module, float]] = {"student": (teacher, 0.0)}
+    # name -> (teacher, alpha, share of on-policy steps)
+    variants: dict[str, tuple[pykd.TeacherCache | nn.Module, float, float]] = {
+        "student": (teacher, 0.0, 0.0)}
     if args.live:
-        variants["distilled"] = (live_teacher, args.alpha)
-    variants.update({f"distilled {spec}{rest_note(cache, args.rest)}": (cache, args.alpha)
+        variants["distilled"] = (live_teacher, args.alpha, 0.0)
+    variants.update({f"distilled {spec}{rest_note(cache, args.rest)}": (cache, args.alpha, 0.0)
                      for spec, cache in caches.items()})
+    variants.update({f"on-policy {lmbda:g}": (live_teacher, args.alpha, lmbda)
+                     for lmbda in args.on_policy})
     per_seed: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
     last: dict[str, nn.Module] = {}
     for seed in args.student_seeds:
         torch.manual_seed(seed + 1)
         initial = LSTMLanguageModel(len(vocab), args.student_width, args.student_layers,
                                     args.student_dropout)
-        for name, (source, alpha) in variants.items():
+        for name, (source, alpha, lmbda) in variants.items():
             print(f"seed {seed}: training the {name} (alpha={alpha})", flush=True)
             model = copy.deepcopy(initial)
-            seconds = train_student(model, source, data["train"], alpha, args, seed)
+            seconds = train_student(model, source, data["train"], alpha, args, seed, lmbda)
             per_seed[name].append({"seed": seed, "train_s": seconds,
                                    "valid_ppl": perplexity(model, data["valid"], args),
-                                   "test_ppl": perplexity(model, data["test"], args)})
+                                   "test_ppl": perplexity(model, data["test"], args),
+                                   "teacher_nll": teacher_nll_of_samples(
+                                       model, teacher, data["test"], args)})
             print(f"{name}: {seconds:.0f} s, test ppl {per_seed[name][-1]['test_ppl']:.1f}",
                   flush=True)
             last[name] = model
@@ -510,6 +576,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "teacher": {"params": count_parameters(teacher),
                     "valid_ppl": perplexity(teacher, data["valid"], args),
                     "test_ppl": perplexity(teacher, data["test"], args),
+                    "teacher_nll": teacher_nll_of_samples(teacher, teacher, data["test"], args),
                     **scoring_speed(teacher, data["test"], args.speed_windows,
                                     args.eval_batch_size),
                     "train_s": teacher_s, "s_per_epoch": teacher_s / args.teacher_epochs}}
@@ -518,6 +585,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         rows[name] = {"params": count_parameters(last[name]),
                       "valid_ppl": mean_std([r["valid_ppl"] for r in runs])["mean"],
                       "test_ppl": test["mean"], "test_ppl_std": test["std"],
+                      "teacher_nll": mean_std([r["teacher_nll"] for r in runs])["mean"],
                       "train_s": mean_std([r["train_s"] for r in runs])["mean"],
                       "runs": runs}
         rows[name]["s_per_epoch"] = rows[name]["train_s"] / args.epochs

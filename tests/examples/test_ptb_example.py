@@ -74,10 +74,14 @@ def test_tiny_run_writes_results(load_example, tmp_path):
     # it, and distils from the live teacher only.
     teacher_files = list(tmp_path.glob("teacher-*.pt"))
     assert len(teacher_files) == 1
-    again = ex.main(args)
+    # It also trains an on-policy student (every step on its own continuations).
+    again = ex.main([*args, "--on-policy", "1", "--prompt-words", "5"])
     assert again["models"]["teacher"]["train_s"] == 0.0
     assert again["caches"] == {}
     assert math.isfinite(again["models"]["distilled"]["test_ppl"])
+    for name in ("teacher", "student", "distilled", "on-policy 1"):
+        assert math.isfinite(again["models"][name]["test_ppl"])
+        assert 0.0 < again["models"][name]["teacher_nll"] < 20.0
     assert again["models"]["teacher"]["test_ppl"] == pytest.approx(
         saved["models"]["teacher"]["test_ppl"])
 
