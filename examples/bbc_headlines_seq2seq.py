@@ -241,12 +241,17 @@ class Seq2Seq(nn.Module):
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def memory(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               article: torch.Tensor | None) -> torch.Tensor:
+        """The encoder's states in training (a frozen encoder's may be looked up by article)."""
+        return self.encode(input_ids, attention_mask)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 decoder_input_ids: torch.Tensor, article: torch.Tensor | None = None
                 ) -> torch.Tensor:
-        # ``article`` is in every batch for the teacher (BankTeacher); the student has no use
-        # for it, but the Distiller calls both models with the same keywords.
-        memory = self.encode(input_ids, attention_mask)
+        # ``article`` is in every batch for the teacher (BankTeacher); the Distiller calls both
+        # models with the same keywords.
+        memory = self.memory(input_ids, attention_mask, article)
         return self.decoder(decoder_input_ids, memory, attention_mask)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_tokens: int,
@@ -257,10 +262,10 @@ class Seq2Seq(nn.Module):
 
     @torch.no_grad()
     def sample(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_tokens: int,
-               temperature: float) -> torch.Tensor:
+               temperature: float, article: torch.Tensor | None = None) -> torch.Tensor:
         """Sampled headlines for on-policy distillation: ``[B, L]`` ids after BOS, PAD after
         each row's EOS. The encoder runs once (pykd's own sampler would rerun it per token)."""
-        memory = self.encode(input_ids, attention_mask)
+        memory = self.memory(input_ids, attention_mask, article)
         ids = torch.full((len(input_ids), 1), BOS, dtype=torch.long, device=input_ids.device)
         done = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
         for _ in range(max_tokens + 1):  # + 1: room for the EOS after max_tokens tokens
@@ -279,7 +284,8 @@ def student_sampler(student: Seq2Seq, inputs: dict[str, torch.Tensor],
                     settings: pykd.OnPolicy) -> torch.Tensor:
     """``pykd.OnPolicy.sample`` for the students (see :meth:`Seq2Seq.sample`)."""
     return student.sample(inputs["input_ids"], inputs["attention_mask"],
-                          settings.max_new_tokens - 1, settings.temperature)
+                          settings.max_new_tokens - 1, settings.temperature,
+                          inputs.get("article"))
 
 
 class StudentSeq2Seq(Seq2Seq):
@@ -317,10 +323,32 @@ class CutStudent(Seq2Seq):
         super().__init__()
         self.encoder, self.decoder = encoder, decoder
         self.register_buffer("id_map", id_map, persistent=False)
+        self.bank: torch.Tensor | None = None  # a frozen encoder's states, see freeze_encoder
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         states = self.encoder(input_ids=self.id_map[input_ids], attention_mask=attention_mask)
         return states.last_hidden_state
+
+    def freeze_encoder(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       batch_size: int, progress: bool) -> None:
+        """Train the decoder only: the encoder's states of every article (rows of
+        ``input_ids``, indexed by the batches' ``article``) are computed once, as the teacher's
+        are; decoding still runs the encoder."""
+        self.encoder.requires_grad_(False).eval()
+        self.bank = encode_articles(self.encoder, self.id_map[input_ids], attention_mask,
+                                    batch_size, progress)
+
+    def train(self, mode: bool = True) -> CutStudent:
+        super().train(mode)
+        if self.bank is not None:
+            self.encoder.eval()  # frozen: no dropout either
+        return self
+
+    def memory(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               article: torch.Tensor | None) -> torch.Tensor:
+        if self.bank is None or article is None:
+            return self.encode(input_ids, attention_mask)
+        return self.bank[article, : attention_mask.shape[1]].to(self.decoder.lm_head.weight)
 
 
 def cut_student(encoder: nn.Module, teacher_decoder: HeadlineDecoder, *, encoder_layers:
@@ -545,6 +573,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="MiniLM layers the cut student keeps (comma-separated)")
     p.add_argument("--student-decoder-layers", type=int, default=1,
                    help="teacher decoder layers the cut student keeps")
+    p.add_argument("--tune-encoder", action="store_true",
+                   help="fine-tune the cut student's encoder layers too (about 4x the training "
+                   "time); by default they stay frozen, as the teacher's encoder does")
     p.add_argument("--student-width", type=int, default=128, help="the small student's width")
     p.add_argument("--student-layers", type=int, default=2, help="the small student's layers")
     p.add_argument("--lr", type=float, default=None,
@@ -734,6 +765,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             encoder, decoder, encoder_layers=args.student_encoder_layers,
             decoder_layers=args.student_decoder_layers, used=used,
             unk_id=tokenizer.unk_token_id, dropout=args.dropout)
+        if not args.tune_encoder:
+            template.freeze_encoder(source["input_ids"], source["attention_mask"],
+                                    args.batch_size, progress)
     else:
         template = StudentSeq2Seq(tokenizer.vocab_size, len(vocab), args.student_width,
                                   args.student_layers, args.max_source_tokens, max_len,
