@@ -219,21 +219,25 @@ class OnPolicyObjective(TeacherStudentObjective):
         return {**super().schedule_metrics(hyper), "on_policy": float(self._coin)}
 
     def prepare(self, raw: Any, where: str) -> Prepared:
-        if not (self._coin and self.module.training):  # evaluation scores the dataset
+        if not self.module.training:  # evaluation scores the dataset
             return super().prepare(raw, where)
-        self._micro += 1
+        # Checked on every training batch, so that a batch unfit for sampling fails at the
+        # first step rather than at the first on-policy one.
         if isinstance(raw, IndexedBatch) or not isinstance(raw, Mapping):
             raise ValueError(f"on-policy steps need dict batches (input_ids, ...); {where} is "
                              f"a {type(raw).__name__}")
+        if "decoder_input_ids" not in raw and not self.causal_lm:
+            raise ValueError(f"on-policy steps need causal_lm=True or encoder-decoder batches "
+                             f"(with decoder_input_ids); {where} has neither")
+        if not self._coin:
+            return super().prepare(raw, where)
+        self._micro += 1
         inputs, labels, weight = split_batch(raw)
         inputs = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v)
                   for k, v in inputs.items()}
         if labels is not None:
             labels = labels.to(self.device)
         encoder_decoder = "decoder_input_ids" in inputs
-        if not encoder_decoder and not self.causal_lm:
-            raise ValueError(f"on-policy steps need causal_lm=True or encoder-decoder batches "
-                             f"(with decoder_input_ids); {where} has neither")
         prompts = inputs if encoder_decoder else self._prompts(inputs, labels, where)
         tokens = self._sample(prompts, encoder_decoder)
         batch, target = self._sampled_batch(inputs, prompts, tokens, encoder_decoder)

@@ -220,8 +220,10 @@ def test_errors():
     on = pykd.OnPolicy(lmbda=1.0, max_new_tokens=2)
     with pytest.raises(ValueError, match="causal_lm=True or encoder-decoder"):
         pykd.Distiller(teacher, student, on_policy=on, progress=False).fit(batches(1))
+    # Refused at the first step even when it is not an on-policy one (lmbda = 0).
+    never = pykd.OnPolicy(lmbda=0.0)
     with pytest.raises(ValueError, match="dict batches"):
-        pykd.Distiller(teacher, student, on_policy=on, causal_lm=True, progress=False).fit(
+        pykd.Distiller(teacher, student, on_policy=never, causal_lm=True, progress=False).fit(
             [torch.randint(0, VOCAB, (2, 4))])
     no_prompt = {**batches(1)[0]}
     no_prompt.pop("labels")
