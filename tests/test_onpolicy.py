@@ -303,3 +303,34 @@ def test_models_without_attention_mask():
                              callbacks=[steps])
     builtin.fit([{"input_ids": ids, "labels": ids}])
     assert 1.0 <= steps.metrics[-1]["generated_tokens"] <= 3.0
+
+
+class HeadLM(nn.Module):
+    """A causal LM with an ``lm_head`` for the fused head."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.embed, self.lm_head = nn.Embedding(VOCAB, width), nn.Linear(width, VOCAB)
+
+    def forward(self, input_ids, attention_mask=None):
+        return {"logits": self.lm_head(torch.tanh(self.embed(input_ids)))}
+
+
+def test_fused_lm_head_gives_the_same_steps():
+    # Sampling reads the student's own logits; the loss and the teacher's NLL the fused head's.
+    def run(fused: bool) -> tuple[nn.Module, dict[str, float]]:
+        torch.manual_seed(8)
+        teacher, student = HeadLM(16), HeadLM(8)
+        steps = Steps()
+        ids = torch.randint(3, VOCAB, (4, 8), generator=torch.Generator().manual_seed(0))
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+        pykd.Distiller(teacher, student, causal_lm=True, fused_lm_head=fused, divergence="jsd",
+                       on_policy=pykd.OnPolicy(lmbda=1.0, prompt_tokens=3, max_new_tokens=4,
+                                               eos_token_id=EOS),
+                       log_every=1, progress=False, callbacks=[steps], lr=0.1).fit([batch] * 2)
+        return student, steps.metrics[-1]
+
+    (plain, m_plain), (fused, m_fused) = run(False), run(True)
+    same_weights(plain, fused, rtol=1e-5, atol=1e-6)
+    for key in ("loss", "teacher_nll", "generated_tokens", "kl"):
+        assert m_fused[key] == pytest.approx(m_plain[key], rel=1e-5), key
