@@ -566,7 +566,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                    "test_ppl": perplexity(model, data["test"], args),
                                    "teacher_nll": teacher_nll_of_samples(
                                        model, teacher, data["test"], args)})
-            print(f"{name}: {seconds:.0f} s, test ppl {per_seed[name][-1]['test_ppl']:.1f}",
+            print(f"{name}: {seconds:.0f} s, test ppl {per_seed[name][-1]['test_ppl']:.1f}, "
+                  f"teacher NLL of its samples {per_seed[name][-1]['teacher_nll']:.3f}",
                   flush=True)
             last[name] = model
     for cache in caches.values():
