@@ -16,9 +16,10 @@ data order and epochs in several ways (``--variants``), all through ``pykd.Disti
 - ``seq_kd``: sequence-level KD: the teacher decodes every training article once (greedy) and
   the student is trained on those outputs as targets (``alpha=0``);
 - ``seq_word_kd`` (not run by default): both, word-level KD on the teacher's own outputs;
-- ``on_policy_0.5`` and ``on_policy_1`` (not run by default): GKD (Agarwal et al. 2024) through
-  ``pykd.OnPolicy``: on that share of the steps the student samples headlines itself and matches
-  the teacher's distributions on them (generalised JSD, ``--beta``); word-level KD otherwise.
+- ``on_policy_0.5``, ``on_policy_1`` and ``on_policy_ramp`` (not run by default): GKD (Agarwal
+  et al. 2024) through ``pykd.OnPolicy``: on that share of the steps (``ramp``: growing from 0 to
+  1 over the run) the student samples headlines itself and matches the teacher's distributions
+  on them (generalised JSD, ``--beta``); word-level KD otherwise.
 
 Every model decodes the test articles greedily (a WordPiece at most once per headline; see
 ``--allow-repeats``), scored with sacrebleu (corpus BLEU and chrF, lowercased: the MiniLM
@@ -620,10 +621,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-# name -> (trained on the teacher's outputs?, word-level KD?, share of on-policy steps)
+# name -> (trained on the teacher's outputs?, word-level KD?, share of on-policy steps; "ramp":
+# from 0 at the first step to 1 at the last, so that the student samples once it has learnt)
 VARIANTS = {"no_kd": (False, False, 0.0), "word_kd": (False, True, 0.0),
             "seq_kd": (True, False, 0.0), "seq_word_kd": (True, True, 0.0),
-            "on_policy_0.5": (False, True, 0.5), "on_policy_1": (False, True, 1.0)}
+            "on_policy_0.5": (False, True, 0.5), "on_policy_1": (False, True, 1.0),
+            "on_policy_ramp": (False, True, "ramp")}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -793,7 +796,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         student = template
         student.load_state_dict(init)
         on_policy = None
-        if lmbda > 0:  # GKD: JSD(beta) on the student's samples, word-level KD otherwise
+        if lmbda:  # GKD: JSD(beta) on the student's samples, word-level KD otherwise
+            if lmbda == "ramp":  # from the references to the student's samples, linearly
+                steps = args.epochs * math.ceil(len(train_data) / args.batch_size)
+                lmbda = pykd.schedules.Linear(0.0, 1.0, steps=steps)
             on_policy = pykd.OnPolicy(lmbda=lmbda, max_new_tokens=max_len,
                                       temperature=args.sample_temperature, eos_token_id=EOS,
                                       pad_token_id=PAD, sample=student_sampler, seed=args.seed)

@@ -27,8 +27,9 @@ from torch import nn
 
 from pykd._batches import IndexedBatch, call_model, logits_and_hidden, routed_inputs, split_batch
 from pykd.cache import TeacherCache
-from pykd.objective import logit_loss
+from pykd.objective import check_alpha, check_alpha_schedule, logit_loss
 from pykd.rows import Prepared
+from pykd.schedules import ScheduleLike, as_schedule
 from pykd.teacher_student import TeacherStudentObjective
 
 __all__ = ["OnPolicy", "OnPolicyObjective", "hf_generate", "sample_continuations"]
@@ -44,6 +45,8 @@ class OnPolicy:
     Attributes:
         lmbda: the share of training steps on student samples (GKD's lambda; TRL's ``lmbda``):
             each step is on-policy with this probability, drawn from ``(seed, step)``; 1: all.
+            A schedule of the global step works too (``pykd.schedules.Linear(0.0, 1.0,
+            steps=...)`` moves from the dataset's sequences to the student's own as it learns).
         max_new_tokens: the most tokens sampled per sequence (an ``eos_token_id`` ends a row
             sooner).
         temperature: the sampling temperature; 0 samples greedily (the argmax).
@@ -65,7 +68,7 @@ class OnPolicy:
         seed: the seed of the coins and the samples.
     """
 
-    lmbda: float = 0.5
+    lmbda: ScheduleLike = 0.5
     max_new_tokens: int = 32
     temperature: float = 1.0
     eos_token_id: int | None = None
@@ -75,8 +78,7 @@ class OnPolicy:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.lmbda <= 1.0:
-            raise ValueError(f"OnPolicy.lmbda must be in [0, 1], got {self.lmbda!r}")
+        check_alpha_schedule(as_schedule(self.lmbda), "OnPolicy.lmbda")  # in [0, 1] as well
         if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
             raise ValueError(f"OnPolicy.max_new_tokens must be an int >= 1, got "
                              f"{self.max_new_tokens!r}")
@@ -87,10 +89,17 @@ class OnPolicy:
             raise ValueError(f"OnPolicy.prompt_tokens must be an int >= 1 or None, got "
                              f"{self.prompt_tokens!r}")
 
+    def share(self, step: int) -> float:
+        """``lmbda`` at the global step ``step`` (a schedule can only be checked as it runs)."""
+        value = as_schedule(self.lmbda)(step)
+        check_alpha(value, "OnPolicy.lmbda", f" from its schedule at step {step}")
+        return value
+
     def coin(self, step: int) -> bool:
         """Whether the global step ``step`` trains on student samples (the same on every
         process)."""
-        return self.lmbda >= 1.0 or random.Random(f"{self.seed}:{step}").random() < self.lmbda
+        share = self.share(step)
+        return share >= 1.0 or random.Random(f"{self.seed}:{step}").random() < share
 
 
 def _pick(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -208,15 +217,17 @@ class OnPolicyObjective(TeacherStudentObjective):
         self.on_policy = settings
         if self.soft_index is None:  # the sampled rows have no label: the soft term alone
             self.soft_index = -1 if self.ignore_index != -1 else -2
-        self._coin, self._step, self._micro = False, 0, 0
+        self._coin, self._step, self._micro, self._share = False, 0, 0, 0.0
 
     def hyperparameters(self, step: int) -> tuple[float, Any]:
         # Called once per step before the step's prepare calls: the step's coin is kept here.
         self._coin, self._step, self._micro = self.on_policy.coin(step), step, 0
+        self._share = self.on_policy.share(step)
         return super().hyperparameters(step)
 
     def schedule_metrics(self, hyper: tuple[float, Any]) -> dict[str, float]:
-        return {**super().schedule_metrics(hyper), "on_policy": float(self._coin)}
+        return {**super().schedule_metrics(hyper), "on_policy": float(self._coin),
+                "lmbda": self._share}
 
     def prepare(self, raw: Any, where: str) -> Prepared:
         if not self.module.training:  # evaluation scores the dataset

@@ -334,3 +334,23 @@ def test_fused_lm_head_gives_the_same_steps():
     same_weights(plain, fused, rtol=1e-5, atol=1e-6)
     for key in ("loss", "teacher_nll", "generated_tokens", "kl"):
         assert m_fused[key] == pytest.approx(m_plain[key], rel=1e-5), key
+
+
+def test_lmbda_schedule():
+    # From the dataset's sequences to the student's own: lmbda 0 at the first step, 1 at the
+    # last; a schedule known to leave [0, 1] is refused up front, any other as it runs.
+    from pykd.schedules import Linear
+
+    steps = Steps()
+    teacher, student = TinyLM(width=12), TinyLM(width=6)
+    pykd.Distiller(teacher, student, causal_lm=True, progress=False, callbacks=[steps],
+                   on_policy=pykd.OnPolicy(lmbda=Linear(0.0, 1.0, steps=5), prompt_tokens=2,
+                                           max_new_tokens=2)).fit(batches(6))
+    assert [m["lmbda"] for m in steps.metrics] == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    assert steps.metrics[0]["on_policy"] == 0.0 and steps.metrics[-1]["on_policy"] == 1.0
+    with pytest.raises(ValueError, match="lmbda"):
+        pykd.OnPolicy(lmbda=Linear(0.0, 2.0, steps=5))
+    wild = pykd.Distiller(teacher, student, causal_lm=True, progress=False,
+                          on_policy=pykd.OnPolicy(lmbda=lambda step: 2.0, prompt_tokens=2))
+    with pytest.raises(ValueError, match="from its schedule at step 0"):
+        wild.fit(batches(1))

@@ -116,9 +116,9 @@ def test_cut_student_and_on_policy_variants(example, tmp_path):
     args = ["--limit", "40", "--epochs", "1", "--teacher-epochs", "1", "--teacher-layers", "2",
             "--student-encoder-layers", "0", "--max-source-tokens", "32", "--batch-size", "16",
             "--latency-articles", "2", "--output", str(tmp_path), "--no-progress", "--threads",
-            "1", "--variants", "no_kd,on_policy_0.5,on_policy_1"]
+            "1", "--variants", "no_kd,on_policy_0.5,on_policy_1,on_policy_ramp"]
     models = example.main(args)["models"]
-    assert set(models) == {"teacher", "no_kd", "on_policy_0.5", "on_policy_1"}
+    assert set(models) == {"teacher", "no_kd", "on_policy_0.5", "on_policy_1", "on_policy_ramp"}
     students = [m for name, m in models.items() if name != "teacher"]
     assert len({m["params"] for m in students}) == 1
     assert students[0]["params"] < models["teacher"]["params"] / 2
