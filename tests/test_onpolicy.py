@@ -3,14 +3,18 @@ reference, accumulation invariance over uneven lengths, exact resume, metrics an
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
+from distiller_models import VOCAB, Kill, Killed, TinyLM, batches, same_weights
+from reference import soft_term
 from torch import nn
+from torchrun import run_two_processes
 
 import pykd
 from pykd.onpolicy import OnPolicyObjective, sample_continuations
-from tests.distiller_models import VOCAB, Kill, Killed, TinyLM, batches, same_weights
-from tests.reference import soft_term
 
 EOS, PAD = 1, 0
 
@@ -389,3 +393,16 @@ def test_training_on_own_samples_alone_converges_to_the_teacher():
                    on_policy=pykd.OnPolicy(lmbda=1.0, prompt_tokens=2, max_new_tokens=6)
                    ).fit([{"input_ids": ids, "labels": ids}] * 100)
     assert kl_on_teacher_samples() < 0.2 * before
+
+
+def test_two_processes_equal_one_on_the_same_global_batch(tmp_path):
+    import onpolicy_ddp_worker
+
+    out = tmp_path / "ddp.pt"
+    run_two_processes(str(Path(onpolicy_ddp_worker.__file__)), str(out), "4",
+                      cwd=tempfile.gettempdir(), timeout=180)
+    two = torch.load(out, weights_only=True)
+    assert two["world_size"] == 2
+    one = onpolicy_ddp_worker.train(batch_size=8)
+    for key, value in one.student.state_dict().items():
+        torch.testing.assert_close(two["student"][key], value, rtol=1e-5, atol=1e-6, msg=key)
