@@ -81,6 +81,11 @@ class Distiller(TrainingLoop):
             (on the row's label where the label is off the k; the bucket elsewhere and in
             batches without labels). See :func:`pykd.functional.distillation_loss_topk`.
         causal_lm: compare the logits at position ``t`` with the label at ``t + 1``.
+        on_policy: a :class:`pykd.OnPolicy`: on a share ``lmbda`` of the steps the student
+            samples continuations of the batch's prompts (causal LMs) or sources
+            (encoder-decoders) and learns the teacher's distributions on them (GKD; use
+            ``divergence="jsd"`` and ``beta``). Needs a live teacher and dict batches; see
+            :mod:`pykd.onpolicy` and the guide.
         sample_weighting: adaptive per-row weights from the teacher: ``"confidence"``,
             ``"entropy"``, ``"correctness"`` or ``fn(teacher_logits, labels) -> weights``
             (see :func:`pykd.teachers.adaptive_weights`).
