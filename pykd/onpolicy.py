@@ -30,7 +30,7 @@ from pykd.cache import TeacherCache
 from pykd.objective import check_alpha, check_alpha_schedule, logit_loss
 from pykd.rows import Prepared
 from pykd.schedules import ScheduleLike, as_schedule
-from pykd.teacher_student import TeacherStudentObjective
+from pykd.teacher_student import TeacherStudentObjective, outside_training
 
 __all__ = ["OnPolicy", "OnPolicyObjective", "hf_generate", "sample_continuations"]
 
@@ -301,21 +301,14 @@ class OnPolicyObjective(TeacherStudentObjective):
             student_inputs = {k: v for k, v in student_inputs.items()
                               if k != "decoder_attention_mask"}
             student_inputs["decoder_input_ids"] = student_inputs["decoder_input_ids"][:, :1]
-        modes = [(module, module.training) for module in self.student.modules()]
-        devices = [self.device] if self.device.type == "cuda" else []
-        self.student.eval()
-        try:
-            with torch.no_grad(), torch.random.fork_rng(devices=devices):
-                torch.manual_seed(seed)
-                if self.on_policy.sample is not None:
-                    tokens = self.on_policy.sample(self.student, dict(student_inputs),
-                                                   self.on_policy)
-                else:
-                    tokens = sample_continuations(self._next_logits, dict(student_inputs),
-                                                  self.on_policy, encoder_decoder=encoder_decoder)
-        finally:
-            for module, training in modes:
-                module.training = training
+        with outside_training(self.student, self.device):
+            torch.manual_seed(seed)
+            if self.on_policy.sample is not None:
+                tokens = self.on_policy.sample(self.student, dict(student_inputs),
+                                               self.on_policy)
+            else:
+                tokens = sample_continuations(self._next_logits, dict(student_inputs),
+                                              self.on_policy, encoder_decoder=encoder_decoder)
         rows = student_inputs["decoder_input_ids" if encoder_decoder else "input_ids"].shape[0]
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 \
                 or tokens.shape[0] != rows or tokens.is_floating_point():
@@ -357,14 +350,14 @@ class OnPolicyObjective(TeacherStudentObjective):
         width = int((lengths + generated.sum(1)).max())
         ids = torch.full((rows, width), pad, dtype=tokens.dtype, device=tokens.device)
         ids[:, :prompts["input_ids"].shape[1]] = prompts["input_ids"]
-        where = lengths[:, None] + torch.arange(steps, device=tokens.device)
-        keep = generated & (where < width)
-        row_ids = torch.arange(rows, device=tokens.device)[:, None].expand_as(where)
-        ids[row_ids[keep], where[keep]] = tokens[keep]
+        slots = lengths[:, None] + torch.arange(steps, device=tokens.device)
+        keep = generated & (slots < width)
+        row_ids = torch.arange(rows, device=tokens.device)[:, None].expand_as(slots)
+        ids[row_ids[keep], slots[keep]] = tokens[keep]
         labels = torch.full_like(ids, ignore)
-        labels[row_ids[keep], where[keep]] = self.soft_index
+        labels[row_ids[keep], slots[keep]] = self.soft_index
         truth = torch.full_like(ids, ignore)
-        truth[row_ids[keep], where[keep]] = tokens[keep]
+        truth[row_ids[keep], slots[keep]] = tokens[keep]
         mask = torch.arange(width, device=ids.device) < (lengths + generated.sum(1))[:, None]
         batch = {k: v for k, v in inputs.items() if not (isinstance(v, torch.Tensor)
                                                          and v.dim() >= 2)}

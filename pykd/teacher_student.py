@@ -8,11 +8,12 @@ used without another pass.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import math
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -106,6 +107,21 @@ def _run(model: nn.Module, inputs: Any, extra: Mapping[str, Any], head: nn.Linea
     with HeadCapture(head, who) as capture:
         logits, hidden = logits_and_hidden(call_model(model, inputs, extra))
     return capture.hidden(logits), hidden
+
+
+@contextlib.contextmanager
+def outside_training(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """Run ``model`` in eval mode, without gradients and outside the RNG streams (what it draws
+    changes no later random number), restoring each submodule's mode after."""
+    modes = [(module, module.training) for module in model.modules()]
+    devices = [device] if device.type == "cuda" else []
+    model.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 @dataclasses.dataclass
@@ -313,16 +329,9 @@ class TeacherStudentObjective(LogitObjective):
         The student runs in eval mode, without gradients and outside the RNG streams, so that
         probing (once per run) changes neither its state (batch-norm statistics) nor the
         dropout masks of this run or of a resumed one."""
-        modes = [(module, module.training) for module in self.student.modules()]
-        devices = [self.device] if self.device.type == "cuda" else []
-        self.student.eval()
-        try:
-            with torch.no_grad(), torch.random.fork_rng(devices=devices):
-                logits, _ = _run(self.student, routed_inputs(inputs, self.inputs, "student"),
-                                 self.module.extra, self._student_head, "student")
-        finally:
-            for module, training in modes:
-                module.training = training
+        with outside_training(self.student, self.device):
+            logits, _ = _run(self.student, routed_inputs(inputs, self.inputs, "student"),
+                             self.module.extra, self._student_head, "student")
         return self.layout_of(logits)
 
     def _run_teacher(self, k: int, inputs: Any) -> Outputs:
