@@ -406,3 +406,37 @@ def test_two_processes_equal_one_on_the_same_global_batch(tmp_path):
     one = onpolicy_ddp_worker.train(batch_size=8)
     for key, value in one.student.state_dict().items():
         torch.testing.assert_close(two["student"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_hf_generate_for_encoder_decoders():
+    # An encoder-decoder's generate starts from the decoder's start column, which is cut off.
+    transformers = pytest.importorskip("transformers")
+    from pykd.onpolicy import hf_generate
+
+    torch.manual_seed(2)
+    config = transformers.BartConfig(
+        vocab_size=20, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+        max_position_embeddings=32, pad_token_id=0, bos_token_id=2, eos_token_id=EOS,
+        decoder_start_token_id=2, forced_eos_token_id=None)
+    student = transformers.BartForConditionalGeneration(config).eval()
+    teacher = transformers.BartForConditionalGeneration(config)
+    src = torch.randint(3, 20, (3, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(src)
+    mask[1, 4:] = 0
+    inputs = {"input_ids": src, "attention_mask": mask,
+              "decoder_input_ids": torch.full((3, 1), 2)}
+    settings = pykd.OnPolicy(temperature=0.0, max_new_tokens=5, eos_token_id=EOS)
+    ours = sample_continuations(lambda i: student(**i).logits, inputs, settings,
+                                encoder_decoder=True)
+    theirs = hf_generate(student, inputs, settings)
+    assert theirs.tolist() == ours[:, :theirs.shape[1]].tolist()
+    labels = torch.randint(3, 20, (3, 4))
+    batch = {**inputs, "decoder_input_ids": torch.cat([inputs["decoder_input_ids"],
+                                                       labels[:, :-1]], 1), "labels": labels}
+    steps = Steps()
+    pykd.Distiller(teacher, student, divergence="jsd", progress=False, log_every=1,
+                   callbacks=[steps],
+                   on_policy=pykd.OnPolicy(lmbda=1.0, max_new_tokens=5, eos_token_id=EOS,
+                                           sample=hf_generate)).fit([batch])
+    assert 1.0 <= steps.metrics[0]["generated_tokens"] <= 5.0
