@@ -74,6 +74,7 @@ from pykd.apps.common import (
 )
 from pykd.apps.datasets import Article, bbc_news, install_hint, stratified_split
 from pykd.checkpoint import save_atomic, write_atomic
+from pykd.onpolicy import pick_tokens
 from pykd.students import prune_vocabulary, take_layers, used_ids
 
 # Ids of the reduced output vocabulary: the special tokens first, then every WordPiece seen in
@@ -282,7 +283,7 @@ class Seq2Seq(nn.Module):
         for _ in range(max_tokens + 1):  # + 1: room for the EOS after max_tokens tokens
             logits = self.decoder(ids, memory, attention_mask)[:, -1].float()
             logits[:, [PAD, UNK, BOS]] = -math.inf  # never targets mid-sequence
-            token = torch.multinomial(torch.softmax(logits / temperature, -1), 1)[:, 0]
+            token = pick_tokens(logits, temperature)
             token = token.masked_fill(done, PAD)
             ids = torch.cat([ids, token[:, None]], dim=1)
             done |= token == EOS

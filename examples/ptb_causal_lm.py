@@ -66,6 +66,7 @@ import pykd
 from pykd.apps.common import count_parameters, mean_std, settings_digest, write_json
 from pykd.apps.datasets import penn_treebank
 from pykd.checkpoint import save_atomic
+from pykd.onpolicy import pick_tokens
 
 EOS = "<eos>"
 UNK = "<unk>"
@@ -164,10 +165,10 @@ class LSTMLanguageModel(nn.Module):
         out = []
         for _ in range(words):
             logits = self.lm_head(self.drop(hidden[:, -1])).float()
-            word = torch.multinomial(torch.softmax(logits / temperature, -1), 1)
+            word = pick_tokens(logits, temperature)
             out.append(word)
-            hidden, state = self.rnn(self.drop(self.embed(word)), state)
-        return torch.cat(out, dim=1)
+            hidden, state = self.rnn(self.drop(self.embed(word[:, None])), state)
+        return torch.stack(out, dim=1)
 
 
 def lstm_sampler(student: LSTMLanguageModel, inputs: dict[str, torch.Tensor],

@@ -25,14 +25,21 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pykd._batches import IndexedBatch, call_model, logits_and_hidden, routed_inputs, split_batch
+from pykd._batches import (
+    IndexedBatch,
+    call_model,
+    logits_and_hidden,
+    routed_inputs,
+    split_batch,
+    to_device,
+)
 from pykd.cache import TeacherCache
 from pykd.objective import check_alpha, check_alpha_schedule, logit_loss
 from pykd.rows import Prepared
 from pykd.schedules import ScheduleLike, as_schedule
 from pykd.teacher_student import TeacherStudentObjective, outside_training
 
-__all__ = ["OnPolicy", "OnPolicyObjective", "hf_generate", "sample_continuations"]
+__all__ = ["OnPolicy", "OnPolicyObjective", "hf_generate", "pick_tokens", "sample_continuations"]
 
 # (student, inputs, settings) -> [B, L] generated token ids; see OnPolicy.sample.
 Sampler = Callable[[nn.Module, dict[str, torch.Tensor], "OnPolicy"], torch.Tensor]
@@ -95,15 +102,15 @@ class OnPolicy:
         check_alpha(value, "OnPolicy.lmbda", f" from its schedule at step {step}")
         return value
 
-    def coin(self, step: int) -> bool:
-        """Whether the global step ``step`` trains on student samples (the same on every
-        process)."""
-        share = self.share(step)
+    def coin(self, step: int, share: float) -> bool:
+        """Whether the global step ``step``, whose ``lmbda`` is ``share``, trains on student
+        samples (the same on every process)."""
         return share >= 1.0 or random.Random(f"{self.seed}:{step}").random() < share
 
 
-def _pick(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """One token per row of ``[B, V]`` logits: the argmax at temperature 0, else a sample."""
+def pick_tokens(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """One token per row of ``[B, V]`` logits: the argmax at temperature 0, else a sample at
+    ``temperature`` (for samplers of one's own, too)."""
     if temperature == 0.0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
@@ -154,7 +161,7 @@ def sample_continuations(next_logits: Callable[[dict[str, torch.Tensor]], torch.
                 positions = torch.arange(span, device=ids.device)
                 step["attention_mask"] = (positions < lengths[:, None]).long()
             logits = next_logits(step)[every, lengths - 1]
-        token = _pick(logits, settings.temperature).masked_fill(done, pad)
+        token = pick_tokens(logits, settings.temperature).masked_fill(done, pad)
         out.append(token)
         if encoder_decoder:
             ids = torch.cat([ids, token[:, None]], dim=1)
@@ -221,8 +228,8 @@ class OnPolicyObjective(TeacherStudentObjective):
 
     def hyperparameters(self, step: int) -> tuple[float, Any]:
         # Called once per step before the step's prepare calls: the step's coin is kept here.
-        self._coin, self._step, self._micro = self.on_policy.coin(step), step, 0
         self._share = self.on_policy.share(step)
+        self._coin, self._step, self._micro = self.on_policy.coin(step, self._share), step, 0
         return super().hyperparameters(step)
 
     def schedule_metrics(self, hyper: tuple[float, Any]) -> dict[str, float]:
@@ -243,11 +250,7 @@ class OnPolicyObjective(TeacherStudentObjective):
         if not self._coin:
             return super().prepare(raw, where)
         self._micro += 1
-        inputs, labels, weight = split_batch(raw)
-        inputs = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v)
-                  for k, v in inputs.items()}
-        if labels is not None:
-            labels = labels.to(self.device)
+        inputs, labels, weight = split_batch(to_device(raw, self.device))
         encoder_decoder = "decoder_input_ids" in inputs
         prompts = inputs if encoder_decoder else self._prompts(inputs, labels, where)
         tokens = self._sample(prompts, encoder_decoder)
@@ -347,18 +350,17 @@ class OnPolicyObjective(TeacherStudentObjective):
         prompt_mask = prompts.get("attention_mask")
         lengths = prompt_mask.sum(1) if prompt_mask is not None else \
             torch.full((rows,), prompts["input_ids"].shape[1], device=tokens.device)
-        width = int((lengths + generated.sum(1)).max())
+        ends = lengths + generated.sum(1)  # generated is a prefix of each row
+        width = int(ends.max())
         ids = torch.full((rows, width), pad, dtype=tokens.dtype, device=tokens.device)
         ids[:, :prompts["input_ids"].shape[1]] = prompts["input_ids"]
         slots = lengths[:, None] + torch.arange(steps, device=tokens.device)
-        keep = generated & (slots < width)
         row_ids = torch.arange(rows, device=tokens.device)[:, None].expand_as(slots)
-        ids[row_ids[keep], slots[keep]] = tokens[keep]
-        labels = torch.full_like(ids, ignore)
-        labels[row_ids[keep], slots[keep]] = self.soft_index
-        truth = torch.full_like(ids, ignore)
-        truth[row_ids[keep], slots[keep]] = tokens[keep]
-        mask = torch.arange(width, device=ids.device) < (lengths + generated.sum(1))[:, None]
+        truth = torch.full_like(ids, ignore)  # each generated token at its position
+        truth[row_ids[generated], slots[generated]] = tokens[generated]
+        ids = torch.where(truth != ignore, truth, ids)
+        labels = torch.full_like(ids, ignore).masked_fill(truth != ignore, self.soft_index)
+        mask = torch.arange(width, device=ids.device) < ends[:, None]
         batch = {k: v for k, v in inputs.items() if not (isinstance(v, torch.Tensor)
                                                          and v.dim() >= 2)}
         batch.update(input_ids=ids, labels=labels)
