@@ -399,16 +399,8 @@ class CutStudent(Seq2Seq):
         are; decoding still runs the encoder. ``cache``: a file to keep them in (a transfer
         set's thousands of extra sources take minutes to encode on one thread)."""
         self.encoder.requires_grad_(False).eval()
-        if cache is not None and cache.exists():
-            self.bank = torch.load(cache, weights_only=True)
-            if tuple(self.bank.shape[:2]) != tuple(input_ids.shape):
-                raise RuntimeError(f"{cache} holds states of shape {tuple(self.bank.shape)}, "
-                                   f"not of these {tuple(input_ids.shape)} sources; delete it")
-            return
-        self.bank = encode_articles(self.encoder, self.id_map[input_ids], attention_mask,
-                                    batch_size, progress)
-        if cache is not None:
-            save_atomic(self.bank, cache)
+        self.bank = cached_states(cache, self.encoder, self.id_map[input_ids], attention_mask,
+                                  batch_size, progress)
 
     def train(self, mode: bool = True) -> CutStudent:
         super().train(mode)
@@ -566,6 +558,22 @@ def encode_articles(encoder: nn.Module, input_ids: torch.Tensor, attention_mask:
         states = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
         out.append((states * mask[..., None]).half())
     return torch.cat(out)
+
+
+def cached_states(path: Path | None, encoder: nn.Module, input_ids: torch.Tensor,
+                  attention_mask: torch.Tensor, batch_size: int, progress: bool) -> torch.Tensor:
+    """``encode_articles``, kept in ``path`` (when given) and read back from it on a rerun; a
+    file of other sources' states is refused rather than silently used."""
+    if path is not None and path.exists():
+        states = torch.load(path, weights_only=True)
+        if tuple(states.shape[:2]) != tuple(input_ids.shape):
+            raise RuntimeError(f"{path} holds states of shape {tuple(states.shape)}, not of "
+                               f"these {tuple(input_ids.shape)} sources; delete it")
+        return states
+    states = encode_articles(encoder, input_ids, attention_mask, batch_size, progress)
+    if path is not None:
+        save_atomic(states, path)
+    return states
 
 
 def decode_all(generate: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -816,27 +824,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                             model="all-MiniLM-L6-v2")
     bank_path = args.output / f"minilm-states-{bank_key}.pt"
     clock = time.perf_counter()
-    if bank_path.exists():
-        bank = torch.load(bank_path, weights_only=True)
-        if tuple(bank.shape[:2]) != tuple(source["input_ids"].shape):
-            raise RuntimeError(f"{bank_path} holds states of shape {tuple(bank.shape)}, not of "
-                               f"these {tuple(source['input_ids'].shape)} articles; delete it")
-    else:
-        bank = encode_articles(encoder, source["input_ids"], source["attention_mask"],
-                               args.batch_size, progress)
-        save_atomic(bank, bank_path)
+    bank = cached_states(bank_path, encoder, source["input_ids"], source["attention_mask"],
+                         args.batch_size, progress)
     for kind, extra_rows, _, key in extra:
-        extra_path = args.output / f"minilm-{kind}-states-{key}.pt"
-        if extra_path.exists():
-            extra_bank = torch.load(extra_path, weights_only=True)
-            if len(extra_bank) != len(extra_rows["input_ids"]):
-                raise RuntimeError(f"{extra_path} holds {len(extra_bank)} sources, not "
-                                   f"{len(extra_rows['input_ids'])}; delete it")
-        else:
-            extra_bank = encode_articles(encoder, extra_rows["input_ids"],
-                                         extra_rows["attention_mask"], args.batch_size, progress)
-            save_atomic(extra_bank, extra_path)
-        bank = torch.cat([bank, extra_bank])
+        bank = torch.cat([bank, cached_states(
+            args.output / f"minilm-{kind}-states-{key}.pt", encoder, extra_rows["input_ids"],
+            extra_rows["attention_mask"], args.batch_size, progress)])
     clock = lap("encoder_states", clock)
 
     # Teacher: MiniLM encoder (frozen) + a decoder trained here, cached by its settings.
