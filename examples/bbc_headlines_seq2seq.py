@@ -265,6 +265,10 @@ class HeadlineDecoder(nn.Module):
                         memory_key_padding_mask=memory_mask == 0)
         return self.lm_head(self.norm(h))
 
+    @property
+    def vocab_size(self) -> int:
+        return self.lm_head.out_features
+
     @torch.no_grad()
     def generate(self, memory: torch.Tensor, memory_mask: torch.Tensor, max_tokens: int,
                  block_repeats: bool = True) -> list[list[int]]:
@@ -276,7 +280,7 @@ class HeadlineDecoder(nn.Module):
         rows = memory.shape[0]
         ids = torch.full((rows, 1), BOS, dtype=torch.long, device=memory.device)
         done = torch.zeros(rows, dtype=torch.bool, device=memory.device)
-        banned = torch.zeros(rows, self.lm_head.out_features, dtype=torch.bool,
+        banned = torch.zeros(rows, self.vocab_size, dtype=torch.bool,
                              device=memory.device)
         banned[:, [PAD, UNK, BOS]] = True  # never targets mid-sequence (UNK is in none)
         for _ in range(max_tokens + 1):  # + 1: room for the EOS after max_tokens tokens
@@ -294,6 +298,31 @@ class HeadlineDecoder(nn.Module):
         for row in ids[:, 1:].tolist():
             out.append(row[: row.index(EOS)] if EOS in row else row[:max_tokens])
         return out
+
+
+class EnsembleDecoder(nn.Module):
+    """Decoders trained alike from different seeds, read as one: the mean of their next-token
+    probabilities, returned as its log (so a softmax of the output gives the mean back).
+
+    An ensemble is a stronger teacher than any of its members, and distilling one into a single
+    small model is where KD started (Hinton et al. 2015; Kim & Rush 2016 for translation).
+    """
+
+    def __init__(self, members: Sequence[HeadlineDecoder]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.members[0].vocab_size
+
+    def forward(self, decoder_input_ids: torch.Tensor, memory: torch.Tensor,
+                memory_mask: torch.Tensor) -> torch.Tensor:
+        log_probs = torch.stack([F.log_softmax(m(decoder_input_ids, memory, memory_mask), -1)
+                                 for m in self.members])
+        return torch.logsumexp(log_probs, 0) - math.log(len(self.members))
+
+    generate = HeadlineDecoder.generate  # greedy on the mean probabilities
 
 
 class Seq2Seq(nn.Module):
@@ -443,13 +472,13 @@ class BankTeacher(nn.Module):
     a plain attribute, not a buffer, so the saved weights are the decoder's only.
     """
 
-    def __init__(self, decoder: HeadlineDecoder, bank: torch.Tensor) -> None:
+    def __init__(self, decoder: HeadlineDecoder | EnsembleDecoder, bank: torch.Tensor) -> None:
         super().__init__()
         self.decoder, self.bank = decoder, bank
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 decoder_input_ids: torch.Tensor, article: torch.Tensor) -> torch.Tensor:
-        memory = self.bank[article, : attention_mask.shape[1]].to(self.decoder.lm_head.weight)
+        memory = self.bank[article, : attention_mask.shape[1]].float()
         return self.decoder(decoder_input_ids, memory, attention_mask)
 
 
@@ -480,11 +509,12 @@ def warmup_linear(optimizer: torch.optim.Optimizer, total_steps: int
 
 
 def train_teacher(teacher: BankTeacher, data: HeadlineData, *, epochs: int, lr: float,
-                  batch_size: int, seed: int, progress: bool) -> None:
+                  batch_size: int, seed: int, progress: bool, label_smoothing: float) -> None:
     """Plain cross-entropy training of the teacher's decoder (not distillation).
 
-    Label smoothing (0.1) keeps the teacher's next-token distributions soft, which is also what
-    word-level KD passes on to the student.
+    Label smoothing (0.1 by default) keeps the teacher's next-token distributions soft; it also
+    mixes a uniform share into them that tells the student nothing (Mueller et al. 2019 found
+    smoothed teachers distil worse), hence ``--teacher-label-smoothing``.
     """
     torch.manual_seed(seed)
     loader = DataLoader(data, batch_size=batch_size, shuffle=True, collate_fn=collate,
@@ -500,7 +530,7 @@ def train_teacher(teacher: BankTeacher, data: HeadlineData, *, epochs: int, lr: 
             labels = batch.pop("labels")
             logits = teacher(**batch)
             loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
-                                   label_smoothing=0.1)
+                                   label_smoothing=label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -657,6 +687,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--teacher-epochs", type=int, default=12)
     p.add_argument("--teacher-layers", type=int, default=2)
     p.add_argument("--teacher-lr", type=float, default=1e-3)
+    p.add_argument("--teacher-ensemble", type=int, default=1,
+                   help="teacher decoders trained from different seeds and averaged (their "
+                   "mean next-token probabilities); the cut student copies the first")
+    p.add_argument("--teacher-label-smoothing", type=float, default=0.1,
+                   help="label smoothing of the teacher's cross entropy (0 keeps the "
+                   "teacher's own uncertainty, which word-level KD passes on)")
     p.add_argument("--epochs", type=int, default=8, help="epochs of every student")
     p.add_argument("--student", choices=("cut", "small"), default="cut",
                    help="cut: MiniLM's --student-encoder-layers over the articles' word pieces "
@@ -705,6 +741,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--alpha must be in (0, 1]")
     if not 0.0 <= args.validation < 1.0:
         p.error("--validation must be in [0, 1)")
+    if args.teacher_ensemble < 1:
+        p.error("--teacher-ensemble must be at least 1")
+    if not 0.0 <= args.teacher_label_smoothing < 1.0:
+        p.error("--teacher-label-smoothing must be in [0, 1)")
     if (args.transfer_windows < 0 or args.transfer_copies < 0
             or (args.transfer_windows + args.transfer_copies == 0
                 and any("transfer" in VARIANTS[v][0] for v in variants))):
@@ -832,31 +872,46 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             extra_rows["attention_mask"], args.batch_size, progress)])
     clock = lap("encoder_states", clock)
 
-    # Teacher: MiniLM encoder (frozen) + a decoder trained here, cached by its settings.
+    # Teacher: MiniLM encoder (frozen) + decoders trained here (one per ensemble member, each
+    # from its own seed), each cached by its settings.
     max_len = args.max_target_tokens + 1
-    torch.manual_seed(args.seed)
-    decoder = HeadlineDecoder(len(vocab), hidden, args.teacher_layers, hidden // 64, max_len,
-                              args.dropout)
-    with torch.no_grad():  # start from MiniLM's embeddings of the same WordPieces
-        decoder.embed.weight.copy_(encoder.embeddings.word_embeddings.weight[list(vocab.full_ids)])
-    teacher = BankTeacher(decoder, bank)
-    # The validation share is in the key only when set: the teachers cached before it existed
-    # (trained on the whole training split) keep their keys.
-    teacher_key = settings_key(
-        seed=args.seed, limit=args.limit, test_fraction=args.test_fraction,
-        max_source=args.max_source_tokens, max_target=args.max_target_tokens,
-        layers=args.teacher_layers, epochs=args.teacher_epochs, lr=args.teacher_lr,
-        batch_size=args.batch_size, dropout=args.dropout, vocab=len(vocab),
-        **({"validation": args.validation} if args.validation else {}))
-    teacher_path = args.output / f"teacher-{teacher_key}.pt"
-    if teacher_path.exists():
-        decoder.load_state_dict(torch.load(teacher_path, weights_only=True))
-        print(f"loaded the cached teacher {teacher_path}", file=sys.stderr)
-    else:
-        train_teacher(teacher, train_data, epochs=args.teacher_epochs, lr=args.teacher_lr,
-                      batch_size=args.batch_size, seed=args.seed, progress=progress)
-        save_atomic(decoder.state_dict(), teacher_path)
-    teacher.eval()
+    members: list[HeadlineDecoder] = []
+    member_keys: list[str] = []
+    for member in range(args.teacher_ensemble):
+        member_seed = args.seed + 1000 * member
+        torch.manual_seed(member_seed)
+        decoder = HeadlineDecoder(len(vocab), hidden, args.teacher_layers, hidden // 64,
+                                  max_len, args.dropout)
+        with torch.no_grad():  # start from MiniLM's embeddings of the same WordPieces
+            decoder.embed.weight.copy_(
+                encoder.embeddings.word_embeddings.weight[list(vocab.full_ids)])
+        # The validation share, label smoothing and member are in the key only when not the
+        # defaults: the teachers cached before those options existed keep their keys.
+        key = settings_key(
+            seed=member_seed, limit=args.limit, test_fraction=args.test_fraction,
+            max_source=args.max_source_tokens, max_target=args.max_target_tokens,
+            layers=args.teacher_layers, epochs=args.teacher_epochs, lr=args.teacher_lr,
+            batch_size=args.batch_size, dropout=args.dropout, vocab=len(vocab),
+            **({"validation": args.validation} if args.validation else {}),
+            **({"label_smoothing": args.teacher_label_smoothing}
+               if args.teacher_label_smoothing != 0.1 else {}),
+            **({"split_seed": args.seed} if member else {}))
+        path = args.output / f"teacher-{key}.pt"
+        if path.exists():
+            decoder.load_state_dict(torch.load(path, weights_only=True))
+            print(f"loaded the cached teacher {path}", file=sys.stderr)
+        else:
+            train_teacher(BankTeacher(decoder, bank), train_data, epochs=args.teacher_epochs,
+                          lr=args.teacher_lr, batch_size=args.batch_size, seed=member_seed,
+                          progress=progress, label_smoothing=args.teacher_label_smoothing)
+            save_atomic(decoder.state_dict(), path)
+        members.append(decoder.eval())
+        member_keys.append(key)
+    # One member: the decoder itself (as before ensembles existed, so its decodes keep their key).
+    decoder = members[0] if len(members) == 1 else EnsembleDecoder(members)
+    teacher_key = (member_keys[0] if len(members) == 1
+                   else settings_key(members=member_keys))
+    teacher = BankTeacher(decoder, bank).eval()
     clock = lap("teacher_training", clock)
     block = not args.allow_repeats  # the same decoding for every model
 
@@ -958,7 +1013,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         # the input's, not a label's), so no input word piece is lost to the pruning.
         used = used_ids(inputs["input_ids"], tokenizer.all_special_ids)
         template: Seq2Seq = cut_student(
-            encoder, decoder, encoder_layers=args.student_encoder_layers,
+            encoder, members[0], encoder_layers=args.student_encoder_layers,
             decoder_layers=args.student_decoder_layers, used=used,
             unk_id=tokenizer.unk_token_id, dropout=args.dropout)
         if not args.tune_encoder:

@@ -70,6 +70,31 @@ def test_greedy_decoding_blocks_repeats(example):
     assert decoder.generate(memory, mask, max_tokens=6, block_repeats=False) == [[9, 9, 9]]
 
 
+def test_ensemble_reads_the_mean_of_its_members_probabilities(example):
+    torch.manual_seed(0)
+    members = [example.HeadlineDecoder(vocab=12, width=16, layers=1, heads=2, max_len=8,
+                                       dropout=0.0).eval() for _ in range(3)]
+    ensemble = example.EnsembleDecoder(members).eval()
+    memory, mask = torch.randn(2, 5, 16), torch.ones(2, 5, dtype=torch.long)
+    mask[0, 2:] = 0
+    ids = torch.randint(4, 12, (2, 6))
+    with torch.no_grad():
+        mean = torch.stack([m(ids, memory, mask).double().softmax(-1) for m in members]).mean(0)
+        out = ensemble(ids, memory, mask)
+        lone = example.EnsembleDecoder(members[:1])(ids, memory, mask)
+    assert torch.allclose(out.double().exp(), mean, atol=1e-6)
+    assert torch.allclose(out.softmax(-1).double(), mean, atol=1e-6)
+    assert torch.allclose(lone, members[0](ids, memory, mask).log_softmax(-1), atol=1e-6)
+    assert ensemble.vocab_size == 12
+    # Greedy decoding follows the mean: the argmax of the first step is the mean's.
+    first = ensemble.generate(memory, mask, max_tokens=1, block_repeats=False)
+    bos = torch.full((2, 1), example.BOS)
+    with torch.no_grad():
+        step = ensemble(bos, memory, mask)[:, -1]
+    step[:, [example.PAD, example.UNK, example.BOS]] = -float("inf")
+    assert [row[:1] for row in first] == [[t] for t in step.argmax(-1).tolist()]
+
+
 def test_targets_are_shifted_and_padded(example):
     data = example.HeadlineData(torch.ones(2, 4, dtype=torch.long),
                                 torch.ones(2, 4, dtype=torch.long), [[7, 8, 9], [5]], [10, 11],
@@ -107,6 +132,14 @@ def test_runs_end_to_end(example, tmp_path):
     assert again["models"]["teacher"] == report["models"]["teacher"] | {
         "latency_ms": again["models"]["teacher"]["latency_ms"]}
     assert sorted(p.name for p in tmp_path.iterdir()) == files
+    # An ensemble of two teachers: the first member is the cached teacher, one more is
+    # trained; a teacher without label smoothing is another teacher.
+    ensemble = example.main(args + ["--variants", "word_kd", "--teacher-ensemble", "2"])
+    assert ensemble["models"]["teacher"]["params"] > report["models"]["teacher"]["params"]
+    assert ensemble["models"]["word_kd"]["params"] == report["models"]["word_kd"]["params"]
+    assert len(list(tmp_path.glob("teacher-*.pt"))) == 2
+    example.main(args + ["--variants", "no_kd", "--teacher-label-smoothing", "0"])
+    assert len(list(tmp_path.glob("teacher-*.pt"))) == 3
 
 
 def test_cut_student_and_on_policy_variants(example, tmp_path):
