@@ -34,6 +34,12 @@ data order and epochs in several ways (``--variants``), all through ``pykd.Disti
   each with its own article's reference headline; ``augment_word_kd``: with word-level KD on
   every row, the teacher forced along the reference.
 
+Stronger teachers, for a student that matches the default one once trained long enough:
+``--teacher-tune-encoder`` fine-tunes the teacher's MiniLM with its decoder (the student keeps
+its frozen layers of the original MiniLM), ``--teacher-ensemble K`` reads K decoders trained
+from different seeds as one (their mean next-token probabilities), and
+``--teacher-label-smoothing`` sets the teacher's label smoothing (0.1).
+
 ``--validation F`` holds out a share F of the training articles (stratified, seeded): the
 teacher, the students and the transfer set use the rest and every model is scored on the
 held-out articles, so that settings are chosen without looking at the test split.
@@ -483,6 +489,43 @@ class BankTeacher(nn.Module):
         return self.decoder(decoder_input_ids, memory, attention_mask)
 
 
+class CrossFitTeacher(BankTeacher):
+    """Out-of-fold teachers (``--cross-fit K``): the training articles are dealt into K folds and
+    member m, trained without fold m, answers for fold m's articles and their transfer sources,
+    so no article's soft labels (or decodes) come from a teacher that learnt its headline. Rows
+    of no fold (``fold`` -1: held-out and test articles) get the members' mean."""
+
+    def __init__(self, members: Sequence[HeadlineDecoder], bank: torch.Tensor,
+                 fold: torch.Tensor) -> None:
+        super().__init__(EnsembleDecoder(members), bank)
+        self.fold = fold  # per row of the bank
+
+    def parts(self, rows: torch.Tensor) -> list[tuple[nn.Module, torch.Tensor]]:
+        """(the decoder that answers, its positions in ``rows``) for each one present."""
+        fold = self.fold[rows]
+        candidates = [*((m, fold == i) for i, m in enumerate(self.decoder.members)),
+                    (self.decoder, fold < 0)]
+        return [(decoder, at.nonzero().flatten()) for decoder, at in candidates if bool(at.any())]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                decoder_input_ids: torch.Tensor, article: torch.Tensor) -> torch.Tensor:
+        memory = self.bank[article, : attention_mask.shape[1]].float()
+        out = torch.empty(*decoder_input_ids.shape, self.decoder.vocab_size)
+        for decoder, at in self.parts(article):
+            out[at] = decoder(decoder_input_ids[at], memory[at], attention_mask[at]).log_softmax(-1)
+        return out
+
+    def generate(self, rows: torch.Tensor, attention_mask: torch.Tensor, max_tokens: int,
+                 block_repeats: bool) -> list[list[int]]:
+        memory = self.bank[rows, : attention_mask.shape[1]].float()
+        out: list[list[int]] = [[] for _ in range(len(rows))]
+        for decoder, at in self.parts(rows):
+            made = decoder.generate(memory[at], attention_mask[at], max_tokens, block_repeats)
+            for j, ids in zip(at.tolist(), made):
+                out[j] = ids
+        return out
+
+
 class LiveTeacher(nn.Module):
     """The teacher while its encoder is fine-tuned too (``--teacher-tune-encoder``): MiniLM runs
     on every batch. Once trained, its states go into a bank of their own like the frozen ones."""
@@ -713,6 +756,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    "runs on every training batch); by default it stays frozen")
     p.add_argument("--teacher-encoder-lr", type=float, default=5e-5,
                    help="learning rate of the teacher's encoder with --teacher-tune-encoder")
+    p.add_argument("--cross-fit", type=int, default=0,
+                   help="K > 1: K teacher decoders, each trained without one fold of the "
+                   "training articles and answering (soft labels, decodes) for that fold only; "
+                   "the test articles get their mean")
     p.add_argument("--teacher-ensemble", type=int, default=1,
                    help="teacher decoders trained from different seeds and averaged (their "
                    "mean next-token probabilities); the cut student copies the first")
@@ -769,8 +816,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--validation must be in [0, 1)")
     if args.teacher_ensemble < 1:
         p.error("--teacher-ensemble must be at least 1")
-    if args.teacher_tune_encoder and args.teacher_ensemble > 1:
-        p.error("--teacher-tune-encoder takes one teacher (--teacher-ensemble 1)")
+    if args.teacher_tune_encoder and (args.teacher_ensemble > 1 or args.cross_fit):
+        p.error("--teacher-tune-encoder takes one teacher (--teacher-ensemble 1, no --cross-fit)")
+    if args.cross_fit == 1 or args.cross_fit < 0 or (args.cross_fit and args.teacher_ensemble > 1):
+        p.error("--cross-fit takes K >= 2 folds, without --teacher-ensemble")
     if not 0.0 <= args.teacher_label_smoothing < 1.0:
         p.error("--teacher-label-smoothing must be in [0, 1)")
     if (args.transfer_windows < 0 or args.transfer_copies < 0
@@ -906,7 +955,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     teacher_encoder = encoder  # MiniLM as it comes, unless --teacher-tune-encoder
     members: list[HeadlineDecoder] = []
     member_keys: list[str] = []
-    for member in range(args.teacher_ensemble):
+    # --cross-fit: the training articles dealt into folds (seeded), member m trained without m.
+    fold = torch.full((len(source_of),), -1, dtype=torch.long)
+    if args.cross_fit:
+        order = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(args.seed))
+        fold[torch.tensor(train_idx)[order]] = torch.arange(len(train_idx)) % args.cross_fit
+        fold = fold[source_of]  # a transfer source is in its article's fold
+    for member in range(args.cross_fit or args.teacher_ensemble):
         member_seed = args.seed + 1000 * member
         torch.manual_seed(member_seed)
         decoder = HeadlineDecoder(len(vocab), hidden, args.teacher_layers, hidden // 64,
@@ -925,7 +980,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             **({"label_smoothing": args.teacher_label_smoothing}
                if args.teacher_label_smoothing != 0.1 else {}),
             **({"split_seed": args.seed} if member else {}),
-            **({"encoder_lr": args.teacher_encoder_lr} if args.teacher_tune_encoder else {}))
+            **({"encoder_lr": args.teacher_encoder_lr} if args.teacher_tune_encoder else {}),
+            **({"fold": member, "folds": args.cross_fit} if args.cross_fit else {}))
         path = args.output / f"teacher-{key}.pt"
         # A tuned encoder is saved first: the decoder's file marks a finished teacher.
         encoder_path = args.output / f"teacher-encoder-{key}.pt"
@@ -937,9 +993,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 teacher_encoder.load_state_dict(torch.load(encoder_path, weights_only=True))
             print(f"loaded the cached teacher {path}", file=sys.stderr)
         else:
+            own = (train_data if not args.cross_fit else split_data(
+                [i for i in train_idx if fold[i] != member], [references[i] for i in train_idx
+                                                              if fold[i] != member]))
             train_teacher(LiveTeacher(teacher_encoder.train(), decoder)
                           if args.teacher_tune_encoder else BankTeacher(decoder, bank),
-                          train_data, epochs=args.teacher_epochs, lr=args.teacher_lr,
+                          own, epochs=args.teacher_epochs, lr=args.teacher_lr,
                           batch_size=args.batch_size, seed=member_seed, progress=progress,
                           label_smoothing=args.teacher_label_smoothing,
                           encoder_lr=args.teacher_encoder_lr)
@@ -957,12 +1016,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         bank = cached_states(args.output / f"teacher-states-{states_key}.pt",
                              teacher_encoder.eval(), inputs["input_ids"],
                              inputs["attention_mask"], args.batch_size, progress)
-    teacher = BankTeacher(decoder, bank).eval()
+    teacher = (CrossFitTeacher(members, bank, fold) if args.cross_fit
+               else BankTeacher(decoder, bank)).eval()
     clock = lap("teacher_training", clock)
     block = not args.allow_repeats  # the same decoding for every model
 
     def teacher_from_bank(ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor
                           ) -> list[list[int]]:
+        if isinstance(teacher, CrossFitTeacher):  # each row decoded by its out-of-fold teacher
+            return teacher.generate(rows, mask, args.max_target_tokens, block)
         memory = bank[rows, : mask.shape[1]].float()
         return decoder.generate(memory, mask, args.max_target_tokens, block)
 

