@@ -417,16 +417,18 @@ class CutStudent(Seq2Seq):
     frozen. ``id_map`` takes MiniLM's ids to the pruned vocabulary's, inside the model, so the
     batches stay the teacher's."""
 
-    def __init__(self, encoder: nn.Module, decoder: HeadlineDecoder, id_map: torch.Tensor
-                 ) -> None:
+    def __init__(self, encoder: nn.Module, decoder: HeadlineDecoder, id_map: torch.Tensor,
+                 bridge: nn.Module | None = None) -> None:
         super().__init__()
         self.encoder, self.decoder = encoder, decoder
+        # A decoder narrower than the encoder reads its states through a linear map.
+        self.bridge = bridge if bridge is not None else nn.Identity()
         self.register_buffer("id_map", id_map, persistent=False)
         self.bank: torch.Tensor | None = None  # a frozen encoder's states, see freeze_encoder
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         states = self.encoder(input_ids=self.id_map[input_ids], attention_mask=attention_mask)
-        return states.last_hidden_state
+        return self.bridge(states.last_hidden_state)
 
     def freeze_encoder(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        batch_size: int, progress: bool, cache: Path | None = None) -> None:
@@ -448,19 +450,32 @@ class CutStudent(Seq2Seq):
                article: torch.Tensor | None) -> torch.Tensor:
         if self.bank is None or article is None:
             return self.encode(input_ids, attention_mask)
-        return self.bank[article, : attention_mask.shape[1]].to(self.decoder.lm_head.weight)
+        return self.bridge(self.bank[article, : attention_mask.shape[1]].float())
 
 
 def cut_student(encoder: nn.Module, teacher_decoder: HeadlineDecoder, *, encoder_layers:
                 Sequence[int], decoder_layers: int, used: Sequence[int], unk_id: int,
-                dropout: float) -> CutStudent:
+                dropout: float, decoder_width: int = 0) -> CutStudent:
     """:class:`CutStudent` from MiniLM (``encoder``) and the trained teacher decoder: MiniLM's
     ``encoder_layers`` over the ``used`` word pieces, and a copy of the teacher decoder's first
-    ``decoder_layers`` layers with its embeddings, positions, norm and output layer."""
+    ``decoder_layers`` layers with its embeddings, positions, norm and output layer.
+
+    ``decoder_width`` (not 0): a decoder of that width instead, trained from scratch but for its
+    embeddings (the teacher decoder's, projected on their principal directions), reading the
+    encoder's states through a linear map: a student that cannot inherit the teacher's layers.
+    """
     cut = take_layers(encoder, encoder_layers, hidden_dropout_prob=dropout,
                       attention_probs_dropout_prob=dropout)
     cut, id_map = prune_vocabulary(cut, used, unk_id=unk_id)
     width = teacher_decoder.embed.embedding_dim
+    if decoder_width:
+        decoder = HeadlineDecoder(teacher_decoder.embed.num_embeddings, decoder_width,
+                                  decoder_layers, max(1, decoder_width // 32),
+                                  teacher_decoder.pos.num_embeddings, dropout)
+        with torch.no_grad():
+            decoder.embed.weight.copy_(
+                principal_embeddings(teacher_decoder.embed.weight.detach(), decoder_width))
+        return CutStudent(cut.train(), decoder, id_map, nn.Linear(width, decoder_width))
     heads = teacher_decoder.layers.layers[0].self_attn.num_heads
     decoder = HeadlineDecoder(teacher_decoder.embed.num_embeddings, width, decoder_layers, heads,
                               teacher_decoder.pos.num_embeddings, dropout)
@@ -775,6 +790,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="MiniLM layers the cut student keeps (comma-separated)")
     p.add_argument("--student-decoder-layers", type=int, default=1,
                    help="teacher decoder layers the cut student keeps")
+    p.add_argument("--student-decoder-width", type=int, default=0,
+                   help="not 0: the cut student's decoder has this width and is trained from "
+                   "scratch (embeddings: the teacher's, PCA) instead of copying the teacher's")
     p.add_argument("--tune-encoder", action="store_true",
                    help="fine-tune the cut student's encoder layers too (about 4x the training "
                    "time); by default they stay frozen, as the teacher's encoder does")
@@ -1123,6 +1141,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         template: Seq2Seq = cut_student(
             encoder, members[0], encoder_layers=args.student_encoder_layers,
             decoder_layers=args.student_decoder_layers, used=used,
+            decoder_width=args.student_decoder_width,
             unk_id=tokenizer.unk_token_id, dropout=args.dropout)
         if not args.tune_encoder:
             student_key = settings_key(
