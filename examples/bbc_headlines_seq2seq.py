@@ -34,11 +34,13 @@ data order and epochs in several ways (``--variants``), all through ``pykd.Disti
   each with its own article's reference headline; ``augment_word_kd``: with word-level KD on
   every row, the teacher forced along the reference.
 
-Stronger teachers, for a student that matches the default one once trained long enough:
-``--teacher-tune-encoder`` fine-tunes the teacher's MiniLM with its decoder (the student keeps
-its frozen layers of the original MiniLM), ``--teacher-ensemble K`` reads K decoders trained
-from different seeds as one (their mean next-token probabilities), and
-``--teacher-label-smoothing`` sets the teacher's label smoothing (0.1).
+A student trained long enough matches the default teacher, so there are options to look for a
+gap KD can carry: ``--teacher-tune-encoder`` fine-tunes the teacher's MiniLM with its decoder
+(the student keeps its frozen layers of the original MiniLM), ``--teacher-ensemble K`` reads K
+decoders trained from different seeds as one (their mean next-token probabilities),
+``--teacher-label-smoothing`` sets the teacher's label smoothing (0.1), ``--cross-fit K`` gives
+each training article soft labels and decodes from a teacher trained without its fold, and
+``--student-decoder-width W`` gives the cut student a narrower decoder of its own.
 
 ``--validation F`` holds out a share F of the training articles (stratified, seeded): the
 teacher, the students and the transfer set use the rest and every model is scored on the

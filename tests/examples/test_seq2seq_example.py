@@ -207,6 +207,10 @@ def test_stronger_teachers(example, tmp_path):
     frozen_args = [a for a in args if a != "--teacher-tune-encoder"]
     crossed = example.main(frozen_args[:-1] + ["word_kd,seq_kd", "--cross-fit", "2"])["models"]
     assert crossed["teacher"]["params"] > frozen["teacher"]["params"]
+    # A narrower student decoder from scratch, reading the encoder through a linear map.
+    narrow = example.main(frozen_args[:-1] + ["no_kd,word_kd", "--student-decoder-width", "64"])
+    assert narrow["models"]["no_kd"]["params"] < frozen["no_kd"]["params"]
+    assert narrow["models"]["word_kd"]["ppl"] > 1.0
     for bad in (["--cross-fit", "1"], ["--cross-fit", "2", "--teacher-ensemble", "2"]):
         with pytest.raises(SystemExit):
             example.main(frozen_args + bad)
