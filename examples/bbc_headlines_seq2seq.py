@@ -521,7 +521,7 @@ class CrossFitTeacher(BankTeacher):
         """(the decoder that answers, its positions in ``rows``) for each one present."""
         fold = self.fold[rows]
         candidates = [*((m, fold == i) for i, m in enumerate(self.decoder.members)),
-                    (self.decoder, fold < 0)]
+                      (self.decoder, fold < 0)]
         return [(decoder, at.nonzero().flatten()) for decoder, at in candidates if bool(at.any())]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -840,6 +840,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--teacher-tune-encoder takes one teacher (--teacher-ensemble 1, no --cross-fit)")
     if args.cross_fit == 1 or args.cross_fit < 0 or (args.cross_fit and args.teacher_ensemble > 1):
         p.error("--cross-fit takes K >= 2 folds, without --teacher-ensemble")
+    if args.student_decoder_width < 0 or (args.student_decoder_width and args.student != "cut"):
+        p.error("--student-decoder-width takes a width >= 1 for the cut student")
     if not 0.0 <= args.teacher_label_smoothing < 1.0:
         p.error("--teacher-label-smoothing must be in [0, 1)")
     if (args.transfer_windows < 0 or args.transfer_copies < 0
@@ -969,8 +971,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             extra_rows["attention_mask"], args.batch_size, progress)])
     clock = lap("encoder_states", clock)
 
-    # Teacher: MiniLM encoder (frozen) + decoders trained here (one per ensemble member, each
-    # from its own seed), each cached by its settings.
+    # Teacher: MiniLM's encoder (frozen unless --teacher-tune-encoder) + decoders trained here
+    # (one, or one per ensemble member or fold, each from its own seed), cached by settings.
     max_len = args.max_target_tokens + 1
     teacher_encoder = encoder  # MiniLM as it comes, unless --teacher-tune-encoder
     members: list[HeadlineDecoder] = []
@@ -1013,9 +1015,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 teacher_encoder.load_state_dict(torch.load(encoder_path, weights_only=True))
             print(f"loaded the cached teacher {path}", file=sys.stderr)
         else:
-            own = (train_data if not args.cross_fit else split_data(
-                [i for i in train_idx if fold[i] != member], [references[i] for i in train_idx
-                                                              if fold[i] != member]))
+            own = train_data
+            if args.cross_fit:  # all training articles but this member's fold
+                kept = [i for i in train_idx if fold[i] != member]
+                own = split_data(kept, [references[i] for i in kept])
             train_teacher(LiveTeacher(teacher_encoder.train(), decoder)
                           if args.teacher_tune_encoder else BankTeacher(decoder, bank),
                           own, epochs=args.teacher_epochs, lr=args.teacher_lr,

@@ -211,7 +211,9 @@ def test_stronger_teachers(example, tmp_path):
     narrow = example.main(frozen_args[:-1] + ["no_kd,word_kd", "--student-decoder-width", "64"])
     assert narrow["models"]["no_kd"]["params"] < frozen["no_kd"]["params"]
     assert narrow["models"]["word_kd"]["ppl"] > 1.0
-    for bad in (["--cross-fit", "1"], ["--cross-fit", "2", "--teacher-ensemble", "2"]):
+    for bad in (["--cross-fit", "1"], ["--cross-fit", "2", "--teacher-ensemble", "2"],
+                ["--student-decoder-width", "-1"], ["--student", "small",
+                                                    "--student-decoder-width", "64"]):
         with pytest.raises(SystemExit):
             example.main(frozen_args + bad)
 
