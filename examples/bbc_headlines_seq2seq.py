@@ -452,7 +452,8 @@ class CutStudent(Seq2Seq):
                article: torch.Tensor | None) -> torch.Tensor:
         if self.bank is None or article is None:
             return self.encode(input_ids, attention_mask)
-        return self.bridge(self.bank[article, : attention_mask.shape[1]].float())
+        return self.bridge(self.bank[article, : attention_mask.shape[1]]
+                           .to(self.decoder.lm_head.weight))
 
 
 def cut_student(encoder: nn.Module, teacher_decoder: HeadlineDecoder, *, encoder_layers:
@@ -500,10 +501,20 @@ class BankTeacher(nn.Module):
         super().__init__()
         self.decoder, self.bank = decoder, bank
 
+    def memory(self, rows: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The banked encoder states of ``rows`` (bank row ids), as long as the mask."""
+        return self.bank[rows, : attention_mask.shape[1]].float()
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 decoder_input_ids: torch.Tensor, article: torch.Tensor) -> torch.Tensor:
-        memory = self.bank[article, : attention_mask.shape[1]].float()
-        return self.decoder(decoder_input_ids, memory, attention_mask)
+        return self.decoder(decoder_input_ids, self.memory(article, attention_mask),
+                            attention_mask)
+
+    def generate(self, rows: torch.Tensor, attention_mask: torch.Tensor, max_tokens: int,
+                 block_repeats: bool) -> list[list[int]]:
+        """Greedy headlines of bank ``rows``."""
+        return self.decoder.generate(self.memory(rows, attention_mask), attention_mask,
+                                     max_tokens, block_repeats)
 
 
 class CrossFitTeacher(BankTeacher):
@@ -526,7 +537,7 @@ class CrossFitTeacher(BankTeacher):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 decoder_input_ids: torch.Tensor, article: torch.Tensor) -> torch.Tensor:
-        memory = self.bank[article, : attention_mask.shape[1]].float()
+        memory = self.memory(article, attention_mask)
         out = torch.empty(*decoder_input_ids.shape, self.decoder.vocab_size)
         for decoder, at in self.parts(article):
             out[at] = decoder(decoder_input_ids[at], memory[at], attention_mask[at]).log_softmax(-1)
@@ -534,7 +545,7 @@ class CrossFitTeacher(BankTeacher):
 
     def generate(self, rows: torch.Tensor, attention_mask: torch.Tensor, max_tokens: int,
                  block_repeats: bool) -> list[list[int]]:
-        memory = self.bank[rows, : attention_mask.shape[1]].float()
+        memory = self.memory(rows, attention_mask)
         out: list[list[int]] = [[] for _ in range(len(rows))]
         for decoder, at in self.parts(rows):
             made = decoder.generate(memory[at], attention_mask[at], max_tokens, block_repeats)
@@ -1046,10 +1057,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     def teacher_from_bank(ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor
                           ) -> list[list[int]]:
-        if isinstance(teacher, CrossFitTeacher):  # each row decoded by its out-of-fold teacher
-            return teacher.generate(rows, mask, args.max_target_tokens, block)
-        memory = bank[rows, : mask.shape[1]].float()
-        return decoder.generate(memory, mask, args.max_target_tokens, block)
+        # A CrossFitTeacher decodes each row with its out-of-fold member.
+        return teacher.generate(rows, mask, args.max_target_tokens, block)
 
     def teacher_end_to_end(ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor
                            ) -> list[list[int]]:
