@@ -84,7 +84,7 @@ import re
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -809,7 +809,7 @@ def cross_fit_folds(train_idx: list[int], source_of: list[int], folds: int, seed
 
 
 def teacher_members(args: argparse.Namespace, *, encoder: nn.Module, vocab: HeadlineVocab,
-                    bank: torch.Tensor, data: Any, progress: bool
+                    bank: torch.Tensor, data: Callable[[int], HeadlineData], progress: bool
                     ) -> tuple[list[HeadlineDecoder], list[str], nn.Module]:
     """The teacher's decoders (one; one per ``--teacher-ensemble`` member; or one per
     ``--cross-fit`` fold), each from its own seed and trained on ``data(member)``, or loaded from
